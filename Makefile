@@ -1,0 +1,42 @@
+# Every target creates .venv on first use. Torch comes first: the CPU build where there is no
+# NVIDIA GPU (a plain `torch` requirement would pull a multi-GB CUDA build), the default CUDA
+# build where `nvidia-smi` answers. Override with e.g. `make test TORCH_SPEC=torch==2.5.1`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch>=2.4
+TORCH_INDEX ?=
+else
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+endif
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test lint bench accuracy clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/pytest bench/speed --benchmark-only --benchmark-json=bench/results/solver-overhead-raw.json -p no:cacheprovider
+	$(PY) -m bench solver-overhead --raw bench/results/solver-overhead-raw.json
+
+accuracy: $(VENV)/.installed
+	$(PY) -m bench accuracy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .benchmarks

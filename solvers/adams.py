@@ -1,0 +1,211 @@
+"""Adams-Bashforth solvers on the direction d = dx/dsigma: iPNDM (fixed weights), iPNDM-v
+(variable-step, Lagrange in sigma) and DEIS tAB (Lagrange in VP time).
+
+All three are x_{i+1} = x_i + sum_j c_{i,j} d_{i-j} over the last k directions, with the
+coefficients c computed in float64 before the loop; they differ only in c. Lower orders are used
+while the history fills. AFS puts d_0 = x_0 / sqrt(1 + sigma_0^2) into the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import numpy as np
+import pydantic
+import torch
+from torch import Tensor
+
+from .contract import Denoiser
+from .quadrature import lagrange_integrals
+from .registry import Params, register
+from .schedules import fit_vp_betas, vp_time
+from .stepping import Progress, direction, evaluate, push
+
+# Adams-Bashforth weights for equal steps, newest direction first.
+_AB_WEIGHTS = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+
+def _adams_bashforth(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    coefficients: list[list[float]],
+    *,
+    afs: bool,
+    progress: Progress,
+    exact_start: tuple[Tensor, ...],
+) -> Tensor:
+    """x_{i+1} = x_i + sum_j coefficients[i][j] d_{i-j}; coefficients[i] newest first."""
+    s = sigmas.tolist()
+    keep = max(len(c) for c in coefficients)
+    history: list[Tensor] = []
+    for i, coeffs in enumerate(coefficients):
+        denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
+        history = push(history, direction(x, denoised, s[i]), keep)
+        if i < len(exact_start):
+            x = exact_start[i]
+        else:
+            x = x + sum(c * d for c, d in zip(coeffs, reversed(history), strict=False))
+        progress(i, s[i + 1], denoised)
+    return x
+
+
+class IPNDMParams(Params):
+    max_order: Annotated[int, pydantic.Field(ge=1, le=4)] = 4
+
+
+@register(
+    "ipndm",
+    description="improved PNDM: Adams-Bashforth with fixed equal-step weights (order up to 4, second "
+    "order on non-uniform grids); 1 call per step",
+    params=IPNDMParams,
+    evals_per_step=1,
+    order=lambda p: min(p.max_order, 2),
+    warmup=lambda p: p.max_order - 1,
+)
+def sample_ipndm(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    params: IPNDMParams,
+    afs: bool,
+    progress: Progress,
+    exact_start: tuple[Tensor, ...] = (),
+) -> Tensor:
+    """iPNDM (Zhang & Chen, DEIS paper): the equal-step AB weights of order min(max_order, i + 1)
+    applied to the sigma step h_i = sigma_{i+1} - sigma_i.
+
+    Args:
+        x: noise scaled to sigmas[0], shape (B, ...).
+        sigmas: decreasing, float64, shape (S + 1,), last entry > 0.
+        exact_start: for order verification only: exact states at sigmas[1..k] replacing the warm-up.
+    Returns:
+        the state at sigmas[-1], shape and dtype of x.
+    """
+    s = sigmas.tolist()
+    coefficients = []
+    for i in range(len(s) - 1):
+        h = s[i + 1] - s[i]
+        coefficients.append([h * w for w in _AB_WEIGHTS[min(params.max_order, i + 1) - 1]])
+    return _adams_bashforth(
+        denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
+    )
+
+
+def _lagrange_coefficients(
+    nodes: list[float], max_order: int, weight: Callable[[np.ndarray], np.ndarray] | None, panels: int
+) -> list[list[float]]:
+    """For each interval [nodes[i], nodes[i+1]]: integrals of the Lagrange basis through the
+    last min(max_order, i + 1) nodes, newest first."""
+    coefficients = []
+    for i in range(len(nodes) - 1):
+        k = min(max_order, i + 1)
+        support = [nodes[i - j] for j in range(k)]
+        coefficients.append(
+            lagrange_integrals(
+                support,
+                nodes[i],
+                nodes[i + 1],
+                weight=weight,
+                panels=panels,
+                points_per_panel=None if weight is None else 5,
+            )
+        )
+    return coefficients
+
+
+class IPNDMVParams(Params):
+    max_order: Annotated[int, pydantic.Field(ge=1, le=4)] = 4
+
+
+@register(
+    "ipndm_v",
+    description="variable-step Adams-Bashforth in sigma (iPNDM-v, equivalent to DEIS rho-AB), order up "
+    "to 4; 1 call per step",
+    params=IPNDMVParams,
+    evals_per_step=1,
+    order=lambda p: p.max_order,
+    warmup=lambda p: p.max_order - 1,
+)
+def sample_ipndm_v(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    params: IPNDMVParams,
+    afs: bool,
+    progress: Progress,
+    exact_start: tuple[Tensor, ...] = (),
+) -> Tensor:
+    """Weights (1/h) int l_j(sigma) dsigma over the Lagrange basis of the last k sigmas, integrated
+    exactly (Gauss-Legendre with k points), times h.
+
+    Args:
+        x: noise scaled to sigmas[0], shape (B, ...).
+        sigmas: decreasing, float64, shape (S + 1,), last entry > 0.
+        exact_start: for order verification only: exact states at sigmas[1..k] replacing the warm-up.
+    Returns:
+        the state at sigmas[-1], shape and dtype of x.
+    """
+    coefficients = _lagrange_coefficients(sigmas.tolist(), params.max_order, None, panels=1)
+    return _adams_bashforth(
+        denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
+    )
+
+
+class DEISParams(Params):
+    max_order: Annotated[int, pydantic.Field(ge=1, le=3)] = 3
+    beta_d: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
+    """VP schedule of the time variable; default: fitted to the model's sigma range, as time_uniform."""
+    beta_min: Annotated[float, pydantic.Field(allow_inf_nan=False)] | None = None
+
+
+@register(
+    "deis",
+    description="DEIS tAB: Adams-Bashforth with Lagrange extrapolation in VP time, order <= 3; 1 call per step",
+    params=DEISParams,
+    evals_per_step=1,
+    order=lambda p: p.max_order,
+    warmup=lambda p: p.max_order - 1,
+)
+def sample_deis(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    params: DEISParams,
+    afs: bool,
+    progress: Progress,
+    exact_start: tuple[Tensor, ...] = (),
+) -> Tensor:
+    """c_j = int_{tau_i}^{tau_{i+1}} l_j(tau) dsigma/dtau dtau (10,240-point composite Gauss-Legendre),
+    tau = VP time of sigma.
+
+    Args:
+        x: noise scaled to sigmas[0], shape (B, ...).
+        sigmas: decreasing, float64, shape (S + 1,), last entry > 0.
+        exact_start: for order verification only: exact states at sigmas[1..k] replacing the warm-up.
+    Returns:
+        the state at sigmas[-1], shape and dtype of x.
+    """
+    if params.beta_d is None or params.beta_min is None:
+        beta_d, beta_min = fit_vp_betas(denoiser.sigma_min, denoiser.sigma_max)
+    else:
+        beta_d, beta_min = params.beta_d, params.beta_min
+    taus = vp_time(sigmas.to(torch.float64), beta_d, beta_min).tolist()
+
+    def dsigma_dtau(tau: np.ndarray) -> np.ndarray:
+        exponent = 0.5 * beta_d * tau**2 + beta_min * tau
+        return (beta_d * tau + beta_min) * np.exp(exponent) / (2.0 * np.sqrt(np.expm1(exponent)))
+
+    coefficients = _lagrange_coefficients(taus, params.max_order, dsigma_dtau, panels=2048)
+    return _adams_bashforth(
+        denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
+    )

@@ -1,0 +1,158 @@
+"""The entry point: `sample(denoiser, noise, solver=..., steps=...)` and per-sample noise.
+
+`noise` is unit-variance Gaussian noise; it is scaled by the first sigma of the schedule here,
+so callers never scale it themselves. NFE is measured by a counting wrapper around the
+denoiser, never computed from a formula (the registry's formula is what tests compare it with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .contract import CountingDenoiser, Denoiser, StepCallback, per_sample_sigma
+from .errors import InvalidParameterError, MissingPredictorError
+from .registry import MAX_STEPS, SOLVERS, Params
+from .schedules import build_sigmas
+from .stepping import Progress
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What a sampling run produced and what it cost.
+
+    Attributes:
+        images: the samples at sigmas[-1] (or D(x, sigma_min) with final_denoise), shape of the noise.
+        nfe: denoiser calls per sample, counted.
+        network_evals: nfe x evals_per_call (2 per call under classifier-free guidance), counted.
+        sigmas: the float64 grid that was used, shape (steps + 1,).
+        steps: the number of intervals.
+        solver: the solver's registry name.
+    """
+
+    images: Tensor
+    nfe: int
+    network_evals: int
+    sigmas: Tensor
+    steps: int
+    solver: str
+
+
+def check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidParameterError("steps", steps, f"an integer in 1..{MAX_STEPS}")
+    return steps
+
+
+def _check_noise(noise: object) -> Tensor:
+    if not isinstance(noise, Tensor):
+        raise InvalidParameterError("noise", type(noise).__name__, "a torch.Tensor of shape (B, ...)")
+    if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
+        raise InvalidParameterError("noise", tuple(noise.shape), "a non-empty tensor of shape (B, ...), B >= 1")
+    if not noise.is_floating_point():
+        raise InvalidParameterError("noise", noise.dtype, "a floating-point tensor (float32 or float64)")
+    if not bool(torch.isfinite(noise).all()):
+        raise InvalidParameterError("noise", "non-finite values", "finite values (no NaN or inf)")
+    return noise
+
+
+def sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    *,
+    solver: str,
+    steps: int,
+    schedule: str = "polynomial",
+    schedule_params: Params | Mapping[str, Any] | None = None,
+    solver_params: Params | Mapping[str, Any] | None = None,
+    afs: bool = False,
+    predictor: Any = None,
+    callback: StepCallback | None = None,
+    final_denoise: bool = False,
+) -> SampleResult:
+    """Integrate the probability-flow ODE from sigma_max-scaled noise down to sigmas[-1].
+
+    Args:
+        denoiser: the model, with its conditioning already bound.
+        noise: unit-variance noise, shape (B, ...); scaled by sigmas[0] here. Its dtype is the
+            solver state's dtype (float32, or float64 for exact references).
+        solver: a name from SOLVERS (see list_solvers()).
+        steps: intervals of the schedule, 1..1000: len(sigmas) = steps + 1.
+        schedule, schedule_params: a name from SCHEDULES and its parameters.
+        solver_params: the solver's parameters (a mapping or its Params model).
+        afs: analytical first step: the first direction costs no call (saves 1 NFE).
+        predictor: the trained predictor of solvers that need one (AMED); else None.
+        callback: called after each step with a StepInfo; return True to cancel.
+        final_denoise: end with D(x, sigmas[-1]), one more counted call.
+    Returns:
+        SampleResult with the images and the counted nfe and network_evals.
+    Raises:
+        UnknownSolverError, UnknownScheduleError, InvalidParameterError, MissingPredictorError,
+        SamplingCancelled.
+    """
+    spec = SOLVERS.get(solver)
+    steps = check_steps(steps)
+    params = spec.parse_params(solver_params)
+    min_steps = spec.min_steps_of(params)
+    if steps < min_steps:
+        raise InvalidParameterError("steps", steps, f"at least {min_steps} for solver {solver!r} with these parameters")
+    if not isinstance(afs, bool):
+        raise InvalidParameterError("afs", afs, "a boolean")
+    if spec.nfe(steps, afs) < 1:
+        raise InvalidParameterError(
+            "afs", afs, f"afs=False with steps={steps}: that AFS run would make no network call"
+        )
+    noise = _check_noise(noise)
+    if spec.needs_predictor and predictor is None:
+        raise MissingPredictorError(f"solver {solver!r}", [], f"sampler-amed train --solver {solver}")
+    if not spec.needs_predictor and predictor is not None:
+        raise InvalidParameterError("predictor", type(predictor).__name__, f"None: solver {solver!r} uses no predictor")
+    sigmas = build_sigmas(
+        schedule,
+        steps,
+        sigma_min=denoiser.sigma_min,
+        sigma_max=denoiser.sigma_max,
+        sigma_levels=denoiser.sigma_levels,
+        params=schedule_params,
+    )
+    counter = CountingDenoiser(denoiser)
+    x = noise * sigmas[0].item()
+    extra = {"predictor": predictor} if spec.needs_predictor else {}
+    x = spec.fn(counter, x, sigmas, params=params, afs=afs, progress=Progress(callback, steps), **extra)
+    if final_denoise:
+        x = counter(x, per_sample_sigma(sigmas[-1].item(), x))
+    return SampleResult(x, counter.calls, counter.network_evals, sigmas, steps, solver)
+
+
+def make_noise(
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Unit Gaussian noise (len(seeds), *shape): one CPU generator per seed, drawn in float32, then
+    moved, so a sample depends only on its seed, not on its batch, host or device."""
+    rows = []
+    for index, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidParameterError(f"seeds[{index}]", seed, f"an integer in 0..{MAX_SEED}")
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        rows.append(torch.randn(tuple(shape), generator=generator, dtype=torch.float32))
+    if not rows:
+        raise InvalidParameterError("seeds", list(seeds), "at least one seed")
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def nfe_of(solver: str, steps: int, afs: bool = False, final_denoise: bool = False) -> int:
+    """What a run will cost in denoiser calls per sample (the registry's announcement)."""
+    return SOLVERS.get(solver).nfe(check_steps(steps), afs) + int(final_denoise)
+
+
+__all__ = ["MAX_SEED", "SampleResult", "make_noise", "nfe_of", "sample"]

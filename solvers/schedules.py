@@ -1,0 +1,242 @@
+"""Time schedules: the decreasing sigma grids the solvers step along.
+
+Every schedule returns float64 sigmas of length steps + 1, strictly decreasing, the last entry
+> 0 and the whole grid inside the model's trained range. With u = i / steps:
+
+- `polynomial` (Karras et al. 2022): sigma_i = (smax^(1/rho) + u (smin^(1/rho) - smax^(1/rho)))^rho.
+- `logsnr`: uniform in log sigma (uniform in half-log-SNR lambda = -log sigma).
+- `time_uniform`: uniform in VP time t_i = (1 + u (eps_s^(1/rho) - 1))^rho, mapped through
+  sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) with beta_d, beta_min fitted so that
+  sigma(1) = sigma_max and sigma(eps_s) = sigma_min (`fit_vp_betas`).
+- `discrete`: the trained levels of a discrete-time model, picked with leading / trailing /
+  linspace spacing (the diffusers conventions), always ending at the smallest trained sigma.
+- `custom`: an explicit list, validated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import pydantic
+import torch
+from torch import Tensor
+
+from .errors import InvalidParameterError, UnknownScheduleError
+from .registry import Params, Registry, parse_params
+
+PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+
+
+class RangeParams(Params):
+    """Optional narrowing of the model's sigma range (must stay inside it)."""
+
+    sigma_min: PositiveFloat | None = None
+    sigma_max: PositiveFloat | None = None
+
+
+class PolynomialParams(RangeParams):
+    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 7.0
+
+
+class LogSNRParams(RangeParams):
+    pass
+
+
+class TimeUniformParams(RangeParams):
+    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
+    eps_s: Annotated[float, pydantic.Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-3
+
+
+class DiscreteParams(Params):
+    spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    offset: Annotated[int, pydantic.Field(ge=0, le=10)] = 1
+    """Added to `leading` timesteps (diffusers' steps_offset); ignored by the other spacings."""
+
+
+class CustomParams(Params):
+    sigmas: list[float]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    description: str
+    params: type[Params]
+    fn: Callable[..., Tensor]
+    needs_levels: bool = False
+
+    def parse_params(self, value: Params | Mapping[str, Any] | None) -> Params:
+        return parse_params(self.params, value, "schedule_params")
+
+
+SCHEDULES: Registry[ScheduleSpec] = Registry("schedule", UnknownScheduleError)
+
+
+def _register(name: str, description: str, params: type[Params], *, needs_levels: bool = False):
+    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels))
+        return fn
+
+    return wrap
+
+
+def _range(params: RangeParams, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    lo = sigma_min if params.sigma_min is None else params.sigma_min
+    hi = sigma_max if params.sigma_max is None else params.sigma_max
+    tol = 1e-9
+    if lo < sigma_min * (1 - tol) or lo > sigma_max:
+        raise InvalidParameterError("schedule_params.sigma_min", lo, f"a value in [{sigma_min}, {sigma_max})")
+    if hi > sigma_max * (1 + tol) or hi <= lo:
+        raise InvalidParameterError("schedule_params.sigma_max", hi, f"a value in ({lo}, {sigma_max}]")
+    return lo, hi
+
+
+def _u(steps: int) -> Tensor:
+    return torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+@_register("polynomial", "Karras et al. (EDM) polynomial spacing in sigma, rho=7 by default", PolynomialParams)
+def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
+    lo, hi = _range(params, sigma_min, sigma_max)
+    inv = 1.0 / params.rho
+    sigmas = (hi**inv + _u(steps) * (lo**inv - hi**inv)) ** params.rho
+    sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power
+    return sigmas
+
+
+@_register("logsnr", "uniform in log sigma (uniform log-SNR)", LogSNRParams)
+def logsnr(steps: int, sigma_min: float, sigma_max: float, params: LogSNRParams, **_: Any) -> Tensor:
+    lo, hi = _range(params, sigma_min, sigma_max)
+    sigmas = torch.exp(math.log(hi) + _u(steps) * (math.log(lo) - math.log(hi)))
+    sigmas[0], sigmas[-1] = hi, lo
+    return sigmas
+
+
+def fit_vp_betas(sigma_min: float, sigma_max: float, eps_s: float = 1e-3) -> tuple[float, float]:
+    """(beta_d, beta_min) of the VP schedule with sigma(1) = sigma_max and sigma(eps_s) = sigma_min.
+
+    log(1 + sigma(t)^2) = beta_d t^2 / 2 + beta_min t is linear in (beta_d, beta_min), so the two
+    conditions are a 2x2 linear system. For 0.002 / 80 it gives beta_d = 17.538, beta_min = -0.00477.
+    """
+    a = math.log1p(sigma_max**2)
+    b = math.log1p(sigma_min**2)
+    det = 0.5 * eps_s - 0.5 * eps_s**2  # | 1/2 1 ; eps^2/2 eps |
+    beta_d = (a * eps_s - b) / det
+    beta_min = (0.5 * b - 0.5 * eps_s**2 * a) / det
+    return beta_d, beta_min
+
+
+def vp_sigma(t: Tensor, beta_d: float, beta_min: float) -> Tensor:
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t))
+
+
+def vp_time(sigma: Tensor, beta_d: float, beta_min: float) -> Tensor:
+    """The inverse of `vp_sigma`: the positive root of beta_d t^2 / 2 + beta_min t = log(1 + sigma^2)."""
+    return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+
+
+@_register(
+    "time_uniform",
+    "uniform in VP time (DPM-Solver's time-uniform), VP betas fitted to the range",
+    TimeUniformParams,
+)
+def time_uniform(steps: int, sigma_min: float, sigma_max: float, params: TimeUniformParams, **_: Any) -> Tensor:
+    lo, hi = _range(params, sigma_min, sigma_max)
+    beta_d, beta_min = fit_vp_betas(lo, hi, params.eps_s)
+    inv = 1.0 / params.rho
+    t = (1.0 + _u(steps) * (params.eps_s**inv - 1.0)) ** params.rho
+    sigmas = vp_sigma(t, beta_d, beta_min)
+    sigmas[0], sigmas[-1] = hi, lo
+    return sigmas
+
+
+@_register(
+    "discrete",
+    "the model's trained sigma levels, leading / trailing / linspace spacing",
+    DiscreteParams,
+    needs_levels=True,
+)
+def discrete(steps: int, params: DiscreteParams, sigma_levels: Tensor, **_: Any) -> Tensor:
+    """Picks S+1 trained levels. `linspace`: round(linspace(T-1, 0, S+1)); `leading`: the
+    timesteps k * (T // S) + offset for k = S-1..0, then 0; `trailing`: round(T - k T / S) - 1
+    for k = 0..S-1, then 0. Index 0 (the smallest trained sigma) always ends the grid."""
+    levels = sigma_levels.to(torch.float64)
+    count = levels.numel()
+    if params.spacing == "linspace":
+        idx = torch.linspace(count - 1, 0, steps + 1, dtype=torch.float64).round().long()
+    elif params.spacing == "leading":
+        ratio = count // steps
+        starts = torch.arange(steps - 1, -1, -1, dtype=torch.long) * ratio + params.offset
+        idx = torch.cat([starts.clamp(max=count - 1), torch.zeros(1, dtype=torch.long)])
+    else:
+        starts = (count - torch.arange(steps, dtype=torch.float64) * count / steps).round().long() - 1
+        idx = torch.cat([starts, torch.zeros(1, dtype=torch.long)])
+    if bool((idx[1:] >= idx[:-1]).any()):
+        raise InvalidParameterError(
+            "steps",
+            steps,
+            f"at most {_max_discrete_steps(count, params.spacing)} steps for spacing "
+            f"{params.spacing!r} over {count} trained levels",
+        )
+    return levels[idx]
+
+
+def _max_discrete_steps(count: int, spacing: str) -> int:
+    return count - 1 if spacing == "linspace" else count // 2
+
+
+@_register("custom", "an explicit decreasing list of sigmas (steps + 1 values)", CustomParams)
+def custom(steps: int, params: CustomParams, **_: Any) -> Tensor:
+    if len(params.sigmas) != steps + 1:
+        raise InvalidParameterError(
+            "schedule_params.sigmas", f"{len(params.sigmas)} values", f"steps + 1 = {steps + 1} values"
+        )
+    return torch.tensor(params.sigmas, dtype=torch.float64)
+
+
+def build_sigmas(
+    schedule: str,
+    steps: int,
+    *,
+    sigma_min: float,
+    sigma_max: float,
+    sigma_levels: Tensor | None = None,
+    params: Params | Mapping[str, Any] | None = None,
+) -> Tensor:
+    """The grid of `schedule` for `steps` intervals within the model's [sigma_min, sigma_max].
+
+    Returns:
+        float64 CPU tensor (steps + 1,), strictly decreasing, last entry > 0, inside the range.
+    Raises:
+        UnknownScheduleError, InvalidParameterError.
+    """
+    spec = SCHEDULES.get(schedule)
+    parsed = spec.parse_params(params)
+    if spec.needs_levels and sigma_levels is None:
+        raise InvalidParameterError(
+            "schedule", schedule, "a continuous-time schedule (this model has no trained sigma levels)"
+        )
+    sigmas = spec.fn(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, params=parsed, sigma_levels=sigma_levels)
+    check_sigmas(sigmas, sigma_min, sigma_max, field="schedule_params.sigmas" if schedule == "custom" else "schedule")
+    return sigmas
+
+
+def check_sigmas(sigmas: Tensor, sigma_min: float, sigma_max: float, field: str = "sigmas") -> None:
+    """Raise InvalidParameterError unless sigmas is finite, strictly decreasing, > 0 and in range."""
+    values = sigmas.tolist()
+    tol = 1e-9
+    if len(values) < 2:
+        raise InvalidParameterError(field, values, "at least two sigmas")
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidParameterError(field, values, "finite values")
+    if any(b >= a for a, b in itertools.pairwise(values)):
+        raise InvalidParameterError(field, values, "a strictly decreasing sequence")
+    if values[-1] <= 0:
+        raise InvalidParameterError(field, values, "a last entry > 0")
+    if values[-1] < sigma_min * (1 - tol) or values[0] > sigma_max * (1 + tol):
+        raise InvalidParameterError(field, values, f"values inside the model's range [{sigma_min}, {sigma_max}]")
