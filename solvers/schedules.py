@@ -124,6 +124,16 @@ def fit_vp_betas(sigma_min: float, sigma_max: float, eps_s: float = 1e-3) -> tup
     """
     a = math.log1p(sigma_max**2)
     b = math.log1p(sigma_min**2)
+    # sigma(t) is increasing on [eps_s, 1] iff its exponent's slope beta_d t + beta_min is positive
+    # at both ends; at eps_s it always is, at 1 it needs b < a eps_s (2 - eps_s).
+    if b >= a * eps_s * (2.0 - eps_s):
+        needed = 1.0 - math.sqrt(max(0.0, 1.0 - b / a))
+        raise InvalidParameterError(
+            "schedule_params.eps_s",
+            eps_s,
+            f"a value above {needed:.3g} for the range [{sigma_min}, {sigma_max}]",
+            "a VP time grid needs log(1 + sigma_min^2) < eps_s (2 - eps_s) log(1 + sigma_max^2)",
+        )
     det = 0.5 * eps_s - 0.5 * eps_s**2  # | 1/2 1 ; eps^2/2 eps |
     beta_d = (a * eps_s - b) / det
     beta_min = (0.5 * b - 0.5 * eps_s**2 * a) / det
