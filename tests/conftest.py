@@ -9,8 +9,8 @@ import pytest
 # No network at test time: hub ids must resolve from the local cache only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import solvers  # noqa: E402
-from models.analytic import GaussianMixtureDenoiser  # noqa: E402
+import solvers
+from models.analytic import GaussianMixtureDenoiser
 
 TRAINING_FREE = [spec.name for spec in solvers.list_solvers() if not spec.needs_predictor]
 

@@ -9,6 +9,7 @@ end-to-end slopes (with warm-up) are in bench/results/accuracy-gmm-order.csv.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -70,11 +71,11 @@ def _error(model, noise, sigmas, states, name, params) -> float:
 def test_convergence_order(setup, name, params):
     model, noise, grids, exact = setup
     errors = [_error(model, noise, grids[s], exact[s], name, params) for s in STEPS]
-    slopes = [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
+    slopes = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
     spec = solvers.SOLVERS.get(name)
     declared = spec.order_of(spec.parse_params(params))
     # Errors fall monotonically and far above the reference's own error (rtol 1e-12).
-    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] > 1e-10, errors
     assert abs(slopes[-1] - declared) <= 0.3, f"declared {declared}, measured slopes {slopes}, errors {errors}"
 
