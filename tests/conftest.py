@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+import solvers
+from models.analytic import GaussianMixtureDenoiser
 
 # No network at test time: hub ids must resolve from the local cache only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import solvers
-from models.analytic import GaussianMixtureDenoiser
+# The tests run tiny tensors: one intra-op thread is as fast and does not collapse when the
+# 2-core CI machine is busy (a cross-check file went from 3.5 s to 182 s under contention).
+torch.set_num_threads(1)
 
 TRAINING_FREE = [spec.name for spec in solvers.list_solvers() if not spec.needs_predictor]
 

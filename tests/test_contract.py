@@ -56,7 +56,9 @@ def test_network_evals_follow_evals_per_call(gmm):
 
 def test_a_predictor_is_refused_by_training_free_solvers(gmm):
     with pytest.raises(InvalidParameterError, match="uses no predictor") as err:
-        solvers.sample(gmm, solvers.make_noise([0], (8,), dtype=torch.float64), solver="euler", steps=3, predictor=object())
+        solvers.sample(
+            gmm, solvers.make_noise([0], (8,), dtype=torch.float64), solver="euler", steps=3, predictor=object()
+        )
     assert err.value.field == "predictor"
 
 

@@ -1,0 +1,6 @@
+"""The benchmark harness: `python -m bench COMMAND` (or `sampler-bench COMMAND`).
+
+One module per command (accuracy.py, solver_overhead.py, ...), each with `add_parser` and `run`;
+`__main__.py` only wires them into argparse. Results go to bench/results/ with the provenance of
+the run beside them (provenance.py). Imports the solver core and the models, never the service.
+"""

@@ -1,0 +1,44 @@
+"""`python -m bench COMMAND ...` / `sampler-bench COMMAND ...`: the benchmark CLI.
+
+Each command lives in its own module with `add_parser(subparsers)` (which sets `handler`) and
+`run(args) -> int`; adding one is a new module and a line in COMMANDS. Domain errors of the
+harness and of the solver core become one line on stderr and exit status 2, here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from solvers.errors import SolverError
+
+from . import accuracy, solver_overhead
+from .errors import BenchError
+
+COMMANDS = (accuracy, solver_overhead)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sampler-bench",
+        description="Benchmarks of the sampling service; results and their provenance go to bench/results/.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (BenchError, SolverError) as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
