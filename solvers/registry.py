@@ -23,7 +23,7 @@ T = TypeVar("T")
 class Params(pydantic.BaseModel):
     """Base of every solver's and schedule's parameter model: frozen, unknown fields rejected."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", strict=False)
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 P = TypeVar("P", bound=Params)
