@@ -177,27 +177,29 @@ def discrete(steps: int, params: DiscreteParams, sigma_levels: Tensor, **_: Any)
     for k = 0..S-1, then 0. Index 0 (the smallest trained sigma) always ends the grid."""
     levels = sigma_levels.to(torch.float64)
     count = levels.numel()
-    if params.spacing == "linspace":
-        idx = torch.linspace(count - 1, 0, steps + 1, dtype=torch.float64).round().long()
-    elif params.spacing == "leading":
-        ratio = count // steps
-        starts = torch.arange(steps - 1, -1, -1, dtype=torch.long) * ratio + params.offset
-        idx = torch.cat([starts.clamp(max=count - 1), torch.zeros(1, dtype=torch.long)])
-    else:
-        starts = (count - torch.arange(steps, dtype=torch.float64) * count / steps).round().long() - 1
-        idx = torch.cat([starts, torch.zeros(1, dtype=torch.long)])
-    if bool((idx[1:] >= idx[:-1]).any()):
+    idx = _discrete_indices(count, steps, params)
+    if not _strictly_decreasing(idx):
+        most = next(s for s in range(steps - 1, 0, -1) if _strictly_decreasing(_discrete_indices(count, s, params)))
         raise InvalidParameterError(
-            "steps",
-            steps,
-            f"at most {_max_discrete_steps(count, params.spacing)} steps for spacing "
-            f"{params.spacing!r} over {count} trained levels",
+            "steps", steps, f"at most {most} steps for spacing {params.spacing!r} over {count} trained levels"
         )
     return levels[idx]
 
 
-def _max_discrete_steps(count: int, spacing: str) -> int:
-    return count - 1 if spacing == "linspace" else count // 2
+def _discrete_indices(count: int, steps: int, params: DiscreteParams) -> Tensor:
+    """The S+1 trained indices of `discrete` (see there), possibly with repeats when S is too large."""
+    if params.spacing == "linspace":
+        return torch.linspace(count - 1, 0, steps + 1, dtype=torch.float64).round().long()
+    if params.spacing == "leading":
+        ratio = count // steps
+        starts = torch.arange(steps - 1, -1, -1, dtype=torch.long) * ratio + params.offset
+        return torch.cat([starts.clamp(max=count - 1), torch.zeros(1, dtype=torch.long)])
+    starts = (count - torch.arange(steps, dtype=torch.float64) * count / steps).round().long() - 1
+    return torch.cat([starts, torch.zeros(1, dtype=torch.long)])
+
+
+def _strictly_decreasing(idx: Tensor) -> bool:
+    return bool((idx[1:] < idx[:-1]).all())
 
 
 @_register("custom", "an explicit decreasing list of sigmas (steps + 1 values)", CustomParams)

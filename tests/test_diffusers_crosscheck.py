@@ -19,7 +19,6 @@ diffusers' float32 step size sigma_1 - sigma_0 (sigma_0 ~ 2e4) alone costs it ~1
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -99,16 +98,6 @@ def make_unet(**overrides: Any) -> UNet2DModel:
         torch.manual_seed(0)
         unet = UNet2DModel(**config)
     return unet.double().eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run this module's tiny convolutions on one intra-op thread: they gain nothing from more, and
-    on a loaded CPU two OpenMP threads made the module ~100x slower (3 s -> 180 s on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

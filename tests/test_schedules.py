@@ -129,10 +129,15 @@ def test_discrete_needs_levels_and_rejects_too_many_steps():
     with pytest.raises(InvalidParameterError, match="continuous-time schedule"):
         solvers.build_sigmas("discrete", 4, sigma_min=0.002, sigma_max=80.0)
     levels = _linear_levels(20)
-    with pytest.raises(InvalidParameterError, match="at most"):
-        solvers.build_sigmas(
-            "discrete", 25, sigma_min=levels[0].item(), sigma_max=levels[-1].item(), sigma_levels=levels
-        )
+    bounds = {"sigma_min": levels[0].item(), "sigma_max": levels[-1].item(), "sigma_levels": levels}
+    for spacing in ("linspace", "leading", "trailing"):
+        params = {"spacing": spacing}
+        with pytest.raises(InvalidParameterError, match="at most") as err:
+            solvers.build_sigmas("discrete", 25, params=params, **bounds)
+        most = int(str(err.value).split("at most ")[1].split()[0])
+        assert solvers.build_sigmas("discrete", most, params=params, **bounds).shape == (most + 1,)
+        with pytest.raises(InvalidParameterError):
+            solvers.build_sigmas("discrete", most + 1, params=params, **bounds)
 
 
 def test_unknown_schedule_lists_choices():
