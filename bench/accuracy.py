@@ -34,12 +34,12 @@ import torch
 from torch import Tensor
 
 import solvers
+from models import provenance
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers.contract import CountingDenoiser
 from solvers.registry import Params, SolverSpec
 from solvers.stepping import Progress
 
-from . import provenance
 from .arguments import options_of, positive_int
 from .errors import BenchError
 

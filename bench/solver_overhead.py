@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import provenance
+from models import provenance
+
 from .arguments import options_of
 from .errors import BenchError
 

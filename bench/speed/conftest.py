@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from bench import provenance
 from bench.speed.allocator import pin_glibc_heap
+from models import provenance
 
 
 @pytest.fixture(scope="session")
