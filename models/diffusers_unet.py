@@ -22,10 +22,10 @@ from numbers import Real
 from typing import Any, Literal, cast
 
 import torch
-from diffusers.models import UNet2DModel  # not `diffusers`: type checkers see its torch-less dummies
+from diffusers.models import UNet2DConditionModel, UNet2DModel  # not `diffusers`: its dummies fool type checkers
 from torch import Tensor
 
-from .errors import UnsupportedModelError, UnsupportedSchedulerError
+from .errors import InvalidConditioningError, UnsupportedModelError, UnsupportedSchedulerError
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -205,54 +205,125 @@ def data_prediction(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: P
 
 
 class UNetDenoiser:
-    """A diffusers `UNet2DModel` with its DDPM-family schedule, as a `solvers.Denoiser`.
+    """A diffusers UNet with its DDPM-family schedule and bound conditioning, as a `solvers.Denoiser`
+    (and a `FeatureDenoiser`).
+
+    Conditioning is fixed at construction, so solvers never see it. With guidance w per sample,
+    D = D_u + w (D_c - D_u): w = 1 runs the conditional pass alone and w = 0 the unconditional one
+    (one network evaluation per call); any other w runs both halves in one forward of 2B rows
+    (`evals_per_call` = 2). An unconditional UNet has only the one pass.
 
     The module is used as given (device, dtype, train/eval mode are the caller's choice); inputs
-    move to its device and dtype for the network call and results come back in x's. No autograd
-    mode is entered here, so gradients flow to x and sigma when the caller wants them.
+    move to its device and dtype for the network call and results come back in x's dtype and
+    device. No autograd mode is entered here, so gradients flow to x and sigma (AMED training).
 
     Args:
-        unet: an unconditional UNet2DModel with a positional (sinusoidal) time embedding and as
-            many output channels as input channels.
+        unet: a UNet2DModel (optionally with a class-label embedding) or a UNet2DConditionModel
+            conditioned on class labels and/or precomputed encoder embeddings, with a positional
+            time embedding and as many output channels as input channels.
         schedule: the trained schedule (see VPDiscreteSchedule.from_config).
+        labels: class labels (B,) of the conditional pass (a 0-dim tensor: the same label for any
+            batch); None for an unconditional UNet.
+        null_labels: class labels (B,) of the unconditional pass (e.g. the null class); needed when
+            a class-conditional UNet runs with guidance != 1.
+        embeddings: encoder hidden states (B, L, D) of the conditional pass (UNet2DConditionModel).
+        null_embeddings: those of the unconditional pass, (B, L, D).
+        guidance: w, a float or a tensor (B,).
     Attributes:
         sigma_min, sigma_max: the smallest and largest trained sigma.
         sigma_levels: the trained sigmas, ascending, float64, shape (T,) (index = timestep).
-        evals_per_call: 1 (one network evaluation per call).
+        evals_per_call: network evaluations per call, 1 or 2.
+        batch_size: B of the bound conditioning, or None when nothing per-sample is bound.
     Raises:
         UnsupportedModelError: a UNet this adapter cannot drive.
+        InvalidConditioningError: conditioning that does not fit the UNet.
     """
 
-    evals_per_call = 1
-
-    def __init__(self, unet: UNet2DModel, schedule: VPDiscreteSchedule) -> None:
-        config = unet.config
-        # A "learned" embedding is an integer lookup table (no fractional t, no gradient); a
-        # "fourier" one belongs to VE score models that divide their output by sigma themselves.
-        if config["time_embedding_type"] != "positional":
-            raise UnsupportedModelError("unet.time_embedding_type", config["time_embedding_type"], "'positional'")
-        if config["out_channels"] != config["in_channels"]:
-            raise UnsupportedModelError(
-                "unet.out_channels",
-                config["out_channels"],
-                f"{config['in_channels']} (= in_channels; no learned variance)",
-            )
-        if config["class_embed_type"] is not None or config["num_class_embeds"] is not None:
-            raise UnsupportedModelError(
-                "unet.num_class_embeds",
-                config["num_class_embeds"],
-                "None (class-conditional UNets are not supported yet)",
-            )
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        schedule: VPDiscreteSchedule,
+        *,
+        labels: Tensor | None = None,
+        null_labels: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        null_embeddings: Tensor | None = None,
+        guidance: float | Tensor = 1.0,
+    ) -> None:
+        self.traits = unet_traits(unet)
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = schedule.prediction_type
         self.sigma_levels: Tensor | None = schedule.sigmas
         self.sigma_min = schedule.sigma_min
         self.sigma_max = schedule.sigma_max
+        w = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu()
+        if w.dim() > 1 or not bool(torch.isfinite(w).all()):
+            raise InvalidConditioningError("guidance", guidance, "a finite number or a tensor of shape (B,)")
+        named = (
+            ("labels", labels),
+            ("null_labels", null_labels),
+            ("embeddings", embeddings),
+            ("null_embeddings", null_embeddings),
+        )
+        # A 0-dim label tensor applies to every sample (any batch); the others fix B.
+        sizes = {name: t.shape[0] for name, t in named if t is not None and t.dim() > 0}
+        if w.dim() == 1:
+            sizes["guidance"] = w.shape[0]
+        if len(set(sizes.values())) > 1:
+            raise InvalidConditioningError("batch", sizes, "one batch size B for labels, embeddings and guidance")
+        self.batch_size: int | None = next(iter(sizes.values()), None)
+        conditional = bool((w != 0).any())
+        unconditional = bool((w != 1).any())
+        self._passes: list[_Pass] = []
+        if conditional:
+            self._passes.append(self._make_pass("labels", labels, "embeddings", embeddings))
+        if unconditional:
+            self._passes.append(self._make_pass("null_labels", null_labels, "null_embeddings", null_embeddings))
+        self.evals_per_call = len(self._passes)
+        self._guidance = w if self.evals_per_call == 2 else None
+        self._feature_pass = 0  # the conditional half's, when there are two
+
+    def _make_pass(self, label_name: str, labels: Tensor | None, embed_name: str, embeddings: Tensor | None) -> _Pass:
+        traits = self.traits
+        if traits.num_class_embeds is None:
+            if labels is not None:
+                raise InvalidConditioningError(label_name, "a tensor", "None: this UNet has no class embedding")
+        elif labels is None:
+            raise InvalidConditioningError(
+                label_name,
+                None,
+                f"class labels (B,) in 0..{traits.num_class_embeds - 1} for this class-conditional UNet",
+            )
+        else:
+            if labels.dim() > 1 or labels.dtype not in (torch.int64, torch.int32):
+                raise InvalidConditioningError(
+                    label_name, f"{labels.dtype} {tuple(labels.shape)}", "an integer tensor (B,) or a 0-dim one"
+                )
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= traits.num_class_embeds:
+                bad = low if low < 0 else high
+                raise InvalidConditioningError(label_name, bad, f"labels in 0..{traits.num_class_embeds - 1}")
+        if traits.cross_attention_dim is None:
+            if embeddings is not None:
+                raise InvalidConditioningError(embed_name, "a tensor", "None: this UNet has no cross-attention")
+        elif embeddings is None:
+            raise InvalidConditioningError(
+                embed_name, None, f"encoder embeddings (B, L, {traits.cross_attention_dim}) for this UNet"
+            )
+        elif embeddings.dim() != 3 or embeddings.shape[-1] != traits.cross_attention_dim:
+            raise InvalidConditioningError(
+                embed_name, tuple(embeddings.shape), f"shape (B, L, {traits.cross_attention_dim})"
+            )
+        device, dtype = self.unet.device, self.unet.dtype
+        return _Pass(
+            labels.to(device=device, dtype=torch.int64) if labels is not None else None,
+            embeddings.to(device=device, dtype=dtype) if embeddings is not None else None,
+        )
 
     @classmethod
     def from_scheduler_config(cls, unet: UNet2DModel, scheduler_config: Mapping[str, Any]) -> UNetDenoiser:
-        """The denoiser of `unet` trained with the schedule of a diffusers scheduler config.
+        """The unconditional denoiser of `unet` trained with the schedule of a diffusers scheduler config.
 
         Raises:
             UnsupportedSchedulerError, UnsupportedModelError.
@@ -272,23 +343,144 @@ class UNetDenoiser:
         Returns:
             the data prediction, shape, dtype and device of x.
         """
+        return self._denoise(x, sigma, want_feature=False)[0]
+
+    def denoise_with_feature(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """D(x, sigma) and the bottleneck feature: the lowest-resolution activation (the middle
+        block's output) averaged over channels, shape (B, h, w), x's dtype and device; from the
+        conditional half under guidance. The hook that reads it lives only during this call."""
+        denoised, feature = self._denoise(x, sigma, want_feature=True)
+        assert feature is not None  # set by the hook whenever want_feature is True
+        return denoised, feature
+
+    def _denoise(self, x: Tensor, sigma: Tensor, *, want_feature: bool) -> tuple[Tensor, Tensor | None]:
+        batch = x.shape[0]
+        if self.batch_size is not None and batch != self.batch_size:
+            raise InvalidConditioningError("x", f"batch {batch}", f"batch {self.batch_size}, the bound conditioning's")
         device, model_dtype = self.unet.device, self.unet.dtype
         x_dev = x.to(device)
         sigma_b = sigma.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         # Scale before casting, so the half-precision case rounds the O(1) VP-scaled input, not x.
         x_in = (x_dev * input_scale(sigma_b)).to(model_dtype)
         timestep = self.schedule.sigma_to_timestep(sigma.to(device))
-        output = self.unet(x_in, timestep).sample.to(x.dtype)
+        passes = self._passes
+        if len(passes) == 2:
+            x_in, timestep = torch.cat([x_in, x_in]), torch.cat([timestep, timestep])
+        labels = _cat([p.labels.expand(batch) if p.labels is not None else None for p in passes])
+        embeddings = _cat([p.embeddings for p in passes])
+        captured: list[Tensor] = []
+        handle = None
+        if want_feature:
+            handle = bottleneck_module(self.unet).register_forward_hook(
+                lambda _module, _inputs, output: captured.append(output[0] if isinstance(output, tuple) else output)
+            )
+        try:
+            if isinstance(self.unet, UNet2DConditionModel):
+                raw = self.unet(x_in, timestep, encoder_hidden_states=embeddings, class_labels=labels).sample
+            else:
+                raw = self.unet(x_in, timestep, class_labels=labels).sample
+        finally:
+            if handle is not None:
+                handle.remove()
         # Convert in x's dtype: in a half-precision model dtype, x (~157 at DDPM's sigma_max)
         # would lose its low bits, and x - sigma eps cancels them out into D.
-        return data_prediction(x_dev, sigma_b, output, self.prediction_type).to(x.device)
+        output = raw.to(x.dtype)
+        if len(passes) == 2:
+            assert self._guidance is not None
+            w = self._guidance.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+            cond = data_prediction(x_dev, sigma_b, output[:batch], self.prediction_type)
+            uncond = data_prediction(x_dev, sigma_b, output[batch:], self.prediction_type)
+            denoised = uncond + w * (cond - uncond)
+        else:
+            denoised = data_prediction(x_dev, sigma_b, output, self.prediction_type)
+        feature = None
+        if want_feature:
+            feature = captured[-1][:batch].mean(dim=1).to(device=x.device, dtype=x.dtype)
+        return denoised.to(x.device), feature
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The conditioning of one half of a guided forward, on the UNet's device."""
+
+    labels: Tensor | None
+    embeddings: Tensor | None
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else torch.cat(present)
+
+
+@dataclass(frozen=True)
+class UNetTraits:
+    """What a UNet needs as conditioning.
+
+    Attributes:
+        num_class_embeds: size of the class-label table, or None.
+        cross_attention_dim: width of the encoder embeddings its cross-attention reads, or None.
+    """
+
+    num_class_embeds: int | None
+    cross_attention_dim: int | None
+
+
+def unet_traits(unet: UNet2DModel | UNet2DConditionModel) -> UNetTraits:
+    """Check that this adapter can drive `unet` and say what conditioning it takes.
+
+    Raises:
+        UnsupportedModelError: naming the config field and what is supported.
+    """
+    config = unet.config
+    # A "learned" embedding is an integer lookup table (no fractional t, no gradient); a
+    # "fourier" one belongs to VE score models that divide their output by sigma themselves.
+    if config["time_embedding_type"] != "positional":
+        raise UnsupportedModelError("unet.time_embedding_type", config["time_embedding_type"], "'positional'")
+    if config["out_channels"] != config["in_channels"]:
+        raise UnsupportedModelError(
+            "unet.out_channels",
+            config["out_channels"],
+            f"{config['in_channels']} (= in_channels; no learned variance)",
+        )
+    # Other class embeddings take float vectors or timesteps, not labels.
+    if config["class_embed_type"] is not None:
+        raise UnsupportedModelError("unet.class_embed_type", config["class_embed_type"], "None (a label table)")
+    cross: int | None = None
+    if isinstance(unet, UNet2DConditionModel):
+        for key in ("addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+            if config.get(key) is not None:
+                raise UnsupportedModelError(
+                    f"unet.{key}", config[key], "None (text/image add-ons belong to latent pipelines, not supported)"
+                )
+        blocks = [*config["down_block_types"], *config["up_block_types"], config.get("mid_block_type") or ""]
+        if any("CrossAttn" in block for block in blocks):
+            dim = config["cross_attention_dim"]
+            if not isinstance(dim, int):
+                raise UnsupportedModelError("unet.cross_attention_dim", dim, "one integer for all blocks")
+            cross = dim
+    elif not isinstance(unet, UNet2DModel):
+        raise UnsupportedModelError("unet", type(unet).__name__, "UNet2DModel or UNet2DConditionModel")
+    return UNetTraits(config["num_class_embeds"], cross)
+
+
+def bottleneck_module(unet: UNet2DModel | UNet2DConditionModel) -> torch.nn.Module:
+    """The module whose output is the U-Net's lowest-resolution activation: the middle block, or
+    the last down block when the UNet has none."""
+    if unet.mid_block is not None:
+        return unet.mid_block
+    return unet.down_blocks[-1]
 
 
 __all__ = [
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
     "UNetDenoiser",
+    "UNetTraits",
     "VPDiscreteSchedule",
+    "bottleneck_module",
     "data_prediction",
     "input_scale",
+    "unet_traits",
 ]

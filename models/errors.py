@@ -30,6 +30,27 @@ class UnsupportedModelError(_FieldError):
     """A field of a model config (e.g. a UNet's time embedding) that the adapter cannot drive."""
 
 
+class InvalidConditioningError(_FieldError):
+    """Conditioning (labels, embeddings, guidance) that does not fit the model."""
+
+
+class InvalidDeviceError(_FieldError):
+    """A device or dtype choice that is unknown or not available on this host."""
+
+
+class ModelNotFoundError(ModelError, LookupError):
+    """A model source that is neither a built-in name, a local folder nor a cached hub id."""
+
+
+class ModelLoadError(ModelError):
+    """A model folder whose files are missing, unsafe, corrupt or inconsistent; `path` names the file."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
 def _short(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

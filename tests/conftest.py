@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
+# No network at test time: hub ids must resolve from the local cache only. Set before anything
+# imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import pytest
 import torch
 
 import solvers
 from models.analytic import GaussianMixtureDenoiser
-
-# No network at test time: hub ids must resolve from the local cache only.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The tests run tiny tensors: one intra-op thread is as fast and does not collapse when the
 # 2-core CI machine is busy (a cross-check file went from 3.5 s to 182 s under contention).

@@ -217,7 +217,7 @@ def test_adapter_satisfies_the_denoiser_contract(unet: UNet2DModel) -> None:
     denoiser = UNetDenoiser.from_scheduler_config(unet, DDPM_EPSILON)
 
     assert isinstance(denoiser, Denoiser)
-    assert not isinstance(denoiser, FeatureDenoiser)
+    assert isinstance(denoiser, FeatureDenoiser)  # the AMED bottleneck feature
     assert denoiser.evals_per_call == 1
     assert denoiser.sigma_levels is not None
     assert denoiser.sigma_levels.dtype == torch.float64

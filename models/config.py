@@ -1,0 +1,121 @@
+"""The models config file: which models a server loads, in TOML.
+
+    # models.toml
+    [[models]]
+    name = "mnist"                 # what clients ask for
+    source = "mnist"               # built-in name, folder (relative to this file) or cached hub id
+    device = "auto"                # auto, cpu, cuda, cuda:N, mps
+    dtype = "float32"              # float32, float16, bfloat16
+    channels_last = false
+    # null_class = 1000            # the unconditional label of a class-conditional hub model
+
+Parsed with tomllib and validated with pydantic; every problem is a `ModelsConfigError` that names
+the file and the field (`models[1].dtype`), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ModelError
+from .loading import DiffusionModel, load
+
+
+class ModelsConfigError(ModelError, ValueError):
+    """The models config file is missing, not TOML, or not valid."""
+
+
+class ModelEntry(BaseModel):
+    """One model the server loads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the name clients ask for")
+    source: str = Field(min_length=1, description="built-in name, local folder or cached hub id")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    channels_last: bool = False
+    null_class: int | None = Field(default=None, ge=0)
+
+
+class ModelsConfig(BaseModel):
+    """The whole file: at least one model, names unique."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.name for m in models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        return models
+
+
+def read_models_config(path: Path) -> ModelsConfig:
+    """Parse and validate a models config file; relative folder sources are resolved against the
+    file's folder.
+
+    Raises:
+        ModelsConfigError: naming the file, and each invalid field with its value and what is allowed.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelsConfigError(f"models config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelsConfigError(f"models config {path} cannot be read: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ModelsConfigError(f"models config {path} is not valid TOML: {error}") from None
+    try:
+        config = ModelsConfig.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(_describe(e) for e in error.errors())
+        raise ModelsConfigError(f"models config {path}: {problems}") from None
+    entries = []
+    for entry in config.models:
+        local = path.parent / entry.source
+        if entry.source.startswith((".", "/", "~")) or local.is_dir():
+            entry = entry.model_copy(update={"source": str(local.resolve())})
+        entries.append(entry)
+    return ModelsConfig(models=entries)
+
+
+def _describe(error: dict) -> str:  # type: ignore[type-arg]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f"={value!r}"
+    return f"{where or 'file'}{shown}: {error['msg']}"
+
+
+def load_models(config: ModelsConfig) -> dict[str, DiffusionModel]:
+    """Load every model of the config, by name (in file order).
+
+    Raises:
+        ModelError: the first model that fails, with its name in the message.
+    """
+    loaded: dict[str, DiffusionModel] = {}
+    for entry in config.models:
+        try:
+            loaded[entry.name] = load(
+                entry.source,
+                name=entry.name,
+                device=entry.device,
+                dtype=entry.dtype,
+                channels_last=entry.channels_last,
+                null_class=entry.null_class,
+            )
+        except ModelError as error:
+            raise ModelsConfigError(f"model {entry.name!r} ({entry.source}): {error}") from error
+    return loaded
+
+
+__all__ = ["ModelEntry", "ModelsConfig", "ModelsConfigError", "load_models", "read_models_config"]

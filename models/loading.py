@@ -1,0 +1,471 @@
+"""Loading diffusion models the way their users keep them: `models.load(source)`.
+
+A source is, in this order:
+- a built-in name (`mnist`, shipped in models/builtin/ in diffusers layout);
+- a local folder in diffusers layout: a pipeline (model_index.json or unet/ + scheduler/), or a
+  bare UNet folder (config.json and weights) with its scheduler_config.json beside them or in
+  scheduler/;
+- a Hugging Face hub id ("org/name"), resolved from the local cache only: nothing is downloaded.
+
+Weights are read from safetensors only; pickle-format files (.bin, .pt, .ckpt) are refused, since
+loading them can run code. Every problem with the files is a `ModelLoadError` naming the file, an
+unsupported scheduler or UNet an `UnsupportedSchedulerError` / `UnsupportedModelError` naming the
+field, an unknown source a `ModelNotFoundError`: never a traceback from inside a library.
+
+The loaded `DiffusionModel` binds conditioning with `conditioned(...)`, which returns the
+`solvers.Denoiser` the solvers run. Depends on the solver contract's conventions (through
+diffusers_unet) and on diffusers / huggingface_hub / safetensors; never on the service or bench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers.models import UNet2DConditionModel, UNet2DModel
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from .diffusers_unet import UNetDenoiser, VPDiscreteSchedule, unet_traits
+from .errors import (
+    InvalidConditioningError,
+    InvalidDeviceError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    UnsupportedSchedulerError,
+)
+
+DTypeName = Literal["float32", "float16", "bfloat16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+BUILTIN_ROOT = Path(__file__).resolve().parent / "builtin"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    folder: Path
+    null_class: int | None
+    description: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "mnist": Builtin(
+        BUILTIN_ROOT / "mnist",
+        null_class=10,
+        description="class-conditional MNIST digits 0-9 (label 10 = null class), 28x28, trained by this project",
+    ),
+}
+
+UNET_CLASSES: dict[str, type[UNet2DModel] | type[UNet2DConditionModel]] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+}
+# Schedulers of the discrete DDPM family: their configs describe betas on a training grid, which
+# is all the adapter reads. Continuous-time (VE SDE), flow-matching and consistency schedulers
+# describe other processes.
+VP_SCHEDULERS = frozenset(
+    {
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "DDIMInverseScheduler",
+        "PNDMScheduler",
+        "LMSDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "DPMSolverSDEScheduler",
+        "DEISMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "SASolverScheduler",
+        "TCDScheduler",
+        "LCMScheduler",
+    }
+)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SHARDED_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are.
+
+    Attributes:
+        kind: "builtin", "directory" or "hub".
+        root: the folder the source named (the snapshot folder for a hub id).
+        unet_dir: the folder holding the UNet's config.json and weights.
+        scheduler_config: the scheduler's JSON config file.
+    """
+
+    kind: Literal["builtin", "directory", "hub"]
+    root: Path
+    unet_dir: Path
+    scheduler_config: Path
+
+
+def resolve_device(spec: str) -> torch.device:
+    """ "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps" as a torch device.
+
+    Raises:
+        InvalidDeviceError: an unknown spelling, or a device this host does not have.
+    """
+    if not isinstance(spec, str) or not _DEVICE.match(spec):
+        raise InvalidDeviceError("device", spec, "auto, cpu, cuda, cuda:N or mps")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            raise InvalidDeviceError("device", spec, f"a CUDA device index below {count} (this host has {count})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidDeviceError("device", spec, "auto or cpu (MPS is not available on this host)")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidDeviceError("dtype", name, f"one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def find_files(source: str | Path) -> ModelFiles:
+    """Resolve a source to its files without reading the weights.
+
+    Raises:
+        ModelNotFoundError: an unknown name, a missing folder, a hub id absent from the cache.
+        ModelLoadError: a folder that is not in diffusers layout.
+    """
+    text = str(source)
+    if isinstance(source, str) and source in BUILTINS:
+        return _layout(BUILTINS[source].folder, "builtin")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(path, "is a file: expected a diffusers folder (a pipeline or a UNet folder)")
+        return _layout(path, "directory")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _layout(_cached_snapshot(text), "hub")
+    raise ModelNotFoundError(
+        f"model source {text!r} not found: expected a built-in name ({', '.join(sorted(BUILTINS))}), "
+        "an existing diffusers folder, or a hub id 'org/name' in the local Hugging Face cache"
+    )
+
+
+def _cached_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError) as error:
+        raise ModelNotFoundError(
+            f"hub model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            "nothing is downloaded at run time: fetch it on a connected machine with "
+            f"`huggingface-cli download {repo_id}` (same HF_HOME), or pass a local folder "
+            f"({type(error).__name__})"
+        ) from None
+
+
+def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFiles:
+    if (root / "unet").is_dir():
+        unet_dir = root / "unet"
+        candidates = [root / "scheduler" / "scheduler_config.json"]
+    elif (root / "config.json").is_file():
+        unet_dir = root
+        candidates = [root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"]
+    else:
+        if kind == "builtin" and not root.exists():
+            raise ModelLoadError(root, "the built-in model is missing from this checkout")
+        raise ModelLoadError(
+            root, "not a diffusers model folder: expected unet/ and scheduler/ (a pipeline) or config.json (a UNet)"
+        )
+    scheduler = next((c for c in candidates if c.is_file()), None)
+    if scheduler is None:
+        raise ModelLoadError(
+            candidates[0], "missing: the scheduler config defines the noise levels the UNet was trained on"
+        )
+    return ModelFiles(kind, root, unet_dir, scheduler)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a ModelLoadError naming it."""
+    if not path.is_file():
+        raise ModelLoadError(path, "missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(path, f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(path, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def weight_files(unet_dir: Path) -> list[Path]:
+    """The UNet's safetensors files (one, or the shards of an index), each checked to be readable.
+
+    Raises:
+        ModelLoadError: no safetensors weights (pickle-only weights are named and refused), a shard
+            index naming missing files, or a file that is not valid safetensors.
+    """
+    single, index = unet_dir / WEIGHTS_NAME, unet_dir / SHARDED_INDEX
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ModelLoadError(index, "has an empty weight_map")
+        files = [unet_dir / name for name in shards]
+        for file in files:
+            if not file.is_file():
+                raise ModelLoadError(file, f"missing (listed in {index.name})")
+    else:
+        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelLoadError(
+                unet_dir / pickled[0],
+                "pickle-format weights are refused (loading them can run arbitrary code); convert them to "
+                f"{WEIGHTS_NAME} on a trusted machine (diffusers: save_pretrained(..., safe_serialization=True))",
+            )
+        raise ModelLoadError(single, "missing: no UNet weights in this folder")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    handle.get_slice(key)  # checks each tensor's header and bounds; reads no data
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ModelLoadError(file, f"not a valid safetensors file ({error})") from None
+    return files
+
+
+def fingerprint(files: ModelFiles, weights: list[Path]) -> str:
+    """SHA-256 over the weight files' bytes and the UNet and scheduler configs (canonical JSON,
+    without diffusers' bookkeeping keys such as _diffusers_version). Predictors and benchmark
+    rows are keyed by it."""
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    for path in (files.unet_dir / "config.json", files.scheduler_config):
+        config = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
+        digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+class DiffusionModel:
+    """A loaded diffusion model: the UNet on its device and dtype, its trained schedule, and what
+    conditioning it takes. `conditioned(...)` gives the `Denoiser` the solvers run.
+
+    Attributes:
+        name: the name it was loaded under.
+        source: the source string it was loaded from.
+        fingerprint: SHA-256 hex of weights and configs.
+        unet, schedule: the network (eval mode, gradients off for its parameters) and its schedule.
+        device, dtype: where and in what precision the network runs.
+        num_class_embeds: size of the class-label table, None for models without labels.
+        null_class: the label of the unconditional pass, None when the model has none.
+        cross_attention_dim: width of the encoder embeddings, None when it takes none.
+        sample_shape: (C, H, W) of one sample.
+        sigma_min, sigma_max, sigma_levels: as the Denoiser contract.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        unet: UNet2DModel | UNet2DConditionModel,
+        schedule: VPDiscreteSchedule,
+        fingerprint: str,
+        null_class: int | None,
+    ) -> None:
+        traits = unet_traits(unet)
+        if null_class is not None and (
+            traits.num_class_embeds is None or not 0 <= null_class < traits.num_class_embeds
+        ):
+            allowed = (
+                "None (the model has no labels)"
+                if traits.num_class_embeds is None
+                else (f"a label in 0..{traits.num_class_embeds - 1}")
+            )
+            raise InvalidConditioningError("null_class", null_class, allowed)
+        self.name = name
+        self.source = source
+        self.unet = unet
+        self.schedule = schedule
+        self.fingerprint = fingerprint
+        self.device = unet.device
+        self.dtype = unet.dtype
+        self.num_class_embeds = traits.num_class_embeds
+        self.cross_attention_dim = traits.cross_attention_dim
+        self.null_class = null_class
+        size = unet.config["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (int(unet.config["in_channels"]), int(height), int(width))
+        self.sigma_min = schedule.sigma_min
+        self.sigma_max = schedule.sigma_max
+        self.sigma_levels = schedule.sigmas
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    def conditioned(
+        self,
+        labels: Tensor | None = None,
+        guidance: float | Tensor = 1.0,
+        *,
+        embeddings: Tensor | None = None,
+        null_embeddings: Tensor | None = None,
+    ) -> UNetDenoiser:
+        """The denoiser with this conditioning bound.
+
+        Args:
+            labels: class labels (B,), int64, in 0..num_class_embeds-1 (the null class included:
+                that sample is unconditional); None means unconditional sampling (the null class
+                for a class-conditional model), with guidance 1.
+            guidance: w, float or tensor (B,): D = D_u + w (D_c - D_u). 1 = conditional only,
+                0 = unconditional only (1 network evaluation per call), else 2 per call.
+            embeddings, null_embeddings: encoder hidden states (B, L, D) of the conditional and
+                unconditional passes, for a UNet2DConditionModel with cross-attention.
+        Raises:
+            InvalidConditioningError: naming the argument and what is allowed.
+        """
+        w = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu()
+        guided = bool((w != 1).any())
+        if labels is None and self.num_class_embeds is not None and embeddings is None:
+            if guided:
+                raise InvalidConditioningError("guidance", guidance, "1.0 when labels is None (unconditional)")
+            if self.null_class is None:
+                raise InvalidConditioningError(
+                    "labels", None, f"class labels in 0..{self.num_class_embeds - 1} (this model has no null class)"
+                )
+            # A 0-dim label applies to every sample of whatever batch comes.
+            return UNetDenoiser(self.unet, self.schedule, labels=torch.tensor(self.null_class))
+        null_labels = None
+        if labels is not None and guided:
+            if self.null_class is None:
+                raise InvalidConditioningError(
+                    "guidance", guidance, "1.0: this model has no null class (set null_class in the models config)"
+                )
+            null_labels = torch.full_like(labels, self.null_class)
+        if self.num_class_embeds is None and labels is None and guided and embeddings is None:
+            raise InvalidConditioningError("guidance", guidance, "1.0 for an unconditional model")
+        return UNetDenoiser(
+            self.unet,
+            self.schedule,
+            labels=labels,
+            null_labels=null_labels,
+            embeddings=embeddings,
+            null_embeddings=null_embeddings,
+            guidance=guidance,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionModel(name={self.name!r}, source={self.source!r}, device={self.device}, dtype={self.dtype}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )
+
+
+def load(
+    source: str | Path,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: DTypeName | str = "float32",
+    channels_last: bool = False,
+    null_class: int | None = None,
+) -> DiffusionModel:
+    """Load a diffusion model (see the module docstring for the sources).
+
+    Args:
+        source: a built-in name, a local folder or a cached hub id.
+        name: what to call it (default: the source).
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "float32", "float16" or "bfloat16": the network's precision (the solver state stays
+            in its own dtype; see UNetDenoiser).
+        channels_last: run the network in channels-last memory format (faster convolutions on
+            recent GPUs).
+        null_class: the label of the unconditional pass of a class-conditional model (built-ins
+            know theirs).
+    Raises:
+        ModelNotFoundError, ModelLoadError, UnsupportedSchedulerError, UnsupportedModelError,
+        InvalidDeviceError.
+    """
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    files = find_files(source)
+    if files.kind == "builtin" and null_class is None:
+        null_class = BUILTINS[str(source)].null_class
+    unet_config = read_json(files.unet_dir / "config.json")
+    class_name = unet_config.get("_class_name")
+    if class_name not in UNET_CLASSES:
+        raise UnsupportedModelError(
+            f"{files.unet_dir / 'config.json'}: _class_name", class_name, f"one of {', '.join(UNET_CLASSES)}"
+        )
+    scheduler_config = read_json(files.scheduler_config)
+    scheduler_class = scheduler_config.get("_class_name")
+    if scheduler_class is not None and scheduler_class not in VP_SCHEDULERS:
+        raise UnsupportedSchedulerError(
+            f"{files.scheduler_config}: _class_name",
+            scheduler_class,
+            "a discrete DDPM-family scheduler (" + ", ".join(sorted(VP_SCHEDULERS)) + ")",
+        )
+    schedule = VPDiscreteSchedule.from_config(scheduler_config)
+    weights = weight_files(files.unet_dir)
+    unet = _build_unet(UNET_CLASSES[class_name], files.unet_dir, torch_dtype)
+    unet_traits(unet)  # UnsupportedModelError before anything is moved to a device
+    unet.eval().requires_grad_(False)
+    unet = unet.to(torch_device)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return DiffusionModel(name or str(source), str(source), unet, schedule, fingerprint(files, weights), null_class)
+
+
+def _build_unet(
+    cls: type[UNet2DModel] | type[UNet2DConditionModel], unet_dir: Path, dtype: torch.dtype
+) -> UNet2DModel | UNet2DConditionModel:
+    try:
+        unet, info = cls.from_pretrained(
+            str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        message = " ".join(str(error).split())[:400]
+        raise ModelLoadError(
+            unet_dir, f"the weights do not fit config.json ({type(error).__name__}: {message})"
+        ) from None
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {list(v)[:3]}{' ...' if len(v) > 3 else ''}" for k, v in problems.items()
+        )
+        raise ModelLoadError(unet_dir / WEIGHTS_NAME, f"does not fit config.json ({detail})")
+    return unet
+
+
+__all__ = [
+    "BUILTINS",
+    "DTYPES",
+    "DiffusionModel",
+    "ModelFiles",
+    "find_files",
+    "fingerprint",
+    "load",
+    "resolve_device",
+    "resolve_dtype",
+    "weight_files",
+]
