@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test lint bench accuracy clean
+.PHONY: test lint bench bench-unet accuracy train-mnist train-classifier model-card clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,21 @@ test: lint
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/pytest bench/speed --benchmark-only --benchmark-json=bench/results/solver-overhead-raw.json -p no:cacheprovider
+	$(VENV)/bin/pytest bench/speed/test_solver_overhead.py --benchmark-only --benchmark-json=bench/results/solver-overhead-raw.json -p no:cacheprovider
 	$(PY) -m bench solver-overhead --raw bench/results/solver-overhead-raw.json
+
+bench-unet: $(VENV)/.installed
+	$(VENV)/bin/pytest bench/speed/test_unet_throughput.py --benchmark-only --benchmark-json=bench/results/unet-throughput-raw.json -p no:cacheprovider
+
+# The embedded models: retraining makes a new model (see models/builtin/README.md).
+train-mnist: $(VENV)/.installed
+	$(PY) -m models.mnist.train_diffusion $(TRAIN_ARGS)
+
+train-classifier: $(VENV)/.installed
+	$(PY) -m models.mnist.train_classifier $(TRAIN_ARGS)
+
+model-card: $(VENV)/.installed
+	$(PY) -m bench model-card
 
 accuracy: $(VENV)/.installed
 	$(PY) -m bench accuracy

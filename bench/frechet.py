@@ -11,6 +11,7 @@ gives on nearly singular covariances, and negative round-off eigenvalues are cli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return max(value, 0.0)
 
 
-def features_in_batches(function: torch.nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
+def features_in_batches(function: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 1000) -> Tensor:
     """function(images[i:i+batch]) concatenated, under inference mode."""
     with torch.inference_mode():
         return torch.cat([function(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])

@@ -20,6 +20,7 @@ from typing import Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ModelError
 from .loading import DiffusionModel, load
@@ -89,7 +90,7 @@ def read_models_config(path: Path) -> ModelsConfig:
     return ModelsConfig(models=entries)
 
 
-def _describe(error: dict) -> str:  # type: ignore[type-arg]
+def _describe(error: ErrorDetails) -> str:
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f"={value!r}"

@@ -142,7 +142,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def find_files(source: str | Path) -> ModelFiles:
+def find_files(source: str | Path, hub_cache: Path | None = None) -> ModelFiles:
     """Resolve a source to its files without reading the weights.
 
     Raises:
@@ -158,22 +158,22 @@ def find_files(source: str | Path) -> ModelFiles:
             raise ModelLoadError(path, "is a file: expected a diffusers folder (a pipeline or a UNet folder)")
         return _layout(path, "directory")
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return _layout(_cached_snapshot(text), "hub")
+        return _layout(_cached_snapshot(text, hub_cache), "hub")
     raise ModelNotFoundError(
         f"model source {text!r} not found: expected a built-in name ({', '.join(sorted(BUILTINS))}), "
         "an existing diffusers folder, or a hub id 'org/name' in the local Hugging Face cache"
     )
 
 
-def _cached_snapshot(repo_id: str) -> Path:
+def _cached_snapshot(repo_id: str, hub_cache: Path | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache))
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError) as error:
         raise ModelNotFoundError(
-            f"hub model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"hub model {repo_id!r} is not in the local Hugging Face cache ({hub_cache or constants.HF_HUB_CACHE}); "
             "nothing is downloaded at run time: fetch it on a connected machine with "
             f"`huggingface-cli download {repo_id}` (same HF_HOME), or pass a local folder "
             f"({type(error).__name__})"
@@ -314,7 +314,12 @@ class DiffusionModel:
         self.cross_attention_dim = traits.cross_attention_dim
         self.null_class = null_class
         size = unet.config["sample_size"]
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if isinstance(size, int):
+            height, width = size, size
+        elif isinstance(size, (list, tuple)) and len(size) == 2:
+            height, width = size
+        else:
+            raise UnsupportedModelError("unet.sample_size", size, "an integer or [height, width]")
         self.sample_shape = (int(unet.config["in_channels"]), int(height), int(width))
         self.sigma_min = schedule.sigma_min
         self.sigma_max = schedule.sigma_max
@@ -390,6 +395,7 @@ def load(
     dtype: DTypeName | str = "float32",
     channels_last: bool = False,
     null_class: int | None = None,
+    hub_cache: Path | None = None,
 ) -> DiffusionModel:
     """Load a diffusion model (see the module docstring for the sources).
 
@@ -403,12 +409,14 @@ def load(
             recent GPUs).
         null_class: the label of the unconditional pass of a class-conditional model (built-ins
             know theirs).
+        hub_cache: the Hugging Face hub cache folder (default: huggingface_hub's, from HF_HOME /
+            HF_HUB_CACHE).
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedSchedulerError, UnsupportedModelError,
         InvalidDeviceError.
     """
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    files = find_files(source)
+    files = find_files(source, hub_cache)
     if files.kind == "builtin" and null_class is None:
         null_class = BUILTINS[str(source)].null_class
     unet_config = read_json(files.unet_dir / "config.json")
@@ -430,9 +438,9 @@ def load(
     unet = _build_unet(UNET_CLASSES[class_name], files.unet_dir, torch_dtype)
     unet_traits(unet)  # UnsupportedModelError before anything is moved to a device
     unet.eval().requires_grad_(False)
-    unet = unet.to(torch_device)
+    torch.nn.Module.to(unet, torch_device)  # in place; diffusers' typed `to` wrapper confuses checkers
     if channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
+        torch.nn.Module.to(unet, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch accepts it
     return DiffusionModel(name or str(source), str(source), unet, schedule, fingerprint(files, weights), null_class)
 
 
@@ -440,9 +448,10 @@ def _build_unet(
     cls: type[UNet2DModel] | type[UNet2DConditionModel], unet_dir: Path, dtype: torch.dtype
 ) -> UNet2DModel | UNet2DConditionModel:
     try:
-        unet, info = cls.from_pretrained(
+        loaded: Any = cls.from_pretrained(
             str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype, output_loading_info=True
         )
+        unet, info = loaded
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         message = " ".join(str(error).split())[:400]
         raise ModelLoadError(

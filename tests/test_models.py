@@ -317,6 +317,23 @@ def test_hub_id_absent_from_the_cache_says_how_to_download() -> None:
         models.load("sampler-tests/definitely-not-cached-model")
 
 
+def test_hub_id_resolves_from_the_local_cache(tmp_path: Path) -> None:
+    # The hub cache layout: models--org--name/refs/main names a snapshot folder holding the files.
+    repo = tmp_path / "hub" / "models--sampler-tests--tiny-ddpm"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    save_pipeline(repo / "snapshots" / revision, tiny_unet())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    model = models.load("sampler-tests/tiny-ddpm", device="cpu", hub_cache=tmp_path / "hub")
+    direct = models.load(repo / "snapshots" / revision, device="cpu")
+    assert model.fingerprint == direct.fingerprint
+    assert model.name == "sampler-tests/tiny-ddpm"
+    with pytest.raises(
+        models.ModelNotFoundError, match=r"'sampler-tests/other' is not in the local Hugging Face cache"
+    ):
+        models.load("sampler-tests/other", hub_cache=tmp_path / "hub")
+
+
 def test_missing_weights(tmp_path: Path) -> None:
     folder = save_pipeline(tmp_path, tiny_unet())
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()

@@ -143,7 +143,7 @@ def load_state(
 
 def export(out: Path, ema: UNet2DModel, info: dict[str, Any]) -> None:
     """The EMA weights in diffusers pipeline layout, training.json and the model card."""
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
     ema.save_pretrained(out / "unet", safe_serialization=True)
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
