@@ -156,6 +156,7 @@ def test_model_card_command_small_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert float(rows["guided", "frechet_distance"]["value"]) > 0
     assert float(rows["real test images", "classifier_accuracy"]["value"]) >= 0.99
     assert rows["guided", "class_accuracy"]["n"] == "20"
+    assert rows["guided", "class_accuracy"]["guidance"] == "1.0"  # the last of --guidance 2 1 wins the key
     meta = json.loads((tmp_path / "model-card-mnist.json").read_text())["meta"]
     assert meta["fingerprint"] == models.load("mnist", device="cpu").fingerprint
     assert "class_accuracy" in capsys.readouterr().out
