@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test lint bench bench-unet accuracy train-mnist train-classifier model-card clean
+.PHONY: test lint bench bench-unet protos accuracy train-mnist train-classifier model-card clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ train-classifier: $(VENV)/.installed
 
 model-card: $(VENV)/.installed
 	$(PY) -m bench model-card
+
+protos: $(VENV)/.installed
+	$(PY) -m sampler_service.protogen
 
 accuracy: $(VENV)/.installed
 	$(PY) -m bench accuracy
