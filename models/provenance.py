@@ -52,7 +52,7 @@ def collect(options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "cwd": os.getcwd(),
         "options": _jsonable(dict(options)) if options is not None else None,
         "git": git_state(REPO_ROOT),
-        "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device_info(),
         "versions": versions(),
     }
