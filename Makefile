@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test lint bench bench-unet protos accuracy train-mnist train-classifier model-card clean
+.PHONY: serve test lint bench bench-unet protos accuracy train-mnist train-classifier model-card clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# Serves the embedded mnist model on 127.0.0.1:50051 (settings: SAMPLER_* variables or SERVE_ARGS flags).
+serve: $(VENV)/.installed
+	$(PY) -m sampler_service serve $(SERVE_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

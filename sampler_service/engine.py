@@ -1,0 +1,329 @@
+"""Request-level dynamic batching and the sampling loop: admitted jobs wait in a per-model queue;
+a dispatcher merges jobs with equal merge keys into batches of at most `max_batch_size` network
+rows, waiting at most `max_queue_delay_ms` for company, and runs each batch on the model's worker
+thread (one per model, so the event loop never runs solver or network work).
+
+Each admitted job has a `Ticket`: the worker thread posts progress, results and errors to it
+through the event loop (`call_soon_threadsafe`), where they only update state and set an event.
+Progress is coalesced to the latest step, so a slow stream reader never blocks a batch; results
+are kept until read (bounded by the request's sample count).
+
+Cancellation: a ticket cancelled before its batch starts is dropped from the queue; a batch whose
+tickets are all cancelled stops at its next step; rows of a cancelled ticket inside a running
+batch finish with it and are discarded. The admission slot is released at once either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+import solvers
+from solvers import StepInfo
+
+from .errors import QueueFull, SampleFailed, ServiceError
+from .gen.sampler.v1 import sampler_pb2 as pb
+from .imaging import encode, preview
+from .jobs import Job, ServedModel, conditioning
+from .settings import Settings
+
+log = logging.getLogger("sampler_service.engine")
+
+
+@dataclass(eq=False)
+class Ticket:
+    """An admitted job's state, shared by its RPC coroutine and the batch that runs it."""
+
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.perf_counter)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: pb.Progress | None = None
+    progress_serial: int = 0
+    results: list[pb.SampleResult] = field(default_factory=list)
+    delivered: int = 0
+    error: ServiceError | None = None
+    cancelled: bool = False
+    scheduled: int = 0  # samples handed to batches so far
+    released: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.delivered + len(self.results) >= self.job.num_samples
+
+    # -- called on the event loop (through post) --------------------------------------------
+    def _set_progress(self, progress: pb.Progress) -> None:
+        self.progress = progress
+        self.progress_serial += 1
+        self.changed.set()
+
+    def _add_results(self, results: list[pb.SampleResult]) -> None:
+        self.results.extend(results)
+        self.changed.set()
+
+    def _fail(self, error: ServiceError) -> None:
+        if self.error is None:
+            self.error = error
+        self.changed.set()
+
+    # -- called from the worker thread ------------------------------------------------------
+    def post(self, action: Callable[..., None], *args: object) -> None:
+        self.loop.call_soon_threadsafe(action, *args)
+
+    async def events(self) -> AsyncIterator[pb.Progress | pb.SampleResult]:
+        """Progress (coalesced) and results in index order until the job is done.
+
+        Raises:
+            ServiceError: the job failed.
+        """
+        sent_serial = 0
+        pending: dict[int, pb.SampleResult] = {}
+        next_index = 0
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            if self.error is not None:
+                raise self.error
+            if self.progress is not None and self.progress_serial != sent_serial:
+                sent_serial = self.progress_serial
+                yield self.progress
+            for result in self.results:
+                pending[result.index] = result
+            self.delivered += len(self.results)
+            self.results = []
+            while next_index in pending:
+                yield pending.pop(next_index)
+                next_index += 1
+            if next_index >= self.job.num_samples:
+                return
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """Samples start..stop of a ticket's job, as rows of one batch."""
+
+    ticket: Ticket
+    start: int
+    stop: int
+
+
+class Engine:
+    """Admission, batching and execution for all served models."""
+
+    def __init__(self, settings: Settings, served: dict[str, ServedModel]) -> None:
+        self.settings = settings
+        self.served = served
+        self.admitted = 0
+        self.queues: dict[str, deque[Ticket]] = {name: deque() for name in served}
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}") for name in served}
+        self.dispatchers: list[asyncio.Task[None]] = []
+        self.batches_run = 0
+        self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
+
+    def start(self) -> None:
+        for name in self.served:
+            self.wakeups[name] = asyncio.Event()
+            self.dispatchers.append(asyncio.create_task(self._dispatch(name), name=f"dispatch-{name}"))
+
+    async def stop(self) -> None:
+        for task in self.dispatchers:
+            task.cancel()
+        for task in self.dispatchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for executor in self.executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, job: Job) -> Ticket:
+        """Admit a job.
+
+        Raises:
+            QueueFull: max_queued_requests jobs are already admitted.
+        """
+        limits = self.settings.limits
+        if self.admitted >= limits.max_queued_requests:
+            raise QueueFull(self.admitted, limits.retry_after_seconds)
+        ticket = Ticket(job, asyncio.get_running_loop())
+        self.admitted += 1
+        self.queues[job.served.name].append(ticket)
+        self.wakeups[job.served.name].set()
+        return ticket
+
+    def release(self, ticket: Ticket, *, cancelled: bool = False) -> None:
+        """Free the ticket's admission slot (once); a cancelled ticket's pending rows are dropped."""
+        if cancelled:
+            ticket.cancelled = True
+        if not ticket.released:
+            ticket.released = True
+            self.admitted -= 1
+
+    async def _dispatch(self, name: str) -> None:
+        queue, wakeup = self.queues[name], self.wakeups[name]
+        batching = self.settings.batching
+        delay = batching.max_queue_delay_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        while True:
+            while not queue:
+                wakeup.clear()
+                await wakeup.wait()
+            self._drop_cancelled(queue)
+            if not queue:
+                continue
+            first = queue[0]
+            # Wait for company until the first job's delay is spent or the batch is full.
+            while self._rows_ready(queue, first) < batching.max_batch_size:
+                remaining = first.arrived + delay - time.perf_counter()
+                if remaining <= 0:
+                    break
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            items = self._take_batch(queue, first)
+            if not items:
+                continue
+            try:
+                await loop.run_in_executor(self.executors[name], self._run_batch, items)
+            except Exception as error:  # a bug in the batch runner must not kill the dispatcher
+                log.exception("batch failed")
+                for item in items:
+                    item.ticket.post(item.ticket._fail, SampleFailed(f"internal error: {error}", "BATCH_FAILED"))
+
+    @staticmethod
+    def _drop_cancelled(queue: deque[Ticket]) -> None:
+        for ticket in [t for t in queue if t.cancelled]:
+            queue.remove(ticket)
+
+    @staticmethod
+    def _rows_ready(queue: deque[Ticket], first: Ticket) -> int:
+        return sum(
+            (t.job.num_samples - t.scheduled) * t.job.evals_per_call
+            for t in queue
+            if t.job.key == first.job.key and not t.cancelled
+        )
+
+    def _take_batch(self, queue: deque[Ticket], first: Ticket) -> list[BatchItem]:
+        capacity = self.settings.batching.max_batch_size
+        items: list[BatchItem] = []
+        for ticket in list(queue):
+            if ticket.cancelled:
+                queue.remove(ticket)
+                continue
+            if ticket.job.key != first.job.key:
+                continue
+            per_sample = ticket.job.evals_per_call
+            room = capacity // per_sample
+            if room == 0:
+                break
+            take = min(room, ticket.job.num_samples - ticket.scheduled)
+            items.append(BatchItem(ticket, ticket.scheduled, ticket.scheduled + take))
+            ticket.scheduled += take
+            capacity -= take * per_sample
+            if ticket.scheduled >= ticket.job.num_samples:
+                queue.remove(ticket)
+            if capacity < 1:
+                break
+        if not items and queue:  # a single sample wider than the batch (guided, max_batch_size 1)
+            ticket = queue[0]
+            items.append(BatchItem(ticket, ticket.scheduled, ticket.scheduled + 1))
+            ticket.scheduled += 1
+            if ticket.scheduled >= ticket.job.num_samples:
+                queue.popleft()
+        return items
+
+    # -- the worker thread ------------------------------------------------------------------
+    def _run_batch(self, items: list[BatchItem]) -> None:
+        job = items[0].ticket.job
+        model = job.served.model
+        began = time.perf_counter()
+        rows = sum((i.stop - i.start) * i.ticket.job.evals_per_call for i in items)
+        self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(rows, self.settings.batching.max_batch_size)
+        seeds = [seed for item in items for seed in item.ticket.job.seeds[item.start : item.stop]]
+        labels, guidance = conditioning([(i.ticket.job, i.start, i.stop) for i in items], model.device)
+        denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
+        noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+
+        def callback(info: StepInfo) -> bool:
+            if all(item.ticket.cancelled for item in items):
+                return True
+            offset = 0
+            for item in items:
+                count = item.stop - item.start
+                ticket = item.ticket
+                if not ticket.cancelled:
+                    progress = pb.Progress(step=info.step, total=info.total, sigma=info.sigma)
+                    every = ticket.job.preview_every
+                    if every and info.step % every == 0:
+                        progress.previews.extend(preview(info.denoised[offset : offset + count]))
+                    ticket.post(ticket._set_progress, progress)
+                offset += count
+            return False
+
+        try:
+            with torch.inference_mode():
+                result = solvers.sample(
+                    denoiser,
+                    noise,
+                    solver=job.spec.name,
+                    steps=job.steps,
+                    schedule=job.schedule,
+                    schedule_params=job.schedule_params,
+                    solver_params=job.solver_params,
+                    afs=job.afs,
+                    callback=callback,
+                )
+        except solvers.SamplingCancelled:
+            return
+        sampling_seconds = time.perf_counter() - began
+        images = result.images.float().cpu()
+        offset = 0
+        for item in items:
+            ticket, count = item.ticket, item.stop - item.start
+            block = images[offset : offset + count]
+            offset += count
+            if ticket.cancelled:
+                continue
+            if not bool(torch.isfinite(block).all()):
+                ticket.post(ticket._fail, SampleFailed("the model produced non-finite values", "NON_FINITE_OUTPUT"))
+                continue
+            per_sample_evals = result.nfe * ticket.job.evals_per_call
+            results = []
+            for k in range(count):
+                index = item.start + k
+                timing = pb.Timing(
+                    queue_seconds=began - ticket.arrived,
+                    sampling_seconds=sampling_seconds,
+                    total_seconds=time.perf_counter() - ticket.arrived,
+                    batch_rows=rows,
+                )
+                labels_of = ticket.job.labels
+                results.append(
+                    pb.SampleResult(
+                        index=index,
+                        seed=ticket.job.seeds[index],
+                        label=labels_of[index] if labels_of is not None else -1,
+                        guidance=ticket.job.guidance[index],
+                        nfe=result.nfe,
+                        network_evals=per_sample_evals,
+                        sigmas=result.sigmas.tolist(),
+                        timing=timing,
+                        image=encode(block[k], ticket.job.output_format),
+                        request_id=ticket.job.request_id,
+                    )
+                )
+            ticket.post(ticket._add_results, results)
+
+
+__all__ = ["BatchItem", "Engine", "Ticket"]

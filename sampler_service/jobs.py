@@ -1,0 +1,448 @@
+"""From a GenerateRequest to a validated `Job` and its `Plan`: the service's boundary.
+
+Everything a request says is checked here, once, and every problem is reported together as
+field violations (INVALID_ARGUMENT) or as the one NOT_FOUND / FAILED_PRECONDITION that makes the
+rest meaningless. After this, the batcher and the engine trust the job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from google.protobuf import json_format, struct_pb2
+from torch import Tensor
+
+import models
+import solvers
+from solvers import MAX_SEED, Params, SolverSpec
+
+from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
+from .gen.sampler.v1 import sampler_pb2 as pb
+from .settings import Limits
+
+DEFAULT_SCHEDULE = "polynomial"
+MAX_REQUEST_ID = 128
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+REACHABLE_SHOWN = 64
+OUTPUT_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: pb.OUTPUT_FORMAT_PNG,
+    pb.OUTPUT_FORMAT_PNG: pb.OUTPUT_FORMAT_PNG,
+    pb.OUTPUT_FORMAT_RAW_FLOAT32: pb.OUTPUT_FORMAT_RAW_FLOAT32,
+}
+
+
+@dataclass
+class ServedModel:
+    """A loaded model as the service knows it."""
+
+    name: str
+    model: models.DiffusionModel
+    description: str
+    ready: bool = False
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.num_class_embeds or 0
+
+    def label_names(self) -> list[str]:
+        names = [str(k) for k in range(self.num_labels)]
+        if self.model.null_class is not None:
+            names[self.model.null_class] = "null"
+        return names
+
+
+@dataclass(frozen=True)
+class MergeKey:
+    """Requests with equal keys can share one sampling loop (labels and guidance stay per sample)."""
+
+    fingerprint: str
+    model: str
+    solver: str
+    solver_params: str  # canonical JSON
+    schedule: str
+    schedule_params: str  # canonical JSON
+    steps: int
+    afs: bool
+    conditional_pass: bool  # some sample has w != 0
+    unconditional_pass: bool  # some sample has w != 1
+    predictor: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request will do and cost."""
+
+    model: str
+    solver: str
+    schedule: str
+    steps: int
+    nfe: int
+    network_evals: int
+    sigmas: tuple[float, ...]
+    reachable_nfe: tuple[int, ...]
+    needs_predictor: bool
+    predictor_available: bool
+    predictor_key: str
+    train_command: str
+    seeds: tuple[int, ...]
+
+    def to_proto(self) -> pb.PlanResponse:
+        return pb.PlanResponse(
+            model=self.model,
+            solver=self.solver,
+            schedule=self.schedule,
+            steps=self.steps,
+            nfe=self.nfe,
+            network_evals=self.network_evals,
+            sigmas=list(self.sigmas),
+            reachable_nfe=list(self.reachable_nfe),
+            predictor=pb.PredictorStatus(
+                required=self.needs_predictor,
+                available=self.predictor_available,
+                key=self.predictor_key,
+                train_command=self.train_command,
+            ),
+            num_samples=len(self.seeds),
+            seeds=list(self.seeds),
+        )
+
+
+@dataclass(eq=False)
+class Job:
+    """A validated generation request."""
+
+    request_id: str
+    served: ServedModel
+    spec: SolverSpec[Any]
+    solver_params: Params
+    schedule: str
+    schedule_params: Params
+    steps: int
+    afs: bool
+    seeds: tuple[int, ...]
+    labels: tuple[int, ...] | None  # per sample; None for a model without labels
+    guidance: tuple[float, ...]
+    output_format: int
+    preview_every: int
+    plan: Plan
+    key: MergeKey
+    sigmas: Tensor = field(repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def evals_per_call(self) -> int:
+        return int(self.key.conditional_pass) + int(self.key.unconditional_pass)
+
+    @property
+    def rows(self) -> int:
+        """Network rows the request occupies in a batch."""
+        return self.num_samples * self.evals_per_call
+
+
+def _plain(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as Python values; integral numbers become ints (JSON has one number type)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return {k: convert(v) for k, v in json_format.MessageToDict(struct).items()}
+
+
+def _canonical(params: Params) -> str:
+    return json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def build_job(
+    request: pb.GenerateRequest, served_models: dict[str, ServedModel], limits: Limits, request_id: str
+) -> Job:
+    """Validate `request` against the served models, the registries and the limits.
+
+    Raises:
+        NotFound: unknown model, solver or schedule.
+        InvalidRequest: every invalid field (field path, value, what is allowed).
+        PredictorMissing: the solver needs a trained predictor that does not exist.
+    """
+    if not request.model:
+        raise InvalidRequest([Violation("model", f"required: one of {', '.join(served_models)}")])
+    if request.model not in served_models:
+        raise NotFound("model", request.model, list(served_models))
+    served = served_models[request.model]
+    model = served.model
+    if not request.solver:
+        raise InvalidRequest([Violation("solver", f"required: one of {', '.join(solvers.SOLVERS.names())}")])
+    try:
+        spec = solvers.SOLVERS.get(request.solver)
+        schedule = request.schedule or DEFAULT_SCHEDULE
+        solvers.SCHEDULES.get(schedule)
+    except solvers.SolverError as error:
+        raise from_domain(error) from None
+
+    violations: list[Violation] = []
+
+    def attempt(action: Any) -> Any:
+        try:
+            return action()
+        except (solvers.SolverError, models.ModelError) as error:
+            mapped = from_domain(error)
+            if isinstance(mapped, InvalidRequest):
+                violations.extend(mapped.violations)
+                return None
+            raise mapped from None
+
+    solver_params = attempt(lambda: spec.parse_params(_plain(request.solver_params)))
+    schedule_params = attempt(lambda: solvers.SCHEDULES.get(schedule).parse_params(_plain(request.schedule_params)))
+    afs = bool(request.afs)
+
+    steps: int | None = None
+    budget = request.WhichOneof("budget")
+    if budget is None:
+        violations.append(Violation("steps", f"set steps (1..{limits.max_steps}) or nfe"))
+    elif budget == "steps":
+        if not 1 <= request.steps <= limits.max_steps:
+            violations.append(Violation("steps", f"{request.steps} is out of range: expected 1..{limits.max_steps}"))
+        else:
+            steps = request.steps
+    elif solver_params is not None:
+        steps = attempt(lambda: spec.require_steps_for_nfe(request.nfe, afs, solver_params))
+        if steps is not None and steps > limits.max_steps:
+            violations.append(
+                Violation("nfe", f"{request.nfe} needs {steps} steps; this server allows {limits.max_steps}")
+            )
+            steps = None
+    if steps is not None and solver_params is not None:
+        min_steps = spec.min_steps_of(solver_params)
+        if steps < min_steps:
+            violations.append(
+                Violation("steps", f"{steps} is too few: solver {spec.name!r} needs at least {min_steps}")
+            )
+            steps = None
+        elif spec.nfe(steps, afs) < 1:
+            violations.append(Violation("afs", f"true with {steps} step(s) would make no network call"))
+            steps = None
+    sigmas: Tensor | None = None
+    if steps is not None and schedule_params is not None:
+        sigmas = attempt(
+            lambda: solvers.build_sigmas(
+                schedule,
+                steps,
+                sigma_min=model.sigma_min,
+                sigma_max=model.sigma_max,
+                sigma_levels=model.sigma_levels,
+                params=schedule_params,
+            )
+        )
+
+    seeds = _seeds(request, limits, violations)
+    count = len(seeds) if seeds else 0
+    labels = _labels(request, served, count, violations)
+    guidance = _guidance(request, served, count, labels, limits, violations)
+    output_format = OUTPUT_FORMATS.get(request.output_format)
+    if output_format is None:
+        violations.append(Violation("output_format", f"{request.output_format} is not one of PNG (1), RAW_FLOAT32 (2)"))
+    if steps is not None and request.preview_every > steps:
+        violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
+    if violations:
+        raise InvalidRequest(violations)
+    assert steps is not None
+    assert sigmas is not None
+    assert solver_params is not None
+    assert schedule_params is not None
+    assert output_format is not None
+    assert guidance is not None
+
+    conditional = any(w != 0 for w in guidance) if labels is not None else True
+    unconditional = any(w != 1 for w in guidance) if labels is not None else False
+    nfe = spec.nfe(steps, afs)
+    predictor_key = f"{model.fingerprint[:12]}/{spec.name}/nfe{nfe}/{schedule}" if spec.needs_predictor else ""
+    train_command = f"python -m bench amed-train --model {served.name} --nfe {nfe}" if spec.needs_predictor else ""
+    plan = Plan(
+        model=served.name,
+        solver=spec.name,
+        schedule=schedule,
+        steps=steps,
+        nfe=nfe,
+        network_evals=nfe * (int(conditional) + int(unconditional)),
+        sigmas=tuple(sigmas.tolist()),
+        reachable_nfe=tuple(
+            spec.reachable_nfe(afs, solver_params, limit=spec.nfe(limits.max_steps, afs))[:REACHABLE_SHOWN]
+        ),
+        needs_predictor=spec.needs_predictor,
+        predictor_available=False,
+        predictor_key=predictor_key,
+        train_command=train_command,
+        seeds=tuple(seeds),
+    )
+    key = MergeKey(
+        fingerprint=model.fingerprint,
+        model=served.name,
+        solver=spec.name,
+        solver_params=_canonical(solver_params),
+        schedule=schedule,
+        schedule_params=_canonical(schedule_params),
+        steps=steps,
+        afs=afs,
+        conditional_pass=conditional,
+        unconditional_pass=unconditional,
+        predictor=predictor_key or None,
+    )
+    return Job(
+        request_id=request_id,
+        served=served,
+        spec=spec,
+        solver_params=solver_params,
+        schedule=schedule,
+        schedule_params=schedule_params,
+        steps=steps,
+        afs=afs,
+        seeds=tuple(seeds),
+        labels=labels,
+        guidance=guidance,
+        output_format=output_format,
+        preview_every=request.preview_every,
+        plan=plan,
+        key=key,
+        sigmas=sigmas,
+    )
+
+
+def require_predictor(job: Job) -> None:
+    """FAILED_PRECONDITION for a job whose solver needs a predictor this server lacks (Generate only;
+    Plan reports it in PredictorStatus)."""
+    if job.plan.needs_predictor and not job.plan.predictor_available:
+        raise PredictorMissing(job.plan.predictor_key, [], job.plan.train_command)
+
+
+def _seeds(request: pb.GenerateRequest, limits: Limits, violations: list[Violation]) -> list[int]:
+    count = request.num_samples or len(request.seeds) or len(request.labels) or 1
+    if not 1 <= count <= limits.max_samples_per_request:
+        violations.append(
+            Violation("num_samples", f"{count} is out of range: expected 1..{limits.max_samples_per_request}")
+        )
+        return []
+    if request.seeds and request.HasField("base_seed"):
+        violations.append(Violation("base_seed", "give seeds or base_seed, not both"))
+        return []
+    if request.seeds:
+        if len(request.seeds) != count:
+            violations.append(
+                Violation("seeds", f"{len(request.seeds)} seeds for {count} samples: give one per sample")
+            )
+            return []
+        bad = [(i, s) for i, s in enumerate(request.seeds) if s > MAX_SEED]
+        for i, s in bad[:3]:
+            violations.append(Violation(f"seeds[{i}]", f"{s} is out of range: expected 0..{MAX_SEED}"))
+        return [] if bad else list(request.seeds)
+    base = request.base_seed if request.HasField("base_seed") else secrets.randbelow(MAX_SEED - 4096)
+    if base + count - 1 > MAX_SEED:
+        violations.append(Violation("base_seed", f"{base} + {count} samples exceeds the largest seed {MAX_SEED}"))
+        return []
+    return [base + i for i in range(count)]
+
+
+def _labels(
+    request: pb.GenerateRequest, served: ServedModel, count: int, violations: list[Violation]
+) -> tuple[int, ...] | None:
+    model = served.model
+    given = list(request.labels)
+    if model.num_class_embeds is None:
+        if given:
+            violations.append(Violation("labels", f"model {served.name!r} takes no labels: leave labels empty"))
+        return None
+    top = model.num_class_embeds - 1
+    bad = [(i, v) for i, v in enumerate(given) if not 0 <= v <= top]
+    for i, v in bad[:3]:
+        violations.append(Violation(f"labels[{i}]", f"{v} is out of range: expected 0..{top}"))
+    if bad or count == 0:
+        return None
+    if not given:
+        if model.null_class is None:
+            violations.append(Violation("labels", f"required for model {served.name!r}: labels in 0..{top}"))
+            return None
+        return (model.null_class,) * count
+    if len(given) == 1:
+        return (given[0],) * count
+    if len(given) != count:
+        violations.append(Violation("labels", f"{len(given)} labels for {count} samples: give one, or one per sample"))
+        return None
+    return tuple(given)
+
+
+def _guidance(
+    request: pb.GenerateRequest,
+    served: ServedModel,
+    count: int,
+    labels: tuple[int, ...] | None,
+    limits: Limits,
+    violations: list[Violation],
+) -> tuple[float, ...] | None:
+    given = [float(w) for w in request.guidance]
+    for i, w in enumerate(given):
+        if not math.isfinite(w) or not limits.min_guidance <= w <= limits.max_guidance:
+            violations.append(
+                Violation(
+                    f"guidance[{i}]", f"{w} is out of range: expected {limits.min_guidance}..{limits.max_guidance}"
+                )
+            )
+            return None
+    if count == 0:
+        return None
+    if len(given) not in (0, 1, count):
+        violations.append(
+            Violation("guidance", f"{len(given)} values for {count} samples: give one, or one per sample")
+        )
+        return None
+    values = tuple(given) if len(given) == count else (given[0] if given else 1.0,) * count
+    if any(w != 1.0 for w in values):
+        model = served.model
+        if model.num_class_embeds is None or model.null_class is None:
+            violations.append(Violation("guidance", f"model {served.name!r} has no null class: guidance must be 1"))
+            return None
+        if not request.labels:
+            violations.append(Violation("guidance", "needs labels: without labels the samples are unconditional"))
+            return None
+    return values
+
+
+def conditioning(jobs_rows: list[tuple[Job, int, int]], device: torch.device) -> tuple[Tensor | None, Tensor]:
+    """Labels (or None) and guidance of a batch's rows, in order."""
+    labels: list[int] = []
+    guidance: list[float] = []
+    for job, start, stop in jobs_rows:
+        if job.labels is not None:
+            labels.extend(job.labels[start:stop])
+        guidance.extend(job.guidance[start:stop])
+    label_tensor = torch.tensor(labels, dtype=torch.int64, device=device) if labels else None
+    return label_tensor, torch.tensor(guidance, dtype=torch.float64)
+
+
+def check_request_id(value: str) -> str | None:
+    """The id if acceptable (1..128 printable ASCII characters), else None."""
+    return value if _REQUEST_ID.match(value) else None
+
+
+__all__ = [
+    "Job",
+    "MergeKey",
+    "Plan",
+    "ServedModel",
+    "ServiceError",
+    "build_job",
+    "check_request_id",
+    "conditioning",
+    "require_predictor",
+]

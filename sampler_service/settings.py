@@ -1,0 +1,112 @@
+"""The server's settings: one pydantic-settings object, read from (highest first) command-line
+flags, environment variables `SAMPLER_*` (nested with `__`, e.g. `SAMPLER_LIMITS__MAX_STEPS=200`)
+and an optional TOML file (`--config`). No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from solvers import MAX_STEPS
+
+
+class Limits(BaseModel):
+    """What one request may ask for, and how much the server takes on at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples_per_request: int = Field(64, ge=1, le=4096)
+    max_steps: int = Field(MAX_STEPS, ge=1, le=MAX_STEPS)
+    min_guidance: float = Field(0.0, ge=-100.0, le=100.0)
+    max_guidance: float = Field(20.0, ge=-100.0, le=100.0)
+    max_queued_requests: int = Field(64, ge=1, le=100_000, description="admitted (queued or running) requests")
+    max_concurrent_streams: int = Field(128, ge=1, le=100_000)
+    event_queue_size: int = Field(16, ge=2, le=10_000, description="buffered events per request")
+    retry_after_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="RetryInfo delay when the queue is full")
+
+    @model_validator(mode="after")
+    def _guidance_range(self) -> Limits:
+        if self.min_guidance > self.max_guidance:
+            raise ValueError(f"min_guidance={self.min_guidance} is above max_guidance={self.max_guidance}")
+        return self
+
+
+class Batching(BaseModel):
+    """Request-level dynamic batching."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
+    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
+
+
+class Settings(BaseSettings):
+    """Everything `create_server` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="SAMPLER_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 or [::] to listen on all interfaces")
+    port: int = Field(50051, ge=0, le=65_535, description="0 = pick a free port")
+    models_config: Path | None = Field(None, description="TOML models config; default: the built-in mnist model")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="for the default model")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="for the default model")
+    batching: Batching = Batching()
+    limits: Limits = Limits()
+    auth_token: SecretStr | None = Field(None, description="bearer token clients must send; unset = no auth")
+    auth_token_file: Path | None = Field(None, description="read the bearer token from this file")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = Field(None, ge=0, le=65_535, description="Prometheus HTTP port; unset = off, 0 = free")
+    reflection: bool = True
+    grace_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="drain period on SIGTERM/SIGINT")
+    warmup: bool = Field(True, description="run the largest batch shape once before reporting SERVING")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("give auth_token or auth_token_file, not both")
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token, from auth_token or auth_token_file (stripped), or None."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from flags (`overrides`), then SAMPLER_* variables, then the TOML file.
+
+    Raises:
+        pydantic.ValidationError: naming each invalid setting.
+    """
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"settings file {config_file} does not exist")
+    loaded = FileSettings(**overrides)
+    return Settings.model_construct(**{name: getattr(loaded, name) for name in Settings.model_fields})
+
+
+__all__ = ["Batching", "Limits", "Settings", "load_settings"]
