@@ -38,7 +38,7 @@ class ModelEntry(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the name clients ask for")
     source: str = Field(min_length=1, description="built-in name, local folder or cached hub id")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     channels_last: bool = False
     null_class: int | None = Field(default=None, ge=0)
 

@@ -41,8 +41,14 @@ from .errors import (
     UnsupportedSchedulerError,
 )
 
-DTypeName = Literal["float32", "float16", "bfloat16"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+# float64 is for reference runs (batch-invariance and cross-checks), not for serving.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 BUILTIN_ROOT = Path(__file__).resolve().parent / "builtin"
 

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65_535, description="0 = pick a free port")
     models_config: Path | None = Field(None, description="TOML models config; default: the built-in mnist model")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="for the default model")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="for the default model")
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field("float32", description="for the default model")
     batching: Batching = Batching()
     limits: Limits = Limits()
     auth_token: SecretStr | None = Field(None, description="bearer token clients must send; unset = no auth")

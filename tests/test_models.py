@@ -416,8 +416,8 @@ def test_device_and_dtype_choices() -> None:
         with pytest.raises(models.InvalidDeviceError, match=r"device='cuda:0' .*this host has 0"):
             resolve_device("cuda:0")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(models.InvalidDeviceError, match=r"dtype='float64' .*float32, float16, bfloat16"):
-        models.load("mnist", dtype="float64")
+    with pytest.raises(models.InvalidDeviceError, match=r"dtype='int8' .*float32, float16, bfloat16, float64"):
+        models.load("mnist", dtype="int8")
 
 
 # ---- the models config file -------------------------------------------------------------------
@@ -442,8 +442,8 @@ def test_models_config_loads_every_model(tmp_path: Path) -> None:
     ("text", "message"),
     [
         (
-            '[[models]]\nname = "a"\nsource = "mnist"\ndtype = "float64"\n',
-            r"models\[0\]\.dtype='float64': Input should be",
+            '[[models]]\nname = "a"\nsource = "mnist"\ndtype = "int8"\n',
+            r"models\[0\]\.dtype='int8': Input should be",
         ),
         ('[[models]]\nname = "a b"\nsource = "mnist"\n', r"models\[0\]\.name='a b': String should match"),
         ('[[models]]\nname = "a"\nsource = "mnist"\ndevices = "cpu"\n', r"models\[0\]\.devices='cpu': Extra inputs"),
