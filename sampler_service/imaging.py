@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ def encode(sample: Tensor, output_format: int) -> pb.Image:
     else:
         data = png_bytes(sample)
         output_format = pb.OUTPUT_FORMAT_PNG
-    return pb.Image(format=output_format, data=data, channels=channels, height=height, width=width)
+    wire_format: Any = output_format  # an OutputFormat enum value
+    return pb.Image(format=wire_format, data=data, channels=channels, height=height, width=width)
 
 
 def preview(denoised: Tensor) -> list[pb.Image]:

@@ -5,6 +5,8 @@ Label values come from closed sets (method names, status codes), so cardinality 
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -18,7 +20,7 @@ class Metrics:
         self.port = port
         self.bound_port: int | None = None
         self.registry = CollectorRegistry()
-        self._server = None
+        self._server: Any = None
         r = self.registry
         self.requests = Counter(
             "sampler_requests", "Requests by method and status code", ["method", "code"], registry=r

@@ -32,7 +32,7 @@ from .engine import Engine, Ticket
 from .errors import NotReady, ServiceError, Unauthenticated
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
-from .jobs import ServedModel, build_job, check_request_id, require_predictor
+from .jobs import Job, ServedModel, build_job, check_request_id, require_predictor
 from .metrics import Metrics
 from .settings import Settings
 
@@ -114,7 +114,7 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
                 return checked
         return uuid.uuid4().hex
 
-    def _job(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    def _job(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Job:
         if self.service.draining:
             raise NotReady("the server is shutting down")
         request_id = self._request_id(request, context)
