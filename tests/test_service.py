@@ -319,3 +319,113 @@ def test_sixteen_concurrent_streaming_clients(server: RunningServer) -> None:
     assert all(len(o) == 1 for o in outputs)
     again = one(5)
     np.testing.assert_allclose(outputs[5][0], again[0], atol=2e-5)
+
+
+def long_request(**fields: Any) -> pb.GenerateRequest:
+    """A request that runs for a while on CPU (600 network evaluations at batch 1)."""
+    return request(solver="heun", steps=300, **fields)
+
+
+def wait_until(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        assert time.perf_counter() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_queue_full_and_cancellation_frees_the_slot() -> None:
+    running = RunningServer(limits={"max_queued_requests": 1, "retry_after_seconds": 0.25}, warmup=False)
+    try:
+        stream = running.stub.Generate(long_request())
+        assert next(stream).WhichOneof("event") == "accepted"
+        error = rpc_error(lambda: running.stub.Plan(request()) and list(running.stub.Generate(request())))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry, info = details(error)
+        assert retry.retry_delay.ToNanoseconds() == 250_000_000
+        assert info.reason == "QUEUE_FULL"
+        stream.cancel()
+        wait_until(lambda: running.service.engine.admitted == 0)
+        began = time.perf_counter()
+        done = list(running.stub.Generate(request()))  # admitted at once; runs after the cancelled batch stops
+        assert sum(e.WhichOneof("event") == "result" for e in done) == 1
+        assert time.perf_counter() - began < 20
+    finally:
+        running.stop()
+
+
+def test_deadline_exceeded_releases_the_request(server: RunningServer) -> None:
+    error = rpc_error(lambda: list(server.stub.Generate(long_request(), timeout=0.3)))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: server.service.engine.admitted == 0)
+    assert len(list(server.stub.Generate(request()))) >= 2  # the server goes on
+
+
+def test_a_slow_reader_does_not_hold_up_another_client(server: RunningServer) -> None:
+    slow = server.stub.Generate(request(steps=30, seeds=[1]))
+    assert next(slow).WhichOneof("event") == "accepted"  # then it stops reading
+    began = time.perf_counter()
+    quick = list(server.stub.Generate(request(steps=30, seeds=[2])))
+    assert sum(e.WhichOneof("event") == "result" for e in quick) == 1
+    assert time.perf_counter() - began < 30
+    rest = list(slow)  # everything was kept for it, progress coalesced
+    assert [e.result.index for e in rest if e.WhichOneof("event") == "result"] == [0]
+    assert sum(e.WhichOneof("event") == "progress" for e in rest) <= 30
+
+
+def test_bearer_token_auth() -> None:
+    running = RunningServer(auth_token="s3cret-token", warmup=False)
+    try:
+        error = rpc_error(lambda: running.stub.Plan(request()))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "missing" in error.details()
+        error = rpc_error(lambda: list(running.stub.Generate(request(), metadata=(("authorization", "Bearer nope"),))))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "wrong" in error.details()
+        good = (("authorization", "Bearer s3cret-token"),)
+        assert running.stub.Plan(request(), metadata=good).nfe == 4
+        assert running.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=good).auth_required
+        answer = running.health.Check(health_pb2.HealthCheckRequest(service=""))  # probes need no token
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop()
+
+
+def test_metrics_after_a_request() -> None:
+    import urllib.request
+
+    running = RunningServer(metrics_port=0, warmup=False)
+    try:
+        list(running.stub.Generate(request(seeds=[1, 2], labels=[3], guidance=[2.0])))
+        rpc_error(lambda: running.stub.Plan(request(model="nope")))
+        port = running.service.metrics.bound_port
+        expected = (
+            'sampler_requests_total{code="OK",method="Generate"} 1.0',
+            'sampler_requests_total{code="NOT_FOUND",method="Plan"} 1.0',
+            "sampler_samples_total 2.0",
+            "sampler_network_evals_total 16.0",  # 2 samples x 4 NFE x 2 halves
+        )
+        text = ""
+
+        def scraped() -> bool:  # the status reaches the client just before the handler records it
+            nonlocal text
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return all(line in text for line in expected)
+
+        wait_until(scraped, timeout=10)
+        assert "sampler_batch_fill_ratio_count 1.0" in text
+    finally:
+        running.stop()
+
+
+def test_graceful_shutdown_completes_the_request_in_flight() -> None:
+    running = RunningServer(warmup=False)
+    stream = running.stub.Generate(request(solver="heun", steps=60))
+    assert next(stream).WhichOneof("event") == "accepted"
+    stopper = threading.Thread(target=lambda: running.call(shutdown(running.server, running.service, 60.0)))
+    stopper.start()
+    wait_until(lambda: running.service.draining)
+    events = list(stream)
+    stopper.join(60)
+    assert sum(e.WhichOneof("event") == "result" for e in events) == 1
+    running.channel.close()
+    running.loop.call_soon_threadsafe(running.loop.stop)
