@@ -429,3 +429,37 @@ def test_graceful_shutdown_completes_the_request_in_flight() -> None:
     assert sum(e.WhichOneof("event") == "result" for e in events) == 1
     running.channel.close()
     running.loop.call_soon_threadsafe(running.loop.stop)
+
+
+def test_client_cli(server: RunningServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from sampler_service import client
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    argv = [
+        *target,
+        "generate",
+        "--solver",
+        "dpmpp_2m",
+        "--steps",
+        "5",
+        "--labels",
+        "0,1,2",
+        "--seed",
+        "4",
+        "--guidance",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert client.main(argv) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["grid.png", "sample-000-seed4.png", "sample-001-seed5.png", "sample-002-seed6.png"]
+    assert decode_png((tmp_path / "grid.png").read_bytes()).shape == (28, 84)
+    assert client.main([*target, "health"]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    assert client.main([*target, "plan", "--solver", "heun", "--nfe", "9"]) == 2
+    assert "nfe: 9 is not reachable" in capsys.readouterr().err
+    assert client.main([*target, "list-models"]) == 0
+    assert '"nullClass": 10' in capsys.readouterr().out
+    assert client.main(["--target", "127.0.0.1:1", "--timeout", "2", "health"]) == 1  # nothing listens there
