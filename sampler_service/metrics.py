@@ -16,8 +16,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, port: int | None) -> None:
+    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self.bound_port: int | None = None
         self.registry = CollectorRegistry()
         self._server: Any = None
@@ -49,7 +50,7 @@ class Metrics:
 
     def start(self) -> None:
         if self.port is not None:
-            self._server, _thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+            self._server, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
             self.bound_port = self._server.server_port
 
     def stop(self) -> None:

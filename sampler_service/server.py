@@ -351,7 +351,7 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     for name in [*served, SERVICE_NAME, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    metrics = Metrics(settings.metrics_port)
+    metrics = Metrics(settings.metrics_port, settings.metrics_host)
     engine = Engine(settings, served)
     engine.on_batch = metrics.batch
     metrics.queue_depth.set_function(lambda: engine.admitted)

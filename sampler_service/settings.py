@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = Field(None, ge=0, le=65_535, description="Prometheus HTTP port; unset = off, 0 = free")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
     reflection: bool = True
     grace_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="drain period on SIGTERM/SIGINT")
     warmup: bool = Field(True, description="run the largest batch shape once before reporting SERVING")
