@@ -243,10 +243,28 @@ class Engine:
 
     # -- the worker thread ------------------------------------------------------------------
     def _run_batch(self, items: list[BatchItem]) -> None:
+        """Run one batch; on CUDA out-of-memory, split it in halves and run those (down to single
+        samples, which then fail alone with RESOURCE_EXHAUSTED); the server stays SERVING."""
+        try:
+            self._sample_batch(items)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            halves = _split(items)
+            if halves is None:
+                item = items[0]
+                error = SampleFailed("out of memory for a single sample on this device", "OUT_OF_MEMORY")
+                item.ticket.post(item.ticket._fail, error)
+                return
+            log.warning("out of memory with %d rows; retrying in two halves", _rows(items))
+            for half in halves:
+                self._run_batch(half)
+
+    def _sample_batch(self, items: list[BatchItem]) -> None:
         job = items[0].ticket.job
         model = job.served.model
         began = time.perf_counter()
-        rows = sum((i.stop - i.start) * i.ticket.job.evals_per_call for i in items)
+        rows = _rows(items)
         self.batches_run += 1
         if self.on_batch is not None:
             self.on_batch(rows, self.settings.batching.max_batch_size)
@@ -324,6 +342,29 @@ class Engine:
                     )
                 )
             ticket.post(ticket._add_results, results)
+
+
+def _rows(items: list[BatchItem]) -> int:
+    return sum((i.stop - i.start) * i.ticket.job.evals_per_call for i in items)
+
+
+def _split(items: list[BatchItem]) -> tuple[list[BatchItem], list[BatchItem]] | None:
+    """Two batches of about half the samples each, or None for a single sample."""
+    samples = [(item.ticket, k) for item in items for k in range(item.start, item.stop)]
+    if len(samples) < 2:
+        return None
+    middle = len(samples) // 2
+
+    def regroup(part: list[tuple[Ticket, int]]) -> list[BatchItem]:
+        grouped: list[BatchItem] = []
+        for ticket, k in part:
+            if grouped and grouped[-1].ticket is ticket and grouped[-1].stop == k:
+                grouped[-1] = BatchItem(ticket, grouped[-1].start, k + 1)
+            else:
+                grouped.append(BatchItem(ticket, k, k + 1))
+        return grouped
+
+    return regroup(samples[:middle]), regroup(samples[middle:])
 
 
 __all__ = ["BatchItem", "Engine", "Ticket"]

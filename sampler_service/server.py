@@ -157,7 +157,18 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
         finally:
             if ticket is not None:
                 self.service.engine.release(ticket, cancelled=code != grpc.StatusCode.OK or not ticket.finished)
-            metrics.request("Generate", code, time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            metrics.request("Generate", code, seconds)
+            log.info(
+                "Generate %s in %.3f s",
+                code.name,
+                seconds,
+                extra={
+                    "request_id": ticket.job.request_id if ticket else None,
+                    "method": "Generate",
+                    "code": code.name,
+                },
+            )
 
     async def GenerateUnary(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

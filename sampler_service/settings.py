@@ -25,7 +25,6 @@ class Limits(BaseModel):
     max_guidance: float = Field(20.0, ge=-100.0, le=100.0)
     max_queued_requests: int = Field(64, ge=1, le=100_000, description="admitted (queued or running) requests")
     max_concurrent_streams: int = Field(128, ge=1, le=100_000)
-    event_queue_size: int = Field(16, ge=2, le=10_000, description="buffered events per request")
     retry_after_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="RetryInfo delay when the queue is full")
 
     @model_validator(mode="after")

@@ -30,12 +30,13 @@ from sampler_service.settings import load_settings
 class RunningServer:
     """An aio server on its own event loop thread, so tests can use the blocking client."""
 
-    def __init__(self, start: bool = True, **settings: Any) -> None:
+    def __init__(self, start: bool = True, served: Any = None, **settings: Any) -> None:
         self.settings = load_settings(None, port=0, device="cpu", **settings)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server, self.port, self.service = self.call(create_server(self.settings, SERVED.get(self.settings)))
+        served = served if served is not None else SERVED.get(self.settings)
+        self.server, self.port, self.service = self.call(create_server(self.settings, served))
         if start:
             self.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -59,10 +60,10 @@ class _ModelCache:
     """The loaded models, shared by every server of the session (loading is the slow part)."""
 
     def __init__(self) -> None:
-        self.cache: dict[tuple[str, str], Any] = {}
+        self.cache: dict[tuple[str, str, str], Any] = {}
 
     def get(self, settings: Any) -> Any:
-        key = (settings.device, settings.dtype)
+        key = (settings.device, settings.dtype, str(settings.models_config))
         if key not in self.cache:
             self.cache[key] = load_served(settings)
         served = self.cache[key]
@@ -463,3 +464,59 @@ def test_client_cli(server: RunningServer, tmp_path: Any, capsys: pytest.Capture
     assert client.main([*target, "list-models"]) == 0
     assert '"nullClass": 10' in capsys.readouterr().out
     assert client.main(["--target", "127.0.0.1:1", "--timeout", "2", "health"]) == 1  # nothing listens there
+
+
+def test_non_finite_output_fails_that_request_only(tmp_path: Any) -> None:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from sampler_service.jobs import ServedModel
+
+    torch.manual_seed(0)
+    broken = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    with torch.no_grad():
+        broken.conv_out.bias.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "broken" / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "broken" / "scheduler")
+    (tmp_path / "models.toml").write_text(
+        '[[models]]\nname = "mnist"\nsource = "mnist"\ndevice = "cpu"\n\n'
+        '[[models]]\nname = "broken"\nsource = "broken"\ndevice = "cpu"\n'
+    )
+    running = RunningServer(models_config=tmp_path / "models.toml", warmup=False)
+    try:
+        assert isinstance(running.service.served["broken"], ServedModel)
+        with ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(lambda: rpc_error(lambda: list(running.stub.Generate(request(model="broken")))))
+            good = pool.submit(lambda: list(running.stub.Generate(request(seeds=[3], labels=[3]))))
+            error, events = bad.result(), good.result()
+        assert error.code() == grpc.StatusCode.INTERNAL
+        (info,) = details(error)
+        assert info.reason == "NON_FINITE_OUTPUT"
+        assert sum(e.WhichOneof("event") == "result" for e in events) == 1
+        answer = running.health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop()
+
+
+def test_out_of_memory_split_halves_keep_every_sample_once() -> None:
+    from sampler_service.engine import BatchItem, _split
+
+    first, second = object(), object()
+    items = [BatchItem(first, 0, 3), BatchItem(second, 2, 5)]  # type: ignore[arg-type]
+    halves = _split(items)
+    assert halves is not None
+    left, right = halves
+    assert [(i.ticket, i.start, i.stop) for i in left] == [(first, 0, 3)]
+    assert [(i.ticket, i.start, i.stop) for i in right] == [(second, 2, 5)]
+    assert _split([BatchItem(first, 4, 5)]) is None  # type: ignore[arg-type]
+    one, other = _split([BatchItem(first, 0, 5)])  # type: ignore[arg-type, misc]
+    assert (one[0].start, one[0].stop, other[0].start, other[0].stop) == (0, 2, 2, 5)
