@@ -1,0 +1,230 @@
+"""`serve-load`: the service under concurrent load against the same model sampled in process.
+
+    python -m bench serve-load                       # clients 1, 8, 32; dpmpp_2m, 10 steps, mnist
+
+1. Offline: the model loaded in this process, `solvers.sample` at batch B for each client count B
+   (and batch 1 for the lone-request latency), median of --repeats runs: images per second.
+2. Served: `sampler-service serve` in a subprocess (loopback, a free port); one asyncio client
+   process runs B concurrent batch-1 clients, each sending --requests GenerateUnary requests (no
+   progress events) back to back: throughput (images/s), p50 / p99 latency.
+3. Ratios: served / offline throughput at each B (goal >= 0.9 at 32 clients), lone-request
+   latency / in-process batch-1 sampling time (goal <= 1.02).
+
+Writes bench/results/serve-load.csv and .json with the provenance of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+import solvers
+from models import provenance
+
+from .arguments import options_of, positive_int
+from .errors import BenchError
+
+NAME = "serve-load"
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = (
+    "clients",
+    "requests",
+    "solver",
+    "steps",
+    "guidance",
+    "offline_images_per_s",
+    "served_images_per_s",
+    "throughput_ratio",
+    "latency_p50_s",
+    "latency_p99_s",
+    "offline_batch_seconds",
+    "latency_ratio",
+    "mean_batch_rows",
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="throughput and latency of the gRPC service vs in-process sampling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="mnist")
+    parser.add_argument("--solver", default="dpmpp_2m")
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=positive_int, default=8, help="requests per client")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="offline runs per batch size (median)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=256)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.set_defaults(handler=run)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _offline_seconds(model: models.DiffusionModel, batch: int, args: argparse.Namespace) -> float:
+    """Median seconds of one in-process sampling run at this batch (noise included)."""
+    labels = torch.arange(batch) % 10
+    times = []
+    for repeat in range(args.repeats + 1):
+        began = time.perf_counter()
+        noise = solvers.make_noise(list(range(batch)), model.sample_shape, device=model.device)
+        denoiser = model.conditioned(labels.to(model.device), args.guidance)
+        with torch.inference_mode():
+            images = solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps).images
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        _ = images.cpu()
+        if repeat:  # the first run warms up
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+async def _served(port: int, clients: int, args: argparse.Namespace) -> tuple[float, list[float], list[int]]:
+    import grpc
+
+    from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
+    from sampler_service.gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
+
+    latencies: list[float] = []
+    rows: list[int] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.SamplerServiceStub(channel)
+
+        async def client(k: int) -> None:
+            for r in range(args.requests):
+                request = pb.GenerateRequest(
+                    model=args.model,
+                    solver=args.solver,
+                    steps=args.steps,
+                    seeds=[(k + 1) * 10_000 + r],
+                    labels=[(k + r) % 10],
+                    guidance=[args.guidance],
+                )
+                began = time.perf_counter()
+                response = await stub.GenerateUnary(request)
+                latencies.append(time.perf_counter() - began)
+                rows.append(response.results[0].timing.batch_rows)
+
+        await client(-1)  # warm-up, not counted
+        latencies.clear()
+        rows.clear()
+        began = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        wall = time.perf_counter() - began
+    return wall, latencies, rows
+
+
+def _wait_healthy(port: int, server: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    from sampler_service.client import ClientError, SamplerClient
+
+    deadline = time.perf_counter() + timeout
+    with SamplerClient(f"127.0.0.1:{port}", timeout=2.0) as client:
+        while time.perf_counter() < deadline:
+            if server.poll() is not None:
+                raise BenchError(f"the server exited with status {server.returncode}")
+            try:
+                if client.health() == "SERVING":
+                    return
+            except ClientError:
+                pass
+            time.sleep(0.2)
+    raise BenchError("the server did not become SERVING in time")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    offline = {batch: _offline_seconds(model, batch, args) for batch in sorted({1, *args.clients})}
+    device = str(model.device)
+    del model
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SAMPLER_PORT": str(port),
+        "SAMPLER_HOST": "127.0.0.1",
+        "SAMPLER_DEVICE": device,
+        "SAMPLER_BATCHING__MAX_BATCH_SIZE": str(args.max_batch_size),
+        "SAMPLER_BATCHING__MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
+        "SAMPLER_LIMITS__MAX_QUEUED_REQUESTS": str(max(64, 2 * max(args.clients))),
+    }
+    if args.model != "mnist":
+        raise BenchError("--model: the served side uses the default model config; only mnist is supported here")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sampler_service", "serve"],
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        _wait_healthy(port, server)
+        for clients in args.clients:
+            wall, latencies, batch_rows = asyncio.run(_served(port, clients, args))
+            served_rate = clients * args.requests / wall
+            offline_rate = clients / offline[clients]
+            rows.append(
+                {
+                    "clients": clients,
+                    "requests": clients * args.requests,
+                    "solver": args.solver,
+                    "steps": args.steps,
+                    "guidance": args.guidance,
+                    "offline_images_per_s": offline_rate,
+                    "served_images_per_s": served_rate,
+                    "throughput_ratio": served_rate / offline_rate,
+                    "latency_p50_s": statistics.median(latencies),
+                    "latency_p99_s": _percentile(latencies, 0.99),
+                    "offline_batch_seconds": offline[clients],
+                    "latency_ratio": statistics.median(latencies) / offline[1] if clients == 1 else None,
+                    "mean_batch_rows": statistics.fmean(batch_rows),
+                }
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    meta = provenance.collect(options_of(args))
+    meta["device"]["torch_threads"] = torch.get_num_threads()
+    args.out.mkdir(parents=True, exist_ok=True)
+    provenance.write_csv(args.out / "serve-load.csv", rows, COLUMNS)
+    provenance.write_json(args.out / "serve-load.json", meta, rows)
+    for row in rows:
+        latency = f", lone latency ratio {row['latency_ratio']:.3f}" if row["latency_ratio"] is not None else ""
+        print(
+            f"{row['clients']:>3} clients: served {row['served_images_per_s']:.1f} img/s vs offline "
+            f"{row['offline_images_per_s']:.1f} (ratio {row['throughput_ratio']:.2f}); "
+            f"p50 {row['latency_p50_s']:.3f} s, "
+            f"p99 {row['latency_p99_s']:.3f} s, mean batch rows {row['mean_batch_rows']:.1f}{latency}"
+        )
+    return 0
