@@ -4,6 +4,8 @@ called through the generated stubs over a real channel."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -520,3 +522,43 @@ def test_out_of_memory_split_halves_keep_every_sample_once() -> None:
     assert _split([BatchItem(first, 4, 5)]) is None  # type: ignore[arg-type]
     one, other = _split([BatchItem(first, 0, 5)])  # type: ignore[arg-type, misc]
     assert (one[0].start, one[0].stop, other[0].start, other[0].stop) == (0, 2, 2, 5)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_tls(tmp_path: Any) -> None:
+    from sampler_service.client import SamplerClient
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    running = RunningServer(tls_cert=cert, tls_key=key, warmup=False)
+    try:
+        with SamplerClient(f"127.0.0.1:{running.port}", root_certificates=cert.read_bytes(), timeout=30) as client:
+            assert client.health() == "SERVING"
+            assert client.plan(model="mnist", solver="euler", steps=3).nfe == 3
+        plain = SamplerClient(f"127.0.0.1:{running.port}", timeout=5)
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            plain.health()
+        plain.close()
+    finally:
+        running.stop()
