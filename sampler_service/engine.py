@@ -48,6 +48,8 @@ class Ticket:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     progress: pb.Progress | None = None
     progress_serial: int = 0
+    preview: pb.Progress | None = None  # the latest progress with previews, kept until sent
+    preview_serial: int = 0
     results: list[pb.SampleResult] = field(default_factory=list)
     delivered: int = 0
     error: ServiceError | None = None
@@ -63,6 +65,9 @@ class Ticket:
     def _set_progress(self, progress: pb.Progress) -> None:
         self.progress = progress
         self.progress_serial += 1
+        if progress.previews:
+            self.preview = progress
+            self.preview_serial = self.progress_serial
         self.changed.set()
 
     def _add_results(self, results: list[pb.SampleResult]) -> None:
@@ -84,7 +89,7 @@ class Ticket:
         Raises:
             ServiceError: the job failed.
         """
-        sent_serial = 0
+        sent_serial = sent_preview = 0
         pending: dict[int, pb.SampleResult] = {}
         next_index = 0
         while True:
@@ -92,6 +97,12 @@ class Ticket:
             self.changed.clear()
             if self.error is not None:
                 raise self.error
+            # Coalesced: only the latest step is sent, but a preview is never skipped over.
+            if self.preview is not None and self.preview_serial != sent_preview:
+                sent_preview = self.preview_serial
+                if self.preview_serial == self.progress_serial:
+                    sent_serial = self.progress_serial
+                yield self.preview
             if self.progress is not None and self.progress_serial != sent_serial:
                 sent_serial = self.progress_serial
                 yield self.progress

@@ -562,3 +562,13 @@ def test_tls(tmp_path: Any) -> None:
         plain.close()
     finally:
         running.stop()
+
+
+def test_previews_every_k_steps(server: RunningServer) -> None:
+    events = list(server.stub.Generate(request(steps=6, seeds=[1, 2], preview_every=3)))
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    with_previews = [p for p in progress if p.previews]
+    assert all(p.step % 3 == 0 for p in with_previews)
+    assert with_previews, "no preview arrived"
+    assert len(with_previews[-1].previews) == 2
+    assert decode_png(with_previews[-1].previews[0].data).shape == (14, 14)  # 28 x 28 halved
