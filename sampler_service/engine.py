@@ -138,6 +138,7 @@ class Engine:
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}") for name in served}
         self.dispatchers: list[asyncio.Task[None]] = []
         self.batches_run = 0
+        self.batches_stopped = 0  # stopped early because every request in them was gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
 
     def start(self) -> None:
@@ -313,7 +314,13 @@ class Engine:
                     afs=job.afs,
                     callback=callback,
                 )
-        except solvers.SamplingCancelled:
+        except solvers.SamplingCancelled as stopped:
+            self.batches_stopped += 1
+            log.info(
+                "batch stopped after %d of %d steps: its requests are gone",
+                stopped.completed_steps,
+                stopped.total_steps,
+            )
             return
         sampling_seconds = time.perf_counter() - began
         images = result.images.float().cpu()

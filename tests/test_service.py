@@ -347,7 +347,8 @@ def test_queue_full_and_cancellation_frees_the_slot() -> None:
         assert retry.retry_delay.ToNanoseconds() == 250_000_000
         assert info.reason == "QUEUE_FULL"
         stream.cancel()
-        wait_until(lambda: running.service.engine.admitted == 0)
+        wait_until(lambda: running.service.engine.admitted == 0)  # the slot is free at once
+        wait_until(lambda: running.service.engine.batches_stopped == 1)  # and the lone batch stops early
         began = time.perf_counter()
         done = list(running.stub.Generate(request()))  # admitted at once; runs after the cancelled batch stops
         assert sum(e.WhichOneof("event") == "result" for e in done) == 1
