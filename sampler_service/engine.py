@@ -138,6 +138,7 @@ class Engine:
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}") for name in served}
         self.dispatchers: list[asyncio.Task[None]] = []
         self.batches_run = 0
+        self.last_batch_requests = dict.fromkeys(served, 0)
         self.batches_stopped = 0  # stopped early because every request in them was gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
 
@@ -191,8 +192,10 @@ class Engine:
             if not queue:
                 continue
             first = queue[0]
-            # Wait for company until the first job's delay is spent or the batch is full.
-            while self._rows_ready(queue, first) < batching.max_batch_size:
+            # Wait for company until the first job's delay is spent or the batch is full; with
+            # adaptive delay, a lone request after a lone batch (no concurrent load) starts at once.
+            alone = batching.adaptive_delay and len(queue) == 1 and self.last_batch_requests[name] <= 1
+            while not alone and self._rows_ready(queue, first) < batching.max_batch_size:
                 remaining = first.arrived + delay - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -204,6 +207,7 @@ class Engine:
             items = self._take_batch(queue, first)
             if not items:
                 continue
+            self.last_batch_requests[name] = len({id(item.ticket) for item in items})
             try:
                 await loop.run_in_executor(self.executors[name], self._run_batch, items)
             except Exception as error:  # a bug in the batch runner must not kill the dispatcher

@@ -79,7 +79,9 @@ SERVED = _ModelCache()
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    running = RunningServer(batching={"max_batch_size": 64, "max_queue_delay_ms": 20.0}, warmup=False)
+    running = RunningServer(
+        batching={"max_batch_size": 64, "max_queue_delay_ms": 20.0, "adaptive_delay": False}, warmup=False
+    )
     yield running
     running.stop()
 
@@ -87,7 +89,11 @@ def server() -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def server64() -> Iterator[RunningServer]:
     """The same model in float64: batch composition then changes nothing above float32 rounding."""
-    running = RunningServer(dtype="float64", batching={"max_batch_size": 64, "max_queue_delay_ms": 50.0}, warmup=False)
+    running = RunningServer(
+        dtype="float64",
+        batching={"max_batch_size": 64, "max_queue_delay_ms": 50.0, "adaptive_delay": False},
+        warmup=False,
+    )
     yield running
     running.stop()
 
@@ -573,3 +579,14 @@ def test_previews_every_k_steps(server: RunningServer) -> None:
     assert with_previews, "no preview arrived"
     assert len(with_previews[-1].previews) == 2
     assert decode_png(with_previews[-1].previews[0].data).shape == (14, 14)  # 28 x 28 halved
+
+
+def test_adaptive_delay_starts_a_lone_request_at_once() -> None:
+    # A 30 s queue delay: a lone request that waited for company would show it in queue_seconds.
+    running = RunningServer(batching={"max_queue_delay_ms": 30_000.0, "adaptive_delay": True}, warmup=False)
+    try:
+        for seed in (1, 2):  # sequential requests: each finds the previous batch held one request
+            (result,) = running.stub.GenerateUnary(request(seeds=[seed])).results
+            assert result.timing.queue_seconds < 15.0
+    finally:
+        running.stop()
