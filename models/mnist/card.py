@@ -57,7 +57,8 @@ def write_diffusion_card(folder: Path) -> Path:
         f"- objective: epsilon prediction, DDPM {SCHEDULER_CONFIG['beta_schedule']} betas "
         f"{SCHEDULER_CONFIG['beta_start']}..{SCHEDULER_CONFIG['beta_end']}, "
         f"{SCHEDULER_CONFIG['num_train_timesteps']} steps (sigma 0.01..157 in the EDM parameterisation)",
-        "- data: pixels scaled to [-1, 1], no augmentation",
+        f"- data: the MNIST {(training.get('data') or {}).get('split', 'train')} split, pixels scaled to [-1, 1], "
+        "no augmentation",
         "- weights: the exponential moving average (EMA) of the trained weights, float32 safetensors",
         "",
         "## Training",

@@ -172,7 +172,7 @@ def train(args: argparse.Namespace) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_set = data.load("train", args.data)
+    train_set = data.load(args.split, args.data)
     images = train_set.scaled().to(device)
     labels = train_set.labels.to(device)
 
@@ -271,7 +271,7 @@ def _training_info(
         "device": str(device),
         "parameters": count_parameters(ema),
         "config": config.as_dict(),
-        "data": {"train_images": 60_000, "root": str(args.data or data.default_root("train"))},
+        "data": {"split": args.split, "root": str(args.data or data.default_root(args.split))},
         "provenance": meta,
     }
 
@@ -281,6 +281,12 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m models.mnist.train_diffusion",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="train",
+        help="the MNIST split to train on: train (the shipped model); test only for smoke runs",
     )
     p.add_argument(
         "--data", type=Path, default=None, help=f"folder of the MNIST IDX files (default {data.SHARED_ROOT})"
