@@ -54,15 +54,16 @@ class MnistScorer:
         test = data.load("test")
         self.test_images = test.scaled()
         self.test_labels = test.labels
-        self.test_features = self._features(self.test_images)
+        self.test_features = self.features(self.test_images)
         self.test_stats = FeatureStats.of(self.test_features)
 
-    def _features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor) -> Tensor:
+        """The 128-d classifier features of images in [-1, 1] (N, 1, 28, 28), on the CPU."""
         return features_in_batches(self.classifier.features, images.to(self.device)).cpu()
 
     def score(self, images: Tensor) -> Scores:
         """Scores of generated images in [-1, 1], shape (N, 1, 28, 28) (quantised first)."""
-        features = self._features(quantise(images))
+        features = self.features(quantise(images))
         with torch.inference_mode():
             logits = self.classifier.classify(features.to(self.device)).cpu()
         return Scores(logits.argmax(dim=1), FeatureStats.of(features))

@@ -1,0 +1,111 @@
+"""`fd-vs-nfe`: quality versus NFE for a list of solvers under one protocol (see bench/sweep.py).
+
+    python -m bench fd-vs-nfe --model mnist --solvers all --nfe 3,4,5,6,7,8,9,10,15,20 \\
+        --num-samples 1000 --out bench/results/fd-vs-nfe-cpu/
+
+Writes results.csv, results.json (rows in the shared schema, provenance in meta) and
+fd-vs-nfe.png to --out; per-row statistics are cached in --cache (default --out/cache), so an
+interrupted run resumes and a new solver computes only its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+import models
+import solvers
+
+from .errors import BenchError
+from .sweep import SweepConfig, run_sweep
+
+NAME = "fd-vs-nfe"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="quality (in-domain FD, reference RMSE, class accuracy) versus NFE",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="mnist", help="any models.load source")
+    parser.add_argument("--solvers", default="all", help="comma-separated names, or all (the training-free ones)")
+    parser.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 7, 8, 9, 10, 15, 20])
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--schedule", default="polynomial")
+    parser.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
+    parser.add_argument("--afs", action="store_true")
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed-base", type=int, default=0)
+    parser.add_argument("--reference-steps", type=int, default=128)
+    parser.add_argument("--tier", default="cpu")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD interval")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = (
+        [s.name for s in solvers.list_solvers() if not s.needs_predictor]
+        if args.solvers == "all"
+        else [n.strip() for n in args.solvers.split(",") if n.strip()]
+    )
+    for name in names:
+        if name not in solvers.SOLVERS:
+            raise BenchError(f"--solvers: unknown solver {name!r}; choose from {', '.join(solvers.SOLVERS.names())}")
+    try:
+        config = SweepConfig(
+            model=args.model,
+            solvers=names,
+            nfe=args.nfe,
+            num_samples=args.num_samples,
+            schedule=args.schedule,
+            schedule_params=args.schedule_params,
+            afs=args.afs,
+            guidance=args.guidance,
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.batch_size,
+            seed_base=args.seed_base,
+            reference_steps=args.reference_steps,
+            tier=args.tier,
+            bootstrap=args.bootstrap,
+        )
+    except ValidationError as error:
+        raise BenchError(str(error)) from None
+
+    def report(row: dict[str, Any]) -> None:
+        if not row["reachable"]:
+            print(f"{row['solver']:>14} NFE {row['nfe']:>3}: not reachable", file=sys.stderr)
+            return
+        fd = row.get("fd_indomain")
+        fd_text = f"FD {fd:8.3f} [{row['fd_ci_low']:.3f}, {row['fd_ci_high']:.3f}]" if fd is not None else ""
+        print(
+            f"{row['solver']:>14} NFE {row['nfe']:>3}: rmse_ref {row['rmse_ref']:.4f} {fd_text}"
+            f"{' (cached)' if row['cached'] else ''}",
+            file=sys.stderr,
+        )
+
+    try:
+        run_sweep(config, args.out, args.cache, on_row=report)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    print(f"wrote {args.out / 'results.csv'}, results.json and fd-vs-nfe.png", file=sys.stderr)
+    return 0
