@@ -39,9 +39,10 @@ test: lint
 bench: $(VENV)/.installed
 	$(VENV)/bin/pytest bench/speed/test_solver_overhead.py --benchmark-only --benchmark-json=bench/results/solver-overhead-raw.json -p no:cacheprovider
 	$(PY) -m bench solver-overhead --raw bench/results/solver-overhead-raw.json
+	$(MAKE) bench-unet
 
 bench-unet: $(VENV)/.installed
-	$(VENV)/bin/pytest bench/speed/test_unet_throughput.py --benchmark-only --benchmark-json=bench/results/unet-throughput-raw.json -p no:cacheprovider
+	$(VENV)/bin/pytest bench/speed/test_unet_throughput.py bench/speed/test_end_to_end.py --benchmark-only --benchmark-json=bench/results/model-speed-raw.json -p no:cacheprovider
 
 # The embedded models: retraining makes a new model (see models/builtin/README.md).
 train-mnist: $(VENV)/.installed

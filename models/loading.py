@@ -287,6 +287,7 @@ class DiffusionModel:
         null_class: the label of the unconditional pass, None when the model has none.
         cross_attention_dim: width of the encoder embeddings, None when it takes none.
         sample_shape: (C, H, W) of one sample.
+        scheduler_config: the scheduler config as read (for driving diffusers' own schedulers).
         sigma_min, sigma_max, sigma_levels: as the Denoiser contract.
     """
 
@@ -298,6 +299,7 @@ class DiffusionModel:
         schedule: VPDiscreteSchedule,
         fingerprint: str,
         null_class: int | None,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         traits = unet_traits(unet)
         if null_class is not None and (
@@ -314,6 +316,7 @@ class DiffusionModel:
         self.unet = unet
         self.schedule = schedule
         self.fingerprint = fingerprint
+        self.scheduler_config = dict(scheduler_config or {})
         self.device = unet.device
         self.dtype = unet.dtype
         self.num_class_embeds = traits.num_class_embeds
@@ -447,7 +450,9 @@ def load(
     torch.nn.Module.to(unet, torch_device)  # in place; diffusers' typed `to` wrapper confuses checkers
     if channels_last:
         torch.nn.Module.to(unet, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch accepts it
-    return DiffusionModel(name or str(source), str(source), unet, schedule, fingerprint(files, weights), null_class)
+    return DiffusionModel(
+        name or str(source), str(source), unet, schedule, fingerprint(files, weights), null_class, scheduler_config
+    )
 
 
 def _build_unet(
