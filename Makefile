@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 
 bench-unet: $(VENV)/.installed
 	$(VENV)/bin/pytest bench/speed/test_unet_throughput.py bench/speed/test_end_to_end.py --benchmark-only --benchmark-json=bench/results/model-speed-raw.json -p no:cacheprovider
+	$(PY) -m bench model-speed --raw bench/results/model-speed-raw.json
 
 # The embedded models: retraining makes a new model (see models/builtin/README.md).
 train-mnist: $(VENV)/.installed
