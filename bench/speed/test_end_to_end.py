@@ -8,7 +8,7 @@ Groups, per NFE in (5, 10) at batch BATCH, conditional pass only (one evaluation
   the same UNet: set_timesteps, scale_model_input, unet, step, per-seed CPU noise as ours.
 
 The goals (sampling wall time <= 1.05 x NFE x one forward; ours / diffusers <= 1.02 on CPU) are
-ratios of medians from one run; `python -m bench end-to-end` would summarise them (see README).
+ratios of medians from one run, summarised by `python -m bench model-speed` (make bench-unet).
 """
 
 from __future__ import annotations
