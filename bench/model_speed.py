@@ -5,7 +5,8 @@ are stated in, all from medians of one run:
 - img-evals/s of the UNet at batch 256, conditional and guided;
 - end-to-end sampling time / (NFE x one forward) at the same batch (goal <= 1.05);
 - ours (dpmpp_2m) / the diffusers DPMSolverMultistepScheduler loop, same model, batch and NFE
-  (goal <= 1.02 on CPU, <= 0.9 on a GPU).
+  (goal <= 1.02 on CPU, <= 0.9 on a GPU): the median ratio of paired rounds (both run back to
+  back in each round), and for information the ratio of the separate groups' medians.
 
 Writes bench/results/model-speed.csv and .json.
 """
@@ -59,6 +60,19 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "torch_threads": info.get("torch_threads"),
                 }
             )
+        elif info.get("kind") == "paired":
+            rows.append(
+                {
+                    "measure": "ours_over_diffusers_loop",
+                    "nfe": info["nfe"],
+                    "batch": info["batch"],
+                    "value": info["ratio_median"],
+                    "unit": f"ratio (median of {info['rounds']} paired rounds)",
+                    "goal": "<= 1.02 CPU, <= 0.9 GPU",
+                    "device": info["device"],
+                    "torch_threads": info["torch_threads"],
+                }
+            )
         elif "kind" in info:
             medians[(info["kind"], info["nfe"])] = median
             info_of[(info["kind"], info["nfe"])] = info
@@ -83,10 +97,10 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
         if diffusers is not None:
             rows.append(
                 {
-                    "measure": "ours_over_diffusers_loop",
+                    "measure": "ours_over_diffusers_loop_unpaired",
                     "value": median / diffusers,
-                    "unit": "ratio",
-                    "goal": "<= 1.02 CPU, <= 0.9 GPU",
+                    "unit": "ratio (medians of separate groups)",
+                    "goal": "",
                     **common,
                 }
             )
