@@ -53,6 +53,8 @@ COLUMNS = (
     "offline_batch_seconds",
     "latency_ratio",
     "mean_batch_rows",
+    "server_total_p50_s",
+    "server_sampling_p50_s",
 )
 
 
@@ -68,7 +70,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=positive_int, default=8, help="requests per client")
+    parser.add_argument("--requests", type=positive_int, default=16, help="requests per client")
     parser.add_argument("--repeats", type=positive_int, default=5, help="offline runs per batch size (median)")
     parser.add_argument("--max-batch-size", type=positive_int, default=256)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -101,7 +103,9 @@ def _offline_seconds(model: models.DiffusionModel, batch: int, args: argparse.Na
     return statistics.median(times)
 
 
-async def _served(port: int, clients: int, args: argparse.Namespace) -> tuple[float, list[float], list[int]]:
+async def _served(
+    port: int, clients: int, args: argparse.Namespace
+) -> tuple[float, list[float], list[int], list[tuple[float, float]]]:
     import grpc
 
     from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
@@ -109,6 +113,7 @@ async def _served(port: int, clients: int, args: argparse.Namespace) -> tuple[fl
 
     latencies: list[float] = []
     rows: list[int] = []
+    server_side: list[tuple[float, float]] = []  # (total, sampling) seconds as the server timed them
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SamplerServiceStub(channel)
 
@@ -125,15 +130,18 @@ async def _served(port: int, clients: int, args: argparse.Namespace) -> tuple[fl
                 began = time.perf_counter()
                 response = await stub.GenerateUnary(request)
                 latencies.append(time.perf_counter() - began)
-                rows.append(response.results[0].timing.batch_rows)
+                timing = response.results[0].timing
+                rows.append(timing.batch_rows)
+                server_side.append((timing.total_seconds, timing.sampling_seconds))
 
         await client(-1)  # warm-up, not counted
         latencies.clear()
         rows.clear()
+        server_side.clear()
         began = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - began
-    return wall, latencies, rows
+    return wall, latencies, rows, server_side
 
 
 def _wait_healthy(port: int, server: subprocess.Popen[str], timeout: float = 120.0) -> None:
@@ -191,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         _wait_healthy(port, server)
         seconds_to_serving = time.perf_counter() - started
         for clients in args.clients:
-            wall, latencies, batch_rows = asyncio.run(_served(port, clients, args))
+            wall, latencies, batch_rows, server_side = asyncio.run(_served(port, clients, args))
             served_rate = clients * args.requests / wall
             offline_rate = clients / offline[clients]
             rows.append(
@@ -209,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
                     "offline_batch_seconds": offline[clients],
                     "latency_ratio": statistics.median(latencies) / offline[1] if clients == 1 else None,
                     "mean_batch_rows": statistics.fmean(batch_rows),
+                    "server_total_p50_s": statistics.median(total for total, _ in server_side),
+                    "server_sampling_p50_s": statistics.median(sampling for _, sampling in server_side),
                 }
             )
     finally:
@@ -229,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
             f"{row['clients']:>3} clients: served {row['served_images_per_s']:.1f} img/s vs offline "
             f"{row['offline_images_per_s']:.1f} (ratio {row['throughput_ratio']:.2f}); "
             f"p50 {row['latency_p50_s']:.3f} s, "
-            f"p99 {row['latency_p99_s']:.3f} s, mean batch rows {row['mean_batch_rows']:.1f}{latency}"
+            f"p99 {row['latency_p99_s']:.3f} s (server: {row['server_total_p50_s']:.3f} s, of which sampling "
+            f"{row['server_sampling_p50_s']:.3f} s), mean batch rows {row['mean_batch_rows']:.1f}{latency}"
         )
     print(f"SERVING {seconds_to_serving:.1f} s after the server process started")
     return 0

@@ -56,6 +56,7 @@ class Ticket:
     cancelled: bool = False
     scheduled: int = 0  # samples handed to batches so far
     released: bool = False
+    wants_progress: bool = True  # False for unary calls: no per-step wake-ups of the event loop
 
     @property
     def finished(self) -> bool:
@@ -156,8 +157,8 @@ class Engine:
         for executor in self.executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, job: Job) -> Ticket:
-        """Admit a job.
+    def submit(self, job: Job, *, progress: bool = True) -> Ticket:
+        """Admit a job; `progress=False` when nobody reads its progress events (unary calls).
 
         Raises:
             QueueFull: max_queued_requests jobs are already admitted.
@@ -165,7 +166,7 @@ class Engine:
         limits = self.settings.limits
         if self.admitted >= limits.max_queued_requests:
             raise QueueFull(self.admitted, limits.retry_after_seconds)
-        ticket = Ticket(job, asyncio.get_running_loop())
+        ticket = Ticket(job, asyncio.get_running_loop(), wants_progress=progress)
         self.admitted += 1
         self.queues[job.served.name].append(ticket)
         self.wakeups[job.served.name].set()
@@ -296,7 +297,7 @@ class Engine:
             for item in items:
                 count = item.stop - item.start
                 ticket = item.ticket
-                if not ticket.cancelled:
+                if ticket.wants_progress and not ticket.cancelled:
                     progress = pb.Progress(step=info.step, total=info.total, sigma=info.sigma)
                     every = ticket.job.preview_every
                     if every and info.step % every == 0:

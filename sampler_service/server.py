@@ -178,7 +178,7 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
     async def _unary(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         job = self._job(request, context)
         require_predictor(job)
-        ticket = self.service.engine.submit(job)
+        ticket = self.service.engine.submit(job, progress=False)
         results = []
         try:
             async for event in ticket.events():
