@@ -21,6 +21,7 @@ own error is estimated against an rtol 1e-13 solve and stored in the metadata.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -40,6 +41,7 @@ from solvers.contract import CountingDenoiser
 from solvers.registry import Params, SolverSpec
 from solvers.stepping import Progress
 
+from . import sweep
 from .arguments import options_of, positive_int
 from .errors import BenchError
 
@@ -348,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         provenance.write_csv(out / "accuracy-gmm.csv", rows, ACCURACY_COLUMNS),
         provenance.write_csv(out / "accuracy-gmm-order.csv", order_rows),
         provenance.write_json(out / "accuracy-gmm.json", meta, rows, order_rows=order_rows),
+        provenance.write_csv(out / "accuracy-gmm-schema.csv", in_sweep_schema(rows, meta, args), sweep.COLUMNS),
     ]
     print(format_error_table(rows, args.batch, args.dim))
     print()
@@ -356,6 +359,45 @@ def run(args: argparse.Namespace) -> int:
     print(f"reference error estimates: {reference_error:.1e} (sigma_min {SIGMA_MIN}), {order_floor:.1e} (order study)")
     print(f"wall time {wall_s:.1f} s; wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def in_sweep_schema(
+    rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The error-vs-NFE rows in the shared result schema of bench/sweep.py (tier `analytic`;
+    `rmse_ref` is the error against the exact ODE solution; image metrics are empty)."""
+    setup = json.dumps({"dim": args.dim, **MIXTURE}, sort_keys=True)
+    fingerprint = hashlib.sha256(setup.encode()).hexdigest()
+    return [
+        {
+            "model": f"gmm-analytic(dim={args.dim})",
+            "model_fingerprint": fingerprint,
+            "solver": row["variant"],
+            "base": row["solver"],
+            "schedule": row["schedule"],
+            "schedule_params": row["schedule_params"],
+            "afs": row["afs"],
+            "guidance": None,
+            "steps": row["steps"],
+            "nfe": row["nfe"],
+            "network_evals": row["nfe"] if row["reachable"] else None,
+            "num_samples": args.batch,
+            "tier": "analytic",
+            "rmse_ref": row["rmse"],
+            "device": "cpu",
+            "dtype": "float64",
+            "batch": args.batch,
+            "tf32": False,
+            "git_rev": (meta.get("git") or {}).get("revision"),
+            "command": meta.get("command"),
+            "reachable": row["reachable"],
+            "solver_params": row["params"],
+            "reference": f"scipy DOP853 in log sigma, rtol {REFERENCE_RTOL:g}",
+            "processes": 1,
+            "cached": False,
+        }
+        for row in rows
+    ]
 
 
 def format_error_table(rows: Sequence[Mapping[str, Any]], batch: int, dim: int) -> str:

@@ -3,9 +3,19 @@
     python -m bench fd-vs-nfe --model mnist --solvers all --nfe 3,4,5,6,7,8,9,10,15,20 \\
         --num-samples 1000 --out bench/results/fd-vs-nfe-cpu/
 
-Writes results.csv, results.json (rows in the shared schema, provenance in meta) and
-fd-vs-nfe.png to --out; per-row statistics are cached in --cache (default --out/cache), so an
-interrupted run resumes and a new solver computes only its rows.
+Writes results.csv, results.json (rows in the shared schema, provenance in meta), fd-vs-nfe.png
+and samples-nfe<k>.png (the same seeds for every solver at the two lowest NFE) to --out; per-chunk
+statistics are cached in --cache (default --out/cache), so an interrupted run resumes and a new
+solver computes only its rows.
+
+Several processes or GPUs (chunks sharded, statistics gathered; same numbers as one process):
+
+    accelerate launch --num_processes 8 -m bench fd-vs-nfe ... --tier gpu --guidance 2
+    accelerate launch --cpu --num_processes 2 -m bench fd-vs-nfe ... --threads 1
+
+FID (opt-in): --fid, with pytorch-fid installed (pip install -e '.[fid]') and the standard Inception
+weights from --fid-weights or the torch hub cache (SHA-256 checked; see bench/fid.py). Without them
+the fid column stays empty, the reason is printed and recorded, and the rest completes.
 """
 
 from __future__ import annotations
@@ -16,11 +26,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 import models
 import solvers
 
+from . import fid
 from .errors import BenchError
 from .sweep import SweepConfig, run_sweep
 
@@ -54,8 +66,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed-base", type=int, default=0)
     parser.add_argument("--reference-steps", type=int, default=128)
+    parser.add_argument("--reference-check", type=int, default=64, help="samples checked against 2x steps")
     parser.add_argument("--tier", default="cpu")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD interval")
+    parser.add_argument("--fid", action="store_true", help="also compute FID (Inception-v3 features)")
+    parser.add_argument("--fid-weights", default=None, help=f"path of {fid.WEIGHTS_NAME}")
+    parser.add_argument("--fid-reference", default=None, help="image folder or .npz (mu, sigma); default MNIST test")
+    parser.add_argument("--grid", type=int, default=10, help="samples per solver in the sample grids (0: none)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=None)
     parser.set_defaults(handler=run)
@@ -87,9 +105,17 @@ def run(args: argparse.Namespace) -> int:
             reference_steps=args.reference_steps,
             tier=args.tier,
             bootstrap=args.bootstrap,
+            reference_check=args.reference_check,
+            fid=args.fid,
+            fid_weights=args.fid_weights,
+            fid_reference=args.fid_reference,
+            grid=args.grid,
         )
     except ValidationError as error:
         raise BenchError(str(error)) from None
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     def report(row: dict[str, Any]) -> None:
         if not row["reachable"]:
@@ -104,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        run_sweep(config, args.out, args.cache, on_row=report)
-    except models.ModelError as error:
+        rows = run_sweep(config, args.out, args.cache, on_row=report)
+    except (models.ModelError, fid.FidWeightsRejected) as error:
         raise BenchError(str(error)) from None
-    print(f"wrote {args.out / 'results.csv'}, results.json and fd-vs-nfe.png", file=sys.stderr)
+    if rows:  # the main process
+        print(f"wrote {args.out / 'results.csv'}, results.json, fd-vs-nfe.png and the sample grids", file=sys.stderr)
     return 0

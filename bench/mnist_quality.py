@@ -14,6 +14,7 @@ from torch import Tensor
 
 from models.mnist import data
 from models.mnist.architecture import NUM_CLASSES, MnistClassifier
+from models.mnist.classifier import load_classifier
 
 from .frechet import FeatureStats, features_in_batches, frechet_distance
 
@@ -45,6 +46,9 @@ class Scores:
         return (counts / counts.sum()).tolist()
 
 
+_SHARED: dict[str, MnistScorer] = {}
+
+
 class MnistScorer:
     """The classifier and the test set's feature statistics, computed once."""
 
@@ -56,6 +60,15 @@ class MnistScorer:
         self.test_labels = test.labels
         self.test_features = self.features(self.test_images)
         self.test_stats = FeatureStats.of(self.test_features)
+
+    @classmethod
+    def shared(cls, device: torch.device | str = "cpu") -> MnistScorer:
+        """One scorer per device and process with the shipped classifier (the 10,000 test
+        features are computed once, not per sweep)."""
+        key = str(torch.device(device))
+        if key not in _SHARED:
+            _SHARED[key] = cls(load_classifier(), device)
+        return _SHARED[key]
 
     def features(self, images: Tensor) -> Tensor:
         """The 128-d classifier features of images in [-1, 1] (N, 1, 28, 28), on the CPU."""

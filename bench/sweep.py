@@ -9,21 +9,29 @@ Protocol, identical for every row:
   class-conditional model, label `labels[k]`: the digits 0..9 repeated, shuffled by a generator
   seeded with `seed_base` (balanced and seeded); guidance, schedule and its parameters, AFS and
   dtype are options and columns;
-- the reference is one high-accuracy run per (model, guidance, schedule range, seeds): `heun` with
-  `reference_steps` steps on the `logsnr` schedule, validated against twice the steps on the first
-  `reference_check` samples (that RMSE is printed and recorded; it must be far below the smallest
-  error reported);
+- the reference is one high-accuracy run per (model, guidance, dtype, seeds): `heun` with
+  `reference_steps` steps on the `logsnr` schedule over the model's full sigma range, validated
+  against twice the steps on the first `reference_check` samples (that RMSE is printed and
+  recorded; it must be far below the smallest error reported);
 - an NFE a solver cannot spend exactly is a row with `reachable=false` and no metrics, never
   rounded to a neighbour.
 
 Metrics: the in-domain Frechet distance on the project's MNIST classifier features against the
 10,000 test images, its noise floor at the same N and a bootstrap 90% interval; class accuracy of
 conditional samples; `rmse_ref`, the RMSE of each final sample against the reference from the same
-noise, averaged; counted nfe and network_evals; wall time per sample.
+noise, averaged; FID when asked for (bench/fid.py); counted nfe and network_evals; wall time per
+sample (summed over processes).
 
-Each row's statistics (features, per-sample reference error, predictions), not images, are cached
-under `cache/` keyed by everything that defines the row, so an interrupted sweep resumes and a new
-solver computes only its rows. The reference samples are cached the same way.
+Work is cut into chunks of `batch_size` samples: chunk c holds samples c*B .. (c+1)*B - 1, always
+sampled as one batch, so results do not depend on how many processes ran them. Each chunk's
+statistics (classifier features, per-sample reference error, predictions, Inception features
+until the row is complete; never images, except a few previews for the sample grid) are cached
+under `cache/`, keyed by everything that defines them: an interrupted sweep resumes chunk by
+chunk and a new solver computes only its rows. The reference is cached the same way.
+
+Multi-process: under `accelerate launch` (e.g. `--num_processes 8` on 8 GPUs, or `--cpu
+--num_processes 2`) process r computes the chunks c with c % world == r, the processes meet at
+a barrier, and the main process assembles the rows from the chunk files and writes the outputs.
 """
 
 from __future__ import annotations
@@ -33,21 +41,23 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import models
 import solvers
 from models import provenance
-from models.mnist.classifier import load_classifier
 
+from .fid import FidExtractor, FidUnavailable
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import MnistScorer, quantise
 
@@ -83,10 +93,12 @@ COLUMNS = (
     "reachable",
     "solver_params",
     "reference",
+    "processes",
     "cached",
 )
 BOOTSTRAP_RESAMPLES = 200
 BOOTSTRAP_SEED = 1234
+REFERENCE_SOLVER, REFERENCE_SCHEDULE = "heun", "logsnr"
 
 
 class SweepConfig(BaseModel):
@@ -111,6 +123,48 @@ class SweepConfig(BaseModel):
     reference_check: int = Field(64, ge=1)
     tier: str = "cpu"
     bootstrap: int = Field(BOOTSTRAP_RESAMPLES, ge=0)
+    fid: bool = False
+    fid_weights: str | None = None
+    fid_reference: str | None = Field(None, description="image folder or .npz of statistics; default MNIST test")
+    grid: int = Field(10, ge=0, le=64, description="samples per solver in the sample grids")
+
+
+class Distributed(Protocol):
+    """What the sweep needs of accelerate's PartialState."""
+
+    process_index: int
+    num_processes: int
+    is_main_process: bool
+    device: torch.device
+
+    def wait_for_everyone(self) -> None: ...
+
+
+@dataclass
+class SingleProcess:
+    process_index: int = 0
+    num_processes: int = 1
+    is_main_process: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def wait_for_everyone(self) -> None:
+        return None
+
+
+def distributed_state(device: str = "auto") -> Distributed:
+    """accelerate's process state under a distributed launch, else a single process.
+
+    Without a GPU (or with device "cpu") the processes meet over gloo: accelerate only does that
+    when asked for the CPU, so it is asked here. Launch several CPU processes with
+    `accelerate launch --multi_gpu --num_processes N` (torchrun underneath); in accelerate 1.x
+    `accelerate launch --cpu --num_processes N` starts one process unless given an MPI hostfile.
+    """
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return SingleProcess()
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state if state.num_processes > 1 else SingleProcess()
 
 
 @dataclass
@@ -118,12 +172,25 @@ class SweepContext:
     config: SweepConfig
     model: models.DiffusionModel
     scorer: MnistScorer | None
+    fid: FidExtractor | None
+    fid_note: str | None
     seeds: list[int]
     labels: Tensor | None
-    reference: Tensor
-    reference_check_rmse: float
     cache: Path
+    reference_key: str
     meta: dict[str, Any]
+    state: Distributed
+    reference_check_rmse: float = float("nan")
+    reference_chunks: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """(index, start, stop) of every chunk."""
+        size = self.config.batch_size
+        return [(c, s, min(s + size, len(self.seeds))) for c, s in enumerate(range(0, len(self.seeds), size))]
+
+    def owned(self) -> list[tuple[int, int, int]]:
+        return [chunk for chunk in self.chunks if chunk[0] % self.state.num_processes == self.state.process_index]
 
 
 def _hash(payload: dict[str, Any]) -> str:
@@ -136,8 +203,10 @@ def balanced_labels(count: int, classes: int, seed: int) -> Tensor:
     return labels[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
 
 
-def _sample(
+def _sample_chunk(
     context: SweepContext,
+    start: int,
+    stop: int,
     solver: str,
     steps: int,
     schedule: str,
@@ -145,77 +214,110 @@ def _sample(
     solver_params: dict[str, Any],
     afs: bool,
 ) -> tuple[Tensor, int, int, float]:
-    """All N samples in batches: (images float32 CPU, nfe, network_evals per sample, seconds)."""
+    """Samples start..stop-1 as one batch: (images float32 CPU, nfe, network_evals per sample, seconds)."""
     config, model = context.config, context.model
-    parts, nfe, evals = [], 0, 0
     began = time.perf_counter()
-    for start in range(0, len(context.seeds), config.batch_size):
-        stop = min(start + config.batch_size, len(context.seeds))
-        noise = solvers.make_noise(context.seeds[start:stop], model.sample_shape, device=model.device)
-        if context.labels is not None:
-            denoiser = model.conditioned(context.labels[start:stop].to(model.device), config.guidance)
-        else:
-            denoiser = model.conditioned()
-        with torch.inference_mode():
-            result = solvers.sample(
-                denoiser,
-                noise,
-                solver=solver,
-                steps=steps,
-                schedule=schedule,
-                schedule_params=schedule_params,
-                solver_params=solver_params,
-                afs=afs,
-            )
-        parts.append(result.images.float().cpu())
-        nfe, evals = result.nfe, result.network_evals
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(parts), nfe, evals, time.perf_counter() - began
+    noise = solvers.make_noise(context.seeds[start:stop], model.sample_shape, device=model.device)
+    if context.labels is not None:
+        denoiser = model.conditioned(context.labels[start:stop].to(model.device), config.guidance)
+    else:
+        denoiser = model.conditioned()
+    with torch.inference_mode():
+        result = solvers.sample(
+            denoiser,
+            noise,
+            solver=solver,
+            steps=steps,
+            schedule=schedule,
+            schedule_params=schedule_params,
+            solver_params=solver_params,
+            afs=afs,
+        )
+        images = result.images.float().cpu()  # the copy to the CPU waits for the device
+    return images, result.nfe, result.network_evals, time.perf_counter() - began
 
 
-def _reference(
-    config: SweepConfig, model: models.DiffusionModel, seeds: list[int], labels: Tensor | None, cache: Path
-) -> tuple[Tensor, float]:
-    key = _hash(
-        {
-            "kind": "reference",
-            "fingerprint": model.fingerprint,
-            "guidance": config.guidance,
-            "dtype": config.dtype,
-            "seeds": [seeds[0], len(seeds)],
-            "steps": config.reference_steps,
-            "labels": labels.tolist() if labels is not None else None,
-        }
-    )
-    path = cache / f"reference-{key}.safetensors"
+def _reference_path(context: SweepContext, chunk: int) -> Path:
+    return context.cache / f"reference-{context.reference_key}-c{chunk}.safetensors"
+
+
+def _check_path(context: SweepContext) -> Path:
+    return context.cache / f"reference-{context.reference_key}-check.safetensors"
+
+
+def _reference_chunk(context: SweepContext, chunk: int, start: int, stop: int) -> Tensor:
+    """The reference samples of one chunk (computed and cached by the process that owns it)."""
+    if chunk in context.reference_chunks:
+        return context.reference_chunks[chunk]
+    path = _reference_path(context, chunk)
     if path.is_file():
-        stored = load_file(str(path))
-        return stored["samples"], float(stored["check_rmse"])
-    context = SweepContext(config, model, None, seeds, labels, torch.empty(0), 0.0, cache, {})
-    samples, _, _, _ = _sample(context, "heun", config.reference_steps, "logsnr", {}, {}, False)
-    check = min(config.reference_check, len(seeds))
-    context.seeds = seeds[:check]
-    context.labels = labels[:check] if labels is not None else None
-    finer, _, _, _ = _sample(context, "heun", 2 * config.reference_steps, "logsnr", {}, {}, False)
-    check_rmse = float((samples[:check] - finer).pow(2).mean().sqrt())
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({"samples": samples.contiguous(), "check_rmse": torch.tensor(check_rmse)}, str(path))
-    return samples, check_rmse
+        samples = load_file(str(path))["samples"]
+    else:
+        steps = context.config.reference_steps
+        samples, _, _, _ = _sample_chunk(
+            context, start, stop, REFERENCE_SOLVER, steps, REFERENCE_SCHEDULE, {}, {}, False
+        )
+        context.cache.mkdir(parents=True, exist_ok=True)
+        save_file({"samples": samples.contiguous()}, str(path))
+    context.reference_chunks[chunk] = samples
+    return samples
 
 
-def prepare(config: SweepConfig, cache: Path) -> SweepContext:
-    model = models.load(config.model, device=config.device, dtype=config.dtype)
+def _reference_check(context: SweepContext) -> None:
+    """RMSE of the first `reference_check` reference samples against twice the steps (chunk 0's owner)."""
+    path = _check_path(context)
+    if path.is_file() or context.state.process_index != 0:
+        return
+    _, start, stop = context.chunks[0]
+    stop = min(stop, start + context.config.reference_check)
+    finer, _, _, _ = _sample_chunk(
+        context, start, stop, REFERENCE_SOLVER, 2 * context.config.reference_steps, REFERENCE_SCHEDULE, {}, {}, False
+    )
+    reference = _reference_chunk(context, *context.chunks[0])[: stop - start]
+    rmse = (reference - finer).pow(2).mean().sqrt()
+    save_file({"check_rmse": rmse.reshape(1)}, str(path))
+
+
+def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) -> SweepContext:
+    """Load the model and the scorers, fix seeds and labels, and compute (or load) the reference."""
+    state = state if state is not None else distributed_state(config.device)
+    device = str(state.device) if state.num_processes > 1 and config.device == "auto" else config.device
+    model = models.load(config.model, device=device, dtype=config.dtype)
     mnist_like = model.sample_shape == (1, 28, 28)
-    scorer = MnistScorer(load_classifier(), device=model.device) if mnist_like else None
+    scorer = MnistScorer.shared(model.device) if mnist_like else None
+    fid, fid_note = None, None
+    if config.fid:
+        try:
+            fid = FidExtractor(config.fid_weights, device=model.device)
+        except FidUnavailable as error:
+            fid_note = f"FID not computed: {error}"
+            if state.is_main_process:
+                warnings.warn(fid_note, stacklevel=2)
     seeds = list(range(config.seed_base, config.seed_base + config.num_samples))
     labels = None
     if model.num_class_embeds is not None:
         classes = model.null_class if model.null_class is not None else model.num_class_embeds
         labels = balanced_labels(config.num_samples, classes, config.seed_base)
-    reference, check = _reference(config, model, seeds, labels, cache)
+    reference_key = _hash(
+        {
+            "kind": "reference",
+            "fingerprint": model.fingerprint,
+            "guidance": config.guidance,
+            "dtype": config.dtype,
+            "seeds": [config.seed_base, config.num_samples],
+            "batch": config.batch_size,
+            "steps": config.reference_steps,
+            "labels": labels.tolist() if labels is not None else None,
+        }
+    )
     meta = provenance.collect(config.model_dump())
-    return SweepContext(config, model, scorer, seeds, labels, reference, check, cache, meta)
+    context = SweepContext(config, model, scorer, fid, fid_note, seeds, labels, cache, reference_key, meta, state)
+    for chunk in tqdm(context.owned(), desc="reference", disable=not state.is_main_process, leave=False):
+        _reference_chunk(context, *chunk)
+    _reference_check(context)
+    state.wait_for_everyone()
+    context.reference_check_rmse = float(load_file(str(_check_path(context)))["check_rmse"][0])
+    return context
 
 
 def bootstrap_interval(
@@ -236,13 +338,29 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def compute_row(context: SweepContext, solver: str, nfe: int) -> dict[str, Any]:
-    """One row: cached statistics when present, else sample and score (and cache)."""
+@dataclass(frozen=True)
+class RowPlan:
+    """One (solver, NFE) row: what defines it, and where its chunks live."""
+
+    solver: str
+    nfe: int
+    steps: int | None
+    solver_params: dict[str, Any]
+    base: dict[str, Any]
+    key: str
+
+    def chunk_path(self, context: SweepContext, chunk: int) -> Path:
+        return context.cache / f"row-{self.key}-c{chunk}.safetensors"
+
+    def stats_path(self, context: SweepContext) -> Path:
+        return context.cache / f"row-{self.key}-fid.npz"
+
+
+def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     config, model = context.config, context.model
     spec = solvers.SOLVERS.get(solver)
     solver_params = config.solver_params.get(solver, {})
-    params = spec.parse_params(solver_params)
-    steps = spec.steps_for_nfe(nfe, config.afs, params)
+    steps = spec.steps_for_nfe(nfe, config.afs, spec.parse_params(solver_params))
     base = {
         "model": config.model,
         "model_fingerprint": model.fingerprint,
@@ -253,122 +371,211 @@ def compute_row(context: SweepContext, solver: str, nfe: int) -> dict[str, Any]:
         "afs": config.afs,
         "guidance": config.guidance,
         "nfe": nfe,
+        "steps": steps,
         "num_samples": config.num_samples,
         "tier": config.tier,
-        "device": str(model.device),
+        "device": model.device.type,
         "dtype": config.dtype,
         "batch": config.batch_size,
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "git_rev": (context.meta.get("git") or {}).get("revision"),
         "command": context.meta.get("command"),
         "solver_params": json.dumps(solver_params, sort_keys=True),
-        "reference": f"heun {config.reference_steps} steps logsnr (2x check rmse {context.reference_check_rmse:.2e})",
+        "reference": (
+            f"{REFERENCE_SOLVER} {config.reference_steps} steps {REFERENCE_SCHEDULE} "
+            f"(2x check rmse {context.reference_check_rmse:.2e})"
+        ),
+        "processes": context.state.num_processes,
     }
-    if steps is None:
-        return {**base, "steps": None, "reachable": False, "cached": False}
-    key = _hash(
-        {
-            "row": {
-                k: base[k]
-                for k in (
-                    "model_fingerprint",
-                    "solver",
-                    "schedule",
-                    "schedule_params",
-                    "afs",
-                    "guidance",
-                    "nfe",
-                    "num_samples",
-                    "dtype",
-                    "solver_params",
-                )
-            },
-            "seed_base": config.seed_base,
-            "reference_steps": config.reference_steps,
-        }
+    identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe", "solver_params")}
+    key = _hash({"row": identity, "reference": context.reference_key})
+    return RowPlan(solver, nfe, steps, solver_params, base, key)
+
+
+def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, stop: int) -> None:
+    assert row.steps is not None
+    config = context.config
+    images, nfe, evals, seconds = _sample_chunk(
+        context,
+        start,
+        stop,
+        row.solver,
+        row.steps,
+        config.schedule,
+        config.schedule_params,
+        row.solver_params,
+        config.afs,
     )
-    path = context.cache / f"row-{key}.safetensors"
-    cached = path.is_file()
-    if cached:
-        stored = load_file(str(path))
-        metadata = json.loads(stored_meta(path))
-    else:
-        images, counted_nfe, evals, seconds = _sample(
-            context, solver, steps, config.schedule, config.schedule_params, solver_params, config.afs
-        )
-        stored = {"rmse": (images - context.reference).flatten(1).pow(2).mean(1).sqrt().contiguous()}
-        if context.scorer is not None:
-            features = context.scorer.features(quantise(images))
-            with torch.inference_mode():
-                predicted = context.scorer.classifier.classify(features.to(context.scorer.device)).argmax(1).cpu()
-            stored.update(features=features.float().contiguous(), predicted=predicted.contiguous())
-        metadata = {"nfe": counted_nfe, "network_evals": evals, "seconds": seconds, "steps": steps}
-        context.cache.mkdir(parents=True, exist_ok=True)
-        save_file(stored, str(path), metadata={"row": json.dumps(metadata)})
-    row = {
-        **base,
-        "steps": steps,
+    reference = _reference_chunk(context, chunk, start, stop)
+    stored = {"rmse": (images - reference).flatten(1).pow(2).mean(1).sqrt().contiguous()}
+    if context.scorer is not None:
+        features = context.scorer.features(quantise(images))
+        with torch.inference_mode():
+            logits = context.scorer.classifier.classify(features.to(context.scorer.device))
+        stored.update(features=features.float().contiguous(), predicted=logits.argmax(1).cpu().contiguous())
+    if context.fid is not None:
+        stored["inception"] = context.fid.features(images).float().contiguous()
+    if chunk == 0 and config.grid:
+        stored["preview"] = ((images[: config.grid].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    metadata = {"nfe": nfe, "network_evals": evals, "seconds": seconds, "steps": row.steps}
+    context.cache.mkdir(parents=True, exist_ok=True)
+    temporary = row.chunk_path(context, chunk).with_suffix(".partial")
+    save_file(stored, str(temporary), metadata={"row": json.dumps(metadata)})
+    temporary.replace(row.chunk_path(context, chunk))  # a chunk file exists only when complete
+
+
+def _chunk_metadata(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(json.loads((handle.metadata() or {})["row"]))
+
+
+def assemble_row(context: SweepContext, row: RowPlan, cached: bool) -> dict[str, Any]:
+    """The row's metrics from its chunk files (main process)."""
+    config = context.config
+    if row.steps is None:
+        return {**row.base, "reachable": False, "cached": False}
+    parts = [load_file(str(row.chunk_path(context, c))) for c, _, _ in context.chunks]
+    metas = [_chunk_metadata(row.chunk_path(context, c)) for c, _, _ in context.chunks]
+    result = {
+        **row.base,
         "reachable": True,
         "cached": cached,
-        "nfe": metadata["nfe"],
-        "network_evals": metadata["network_evals"],
-        "wall_s_per_sample": metadata["seconds"] / config.num_samples,
-        "rmse_ref": float(stored["rmse"].mean()),
-        "fid": None,
+        "nfe": metas[0]["nfe"],
+        "network_evals": metas[0]["network_evals"],
+        "wall_s_per_sample": sum(m["seconds"] for m in metas) / config.num_samples,
+        "rmse_ref": float(torch.cat([p["rmse"] for p in parts]).double().mean()),
+        "fid": _row_fid(context, row, parts),
     }
-    if context.scorer is not None and "features" in stored:
-        features = stored["features"]
+    if context.scorer is not None:
+        features = torch.cat([p["features"] for p in parts])
         if features.shape[0] <= features.shape[1]:
             warnings.warn(
                 f"{features.shape[0]} samples for {features.shape[1]} feature dimensions: the covariance "
                 "is singular and the Frechet distance is biased; use more samples",
                 stacklevel=2,
             )
-        row["fd_indomain"] = frechet_distance(FeatureStats.of(features), context.scorer.test_stats)
-        row["fd_indomain_floor"] = context.scorer.noise_floor(config.num_samples)
-        row["fd_ci_low"], row["fd_ci_high"] = bootstrap_interval(features, context.scorer.test_stats, config.bootstrap)
+        result["fd_indomain"] = frechet_distance(FeatureStats.of(features), context.scorer.test_stats)
+        result["fd_indomain_floor"] = context.scorer.noise_floor(config.num_samples)
+        result["fd_ci_low"], result["fd_ci_high"] = bootstrap_interval(
+            features, context.scorer.test_stats, config.bootstrap
+        )
         if context.labels is not None:
-            row["class_acc"] = float((stored["predicted"] == context.labels).double().mean())
-    return row
+            predicted = torch.cat([p["predicted"] for p in parts])
+            result["class_acc"] = float((predicted == context.labels).double().mean())
+    return result
 
 
-def stored_meta(path: Path) -> str:
-    from safetensors import safe_open
+def _row_fid(context: SweepContext, row: RowPlan, parts: list[dict[str, Tensor]]) -> float | None:
+    """FID of the row: from its cached Inception statistics, else from the chunks' features (which
+    are then reduced to those statistics and dropped from the chunk files, 8 KB per sample)."""
+    if context.fid is None:
+        return None
+    from .fid import load_stats
 
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {})["row"]
+    path = row.stats_path(context)
+    if path.is_file():
+        stats = load_stats(path)
+    elif all("inception" in p for p in parts):
+        stats = FeatureStats.of(torch.cat([p["inception"] for p in parts]))
+        np.savez(path, mu=stats.mean, sigma=stats.cov, count=np.array(stats.count))
+        for (chunk, _, _), part in zip(context.chunks, parts, strict=True):
+            chunk_path = row.chunk_path(context, chunk)
+            metadata = {"row": json.dumps(_chunk_metadata(chunk_path))}
+            save_file({k: v for k, v in part.items() if k != "inception"}, str(chunk_path), metadata=metadata)
+    else:
+        return None  # chunks cached before FID was asked for: rerun with a fresh cache to add it
+    reference = context.fid.reference_stats(context.config.fid_reference, context.cache)
+    return frechet_distance(stats, reference)
 
 
 def run_sweep(
-    config: SweepConfig, out: Path, cache: Path | None = None, on_row: Callable[[dict[str, Any]], None] | None = None
+    config: SweepConfig,
+    out: Path,
+    cache: Path | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    state: Distributed | None = None,
 ) -> list[dict[str, Any]]:
-    """Compute (or load) every row, write out/results.csv and .json and the plot; return the rows."""
+    """Compute (or load) every row, write out/results.csv and .json, the plots and the sample
+    grids; return the rows (on the main process; the others return an empty list)."""
     cache = cache if cache is not None else out / "cache"
-    context = prepare(config, cache)
+    context = prepare(config, cache, state)
+    main = context.state.is_main_process
+    plans = [plan_row(context, solver, nfe) for solver in config.solvers for nfe in config.nfe]
+    cached = {
+        plan.key: plan.steps is not None and all(plan.chunk_path(context, c).is_file() for c, _, _ in context.chunks)
+        for plan in plans
+    }
+    for plan in tqdm(plans, desc="sweep", unit="row", disable=not main):
+        if plan.steps is None or cached[plan.key]:
+            continue
+        todo = [chunk for chunk in context.owned() if not plan.chunk_path(context, chunk[0]).is_file()]
+        label = f"{plan.solver} NFE {plan.nfe}"
+        for chunk in tqdm(todo, desc=label, unit="chunk", disable=not main, leave=False):
+            _compute_chunk(context, plan, *chunk)
+    context.state.wait_for_everyone()
+    if not main:
+        return []
     rows = []
-    for solver in config.solvers:
-        for nfe in config.nfe:
-            row = compute_row(context, solver, nfe)
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-    meta = {**context.meta, "reference_check_rmse": context.reference_check_rmse}
+    for plan in plans:
+        row = assemble_row(context, plan, cached[plan.key])
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    meta = {**context.meta, "reference_check_rmse": context.reference_check_rmse, "fid_note": context.fid_note}
     provenance.write_csv(out / "results.csv", rows, COLUMNS)
     provenance.write_json(out / "results.json", meta, rows)
     plot(rows, out / "fd-vs-nfe.png")
+    if config.grid:
+        for nfe in sorted(config.nfe)[:2]:
+            sample_grid(context, [p for p in plans if p.nfe == nfe], out / f"samples-nfe{nfe}.png")
     return rows
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Metric vs NFE, one line per solver (in-domain FD when present, else rmse_ref), log scale."""
-    try:
-        import matplotlib
+def sample_grid(context: SweepContext, plans: Sequence[RowPlan], path: Path) -> Path | None:
+    """The first `grid` samples of each solver at one NFE (same seeds and labels), the reference on top."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no plot", stacklevel=2)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(context.config.grid, len(context.seeds))
+    reference = context.reference_chunks.get(0)
+    if reference is None:
+        reference = load_file(str(_reference_path(context, 0)))["samples"]
+    lines = [("reference", ((reference[:count].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))]
+    for plan in plans:
+        if plan.steps is not None:
+            lines.append((plan.solver, load_file(str(plan.chunk_path(context, 0)))["preview"][:count]))
+    if len(lines) < 2:
         return None
+    figure, axes = plt.subplots(len(lines), count, figsize=(0.8 * count + 1.2, 0.85 * len(lines)), squeeze=False)
+    for line, (name, images) in zip(axes, lines, strict=True):
+        for column, ax in enumerate(line):
+            picture = images[column].permute(1, 2, 0).squeeze(-1).numpy()
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        line[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    nfe = next(p.nfe for p in plans)
+    labels = context.labels[:count].tolist() if context.labels is not None else None
+    figure.suptitle(
+        f"NFE {nfe}, seeds {context.seeds[0]}..{context.seeds[count - 1]}" + (f", labels {labels}" if labels else ""),
+        fontsize=9,
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Metric vs NFE, one line per solver (in-domain FD when present, else rmse_ref), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     metric = "fd_indomain" if any(r.get("fd_indomain") is not None for r in rows) else "rmse_ref"
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, (metric, "rmse_ref"), strict=True):
@@ -393,11 +600,15 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 __all__ = [
     "COLUMNS",
+    "SingleProcess",
     "SweepConfig",
+    "assemble_row",
     "balanced_labels",
     "bootstrap_interval",
-    "compute_row",
+    "distributed_state",
+    "plan_row",
     "plot",
     "prepare",
     "run_sweep",
+    "sample_grid",
 ]

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from bench.__main__ import main
+from bench.sweep import COLUMNS
 
 
 def test_accuracy_command_writes_tables(tmp_path, capsys):
@@ -27,6 +28,14 @@ def test_accuracy_command_writes_tables(tmp_path, capsys):
     for name in ("euler", "heun", "dpmpp_3m", "unipc", "deis"):
         row = orders[name]
         assert float(row["order_exact_start"]) == pytest.approx(float(row["declared_order"]), abs=0.3)
+    with open(tmp_path / "accuracy-gmm-schema.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == COLUMNS  # the sweep's shared schema
+        shared = list(reader)
+    assert [(r["solver"], r["nfe"], r["rmse_ref"]) for r in shared] == [
+        (r["variant"], r["nfe"], r["rmse"]) for r in rows
+    ]
+    assert {r["tier"] for r in shared} == {"analytic"}
     meta = json.loads((tmp_path / "accuracy-gmm.json").read_text())["meta"]
     assert "git" in json.dumps(meta)
     assert "torch" in json.dumps(meta)

@@ -1,21 +1,26 @@
 """The quality-versus-NFE sweep end to end on the shipped model (tiny: two solvers, two NFE values,
-256 samples, a 16-step reference), its cache (resume recomputes nothing; a new solver computes only
-its rows), and the in-domain Frechet distance on real MNIST features."""
+256 samples, a 16-step reference), its cache (resume recomputes nothing, an interrupted row only its
+missing chunk; a new solver computes only its rows), two processes under `accelerate launch` equal to
+one, FID without weights, `bench report`, and the in-domain Frechet distance on real MNIST features."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from bench import report
 from bench.__main__ import main as bench_main
 from bench.frechet import FeatureStats, frechet_distance
 from bench.mnist_quality import MnistScorer
-from bench.sweep import COLUMNS, SweepConfig, balanced_labels, run_sweep
+from bench.sweep import COLUMNS, SingleProcess, SweepConfig, balanced_labels, plan_row, prepare, run_sweep
 from models.mnist.classifier import load_classifier
 
 TINY = {
@@ -26,7 +31,7 @@ TINY = {
     "reference_check": 32,
     "bootstrap": 20,
     "device": "cpu",
-    "batch_size": 256,
+    "batch_size": 128,  # two chunks
 }
 
 
@@ -35,7 +40,12 @@ def scorer() -> MnistScorer:
     return MnistScorer(load_classifier())
 
 
-def test_tiny_sweep_resumes_and_extends(tmp_path: Path) -> None:
+def _row_key(cache: Path, solver: str, nfe: int) -> str:
+    context = prepare(SweepConfig(solvers=[solver], **TINY), cache, SingleProcess())
+    return plan_row(context, solver, nfe).key
+
+
+def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
     rows = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m"], **TINY), tmp_path / "run", cache)
     assert [(r["solver"], r["nfe"], r["cached"]) for r in rows] == [
@@ -52,7 +62,9 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path) -> None:
         assert row["fd_ci_low"] <= row["fd_ci_high"]
         assert 0.0 < row["rmse_ref"] < 2.0
         assert 0.0 <= row["class_acc"] <= 1.0
-    assert (tmp_path / "run" / "fd-vs-nfe.png").stat().st_size > 1000
+        assert row["processes"] == 1
+    for name in ("fd-vs-nfe.png", "samples-nfe4.png", "samples-nfe5.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 1000
     with open(tmp_path / "run" / "results.csv") as handle:
         reader = csv.DictReader(handle)
         assert tuple(reader.fieldnames or ()) == COLUMNS
@@ -61,9 +73,39 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path) -> None:
     # a 16-step reference is only 8x below the errors here; the 128-step default is far below
     assert 0 < meta["reference_check_rmse"] < min(r["rmse_ref"] for r in rows) / 5
 
-    again = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m"], **TINY), tmp_path / "run", cache)
+    # FID asked for without weights: the column stays empty, the reason is recorded, the rest completes
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.warns(UserWarning, match="pt_inception-2015-12-05"):
+        again = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m"], fid=True, **TINY), tmp_path / "run", cache)
     assert all(r["cached"] for r in again)
     assert [r["fd_indomain"] for r in again] == [r["fd_indomain"] for r in rows]
+    assert all(r["fid"] is None for r in again)
+    assert "--fid-weights" in json.loads((tmp_path / "run" / "results.json").read_text())["meta"]["fid_note"]
+
+    # an interrupted row: only its missing chunk is computed again, with the same result
+    (chunk,) = cache.glob(f"row-{_row_key(cache, 'dpmpp_2m', 5)}-c1.safetensors")
+    chunk.unlink()
+    resumed = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m"], **TINY), tmp_path / "run", cache)
+    assert [r["cached"] for r in resumed] == [True, True, True, False]
+    assert resumed[3]["fd_indomain"] == pytest.approx(rows[3]["fd_indomain"], rel=1e-9)
+
+    # the README section regenerated from these results
+    results = tmp_path / "results"
+    (results / "fd-vs-nfe-tiny").mkdir(parents=True)
+    (results / "fd-vs-nfe-tiny" / "results.json").write_text((tmp_path / "run" / "results.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    report_args = ["report", "--results", str(results), "--readme", str(readme)]
+    assert bench_main([*report_args, "--check"]) == 1
+    assert bench_main(report_args) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n")
+    assert text.endswith("outro\n")
+    assert "old" not in text
+    assert "| euler |" in text
+    assert "| dpmpp_2m |" in text
+    assert "**" in text
+    assert bench_main([*report_args, "--check"]) == 0
 
     extended = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m", "heun"], **TINY), tmp_path / "run", cache)
     assert [(r["solver"], r["cached"]) for r in extended] == [
@@ -109,3 +151,52 @@ def test_fewer_samples_than_dimensions_warns_not_nan(tmp_path: Path) -> None:
         (row,) = run_sweep(config, tmp_path / "small")
     assert any("feature dimensions" in str(w.message) for w in caught)
     assert row["fd_indomain"] == row["fd_indomain"]  # not NaN
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    """`accelerate launch` with two CPU processes (chunks sharded, statistics gathered through the
+    cache) gives the single-process numbers: batches are composed the same way."""
+    args = ["--solvers", "dpmpp_2m", "--nfe", "4", "--num-samples", "160", "--batch-size", "80"]
+    args += ["--reference-steps", "8", "--reference-check", "16", "--bootstrap", "10", "--device", "cpu", "--grid", "0"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    subprocess.run(
+        [*launch, "-m", "bench", "fd-vs-nfe", *args, "--threads", "1", "--out", str(tmp_path / "two")],
+        check=True,
+        timeout=300,
+    )
+    assert bench_main(["fd-vs-nfe", *args, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    (two,) = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    (one,) = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for metric in ("fd_indomain", "fd_ci_low", "fd_ci_high", "rmse_ref", "class_acc"):
+        assert two[metric] == pytest.approx(one[metric], rel=1e-6), metric
+    assert two["nfe"] == one["nfe"] == 4
+
+
+def test_fid_weights_are_checked_before_loading(tmp_path: Path) -> None:
+    from bench import fid
+
+    impostor = tmp_path / fid.WEIGHTS_NAME
+    impostor.write_bytes(b"not the Inception weights")
+    with pytest.raises(fid.FidWeightsRejected, match="SHA-256 .* does not start with 6726825d"):
+        fid.load_verified_state(impostor)
+    with pytest.raises(fid.FidUnavailable, match="no such file"):
+        fid.locate_weights(tmp_path / "missing.pth")
+    rejected = bench_main(
+        ["fd-vs-nfe", "--solvers", "euler", "--fid", "--fid-weights", str(impostor), "--out", str(tmp_path)]
+    )
+    assert rejected == 2
+
+
+def test_fid_statistics_files_need_no_pickle(tmp_path: Path) -> None:
+    from bench import fid
+
+    path = tmp_path / "stats.npz"
+    np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
+    stats = fid.load_stats(path)
+    assert stats.mean.shape == (3,)
+    assert stats.cov.shape == (3, 3)
+    grey = fid.to_unit_rgb(torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3))
+    assert grey.shape == (1, 3, 1, 3)
+    assert grey[0, :, 0] == pytest.approx(torch.tensor([[0.0, 128 / 255, 1.0]] * 3))  # 8-bit levels, as served

@@ -93,11 +93,14 @@ def _quality_lines(quality: dict[str, Any]) -> list[str]:
         "(classifier features, squared, as FID reports it) is to the 10,000 MNIST test images; the "
         "noise floor is N real test images against the other 10,000 - N.",
         "",
-        "| set | N | sampler | guidance | result |",
-        "|---|---|---|---|---|",
+        "| set | N | sampler | guidance | metric | result |",
+        "|---|---|---|---|---|---|",
     ]
     for row in quality["rows"]:
-        lines.append(f"| {row['set']} | {row['n']} | {row['sampler']} | {row['guidance']} | {row['result']} |")
+        guidance = "–" if row["guidance"] is None else row["guidance"]
+        lines.append(
+            f"| {row['set']} | {row['n']} | {row['sampler'] or '–'} | {guidance} | {row['metric']} | {row['result']} |"
+        )
     return lines
 
 
