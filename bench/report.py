@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def load_rows(results: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    rows, commands = [], []
+    rows: list[dict[str, Any]] = []
+    commands: list[str] = []
     for path in sorted(results.glob("fd-vs-nfe-*/results.json")):
         document = json.loads(path.read_text())
         rows.extend(r for r in document["rows"] if r.get("reachable"))
@@ -84,7 +85,7 @@ def table(rows: list[dict[str, Any]], metric: str, with_schedule: bool = False) 
 
 def best_schedule(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each solver's rows on the schedule with the lowest mean log rmse_ref over common NFE."""
-    chosen = []
+    chosen: list[dict[str, Any]] = []
     by_solver: dict[str, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         by_solver[row["solver"]][row["schedule"]][row["nfe"]] = row
