@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 from solvers.errors import SolverError
 
-from . import accuracy, fd_vs_nfe, model_card, model_speed, report, serve_load, solver_overhead
+from . import accuracy, batch_invariance, fd_vs_nfe, model_card, model_speed, report, serve_load, solver_overhead
 from .errors import BenchError
 
-COMMANDS = (accuracy, solver_overhead, model_speed, model_card, fd_vs_nfe, report, serve_load)
+COMMANDS = (accuracy, solver_overhead, model_speed, model_card, fd_vs_nfe, report, serve_load, batch_invariance)
 
 
 def build_parser() -> argparse.ArgumentParser:

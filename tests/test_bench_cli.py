@@ -46,3 +46,13 @@ def test_bad_option_is_a_clear_error(capsys):
         main(["accuracy", "--dim", "0"])
     assert err.value.code == 2
     assert "--dim" in capsys.readouterr().err
+
+
+def test_batch_invariance_in_float64(tmp_path):
+    """A seed sampled alone and inside a batch is the same image up to float64 rounding."""
+    args = ["batch-invariance", "--dtypes", "float64", "--seeds", "4", "--batch", "2", "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "batch-invariance.json").read_text())["rows"]
+    assert row["seeds"] == 4
+    assert row["max_abs_diff"] < 1e-9
+    assert row["share_pixels_over_one_level"] == 0.0
