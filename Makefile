@@ -40,6 +40,8 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/pytest bench/speed/test_solver_overhead.py --benchmark-only --benchmark-json=bench/results/solver-overhead-raw.json -p no:cacheprovider
 	$(PY) -m bench solver-overhead --raw bench/results/solver-overhead-raw.json
 	$(MAKE) bench-unet
+	$(PY) -m bench serve-load
+	$(PY) -m bench batch-invariance
 
 bench-unet: $(VENV)/.installed
 	$(VENV)/bin/pytest bench/speed/test_unet_throughput.py bench/speed/test_end_to_end.py --benchmark-only --benchmark-json=bench/results/model-speed-raw.json -p no:cacheprovider
