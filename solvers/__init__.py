@@ -7,8 +7,8 @@ Use `sample(denoiser, noise, solver=..., steps=...)`; `list_solvers()` says what
 """
 
 # isort: off
-# Registration order is the order clients see: classic, DPM family, UniPC, Adams family.
-from . import euler_heun, dpm_solver, unipc, adams  # noqa: F401
+# Registration order is the order clients see: classic, DPM family, UniPC, Adams family, AMED.
+from . import euler_heun, dpm_solver, unipc, adams, amed  # noqa: F401
 
 # isort: on
 from .contract import CountingDenoiser, Denoiser, FeatureDenoiser, StepCallback, StepInfo

@@ -52,7 +52,7 @@ def _adams_bashforth(
             x = exact_start[i]
         else:
             x = x + sum(c * d for c, d in zip(coeffs, reversed(history), strict=False))
-        progress(i, s[i + 1], denoised)
+        progress(i, s[i + 1], denoised, x)
     return x
 
 

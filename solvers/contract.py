@@ -59,12 +59,14 @@ class StepInfo:
         total: the number of steps (intervals) of the schedule.
         sigma: the sigma the state has just reached.
         denoised: the latest data prediction, shape (B, ...); for previews. Do not modify it.
+        x: the state at `sigma`, shape (B, ...) (teacher trajectories, per-step error). Do not modify it.
     """
 
     step: int
     total: int
     sigma: float
     denoised: Tensor
+    x: Tensor
 
 
 class StepCallback(Protocol):

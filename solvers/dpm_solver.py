@@ -65,7 +65,7 @@ def sample_dpm_solver_2(
         denoised = evaluate(denoiser, x_mid, s_mid)
         d_mid = direction(x_mid, denoised, s_mid)
         x = x + h * ((1.0 - 0.5 / r) * d + (0.5 / r) * d_mid)
-        progress(i, s[i + 1], denoised)
+        progress(i, s[i + 1], denoised, x)
     return x
 
 
@@ -126,7 +126,7 @@ def _dpmpp_multistep(
         history = push(history, denoised, max_order)
         if i < len(exact_start):
             x = exact_start[i]
-            progress(i, s[i + 1], denoised)
+            progress(i, s[i + 1], denoised, x)
             continue
         h = lam[i + 1] - lam[i]
         phi_1 = math.expm1(-h)  # e^{-h} - 1
@@ -148,7 +148,7 @@ def _dpmpp_multistep(
             x = (s[i + 1] / s[i]) * x - phi_1 * denoised + phi_2 * d1 - (third_factor * phi_3) * d2
         else:
             x = (s[i + 1] / s[i]) * x - phi_1 * denoised
-        progress(i, s[i + 1], denoised)
+        progress(i, s[i + 1], denoised, x)
     return x
 
 

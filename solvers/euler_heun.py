@@ -34,7 +34,7 @@ def sample_euler(
     for i in range(len(s) - 1):
         denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
         x = x + (s[i + 1] - s[i]) * direction(x, denoised, s[i])
-        progress(i, s[i + 1], denoised)
+        progress(i, s[i + 1], denoised, x)
     return x
 
 
@@ -65,5 +65,5 @@ def sample_heun(
         x_pred = x + h * d
         denoised = evaluate(denoiser, x_pred, s[i + 1])
         x = x + (0.5 * h) * (d + direction(x_pred, denoised, s[i + 1]))
-        progress(i, s[i + 1], denoised)
+        progress(i, s[i + 1], denoised, x)
     return x

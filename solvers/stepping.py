@@ -23,9 +23,9 @@ class Progress:
         self.callback = callback
         self.total = total
 
-    def __call__(self, index: int, sigma: float, denoised: Tensor) -> None:
-        """Report that step `index` (0-based) has reached `sigma`."""
-        if self.callback is not None and self.callback(StepInfo(index + 1, self.total, sigma, denoised)):
+    def __call__(self, index: int, sigma: float, denoised: Tensor, x: Tensor) -> None:
+        """Report that step `index` (0-based) has brought the state `x` to `sigma`."""
+        if self.callback is not None and self.callback(StepInfo(index + 1, self.total, sigma, denoised, x)):
             raise SamplingCancelled(index + 1, self.total)
 
 

@@ -91,7 +91,7 @@ def sample_unipc(
         if i < len(exact_start):
             x = exact_start[i]
             history = push(history, evaluate(denoiser, x, s[i + 1]), params.order)
-            progress(i, s[i + 1], history[-1])
+            progress(i, s[i + 1], history[-1], x)
             continue
         order = min(orders[i], len(history))
         h = lam[i + 1] - lam[i]
@@ -108,12 +108,12 @@ def sample_unipc(
             x = x_pred
             if not last:
                 history = push(history, evaluate(denoiser, x, s[i + 1]), params.order)
-            progress(i, s[i + 1], history[-1])
+            progress(i, s[i + 1], history[-1], x)
             continue
         m_t = evaluate(denoiser, x_pred, s[i + 1])
         rhos_c = [0.5] if order == 1 else np.linalg.solve(big_r, b).tolist()
         corr = sum((float(rho) * dk for rho, dk in zip(rhos_c[:-1], diffs, strict=True)), start=0.0 * m0)
         x = x_base - b_h * (corr + rhos_c[-1] * (m_t - m0))
         history = push(history, m_t, params.order)
-        progress(i, s[i + 1], m_t)
+        progress(i, s[i + 1], m_t, x)
     return x

@@ -1,0 +1,41 @@
+"""AMED: the mean-value-direction solvers (`amed`, `amed_plugin`), their predictor network and its
+data-free training. Imports nothing of this project outside `solvers`."""
+
+from .predictor import (
+    AMEDPredictor,
+    Prediction,
+    PredictorCard,
+    PredictorConfig,
+    PredictorKey,
+    PredictorLoadError,
+    PredictorStore,
+    load_predictor,
+    save_predictor,
+    train_command,
+)
+from .solver import BASES, AMEDParams, AMEDPluginParams, History, Variant, amed_interval
+from .training import TrainingSettings, TrainingSummary, new_predictor, teacher_states, train_predictor
+
+__all__ = [
+    "BASES",
+    "AMEDParams",
+    "AMEDPluginParams",
+    "AMEDPredictor",
+    "History",
+    "Prediction",
+    "PredictorCard",
+    "PredictorConfig",
+    "PredictorKey",
+    "PredictorLoadError",
+    "PredictorStore",
+    "TrainingSettings",
+    "TrainingSummary",
+    "Variant",
+    "amed_interval",
+    "load_predictor",
+    "new_predictor",
+    "save_predictor",
+    "teacher_states",
+    "train_command",
+    "train_predictor",
+]

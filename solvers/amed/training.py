@@ -1,0 +1,211 @@
+"""Data-free training of an AMED predictor by distilling a finer teacher trajectory.
+
+No data set is involved: for each batch of seeded noises,
+
+1. the teacher (a training-free solver on the same schedule family with (M + 1) S steps, so the
+   student's grid is every (M + 1)-th teacher point) integrates one full trajectory without AFS,
+   under no_grad, and its states at the student's grid are kept;
+2. the student walks the S intervals with `amed_interval`, the very function sampling uses. After
+   each interval the loss is the squared L2 distance to the teacher's state at sigma_{i+1}, summed
+   over dimensions and averaged over the batch, and Adam takes one step. Gradients reach r and a
+   through the frozen network's evaluation at (x_s, a s_i), and c through the update; the feature
+   is detached, the multistep history is detached between intervals. Single-step students restart
+   every interval from the teacher's state; multistep students continue from their own.
+   Non-finite gradients are zeroed.
+
+The denoiser is any `FeatureDenoiser` (or any `Denoiser` for a table-mode predictor); the caller
+freezes its network (`requires_grad_(False)`) and must not hold inference mode. This module knows
+nothing about where the model came from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..contract import CountingDenoiser, Denoiser, StepInfo
+from ..registry import SOLVERS
+from ..stepping import Progress
+from .predictor import AMEDPredictor, PredictorConfig
+from .solver import History, Variant, amed_interval
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How to train (recorded in the predictor's sidecar)."""
+
+    trajectories: int = 1000
+    batch_size: int = 100
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    teacher: str = "heun"
+    teacher_params: dict[str, Any] = field(default_factory=dict)
+    teacher_substeps: int = 1
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trajectories": self.trajectories,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "teacher": self.teacher,
+            "teacher_params": self.teacher_params,
+            "teacher_substeps": self.teacher_substeps,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class TrainingSummary:
+    """What a run did: losses per interval (first batch and mean of the last quarter of batches)."""
+
+    intervals: int
+    batches: int
+    trajectories: int
+    first_loss: list[float]
+    final_loss: list[float]
+    wall_seconds: float
+    device: str
+    network_evals: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "intervals": self.intervals,
+            "batches": self.batches,
+            "trajectories": self.trajectories,
+            "first_batch_loss_per_interval": self.first_loss,
+            "final_loss_per_interval": self.final_loss,
+            "final_loss": sum(self.final_loss),
+            "wall_seconds": round(self.wall_seconds, 2),
+            "device": self.device,
+            "network_evals": self.network_evals,
+        }
+
+
+def new_predictor(config: PredictorConfig, seed: int) -> AMEDPredictor:
+    """A freshly initialised predictor (deterministic per seed; the heads start at r = 1/2, c = a = 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AMEDPredictor(config)
+
+
+def teacher_states(
+    denoiser: Denoiser, x0: Tensor, teacher_sigmas: Tensor, teacher: str, teacher_params: dict[str, Any], every: int
+) -> list[Tensor]:
+    """The teacher's states at teacher_sigmas[0], [every], [2 every], ... (no AFS, no grad)."""
+    spec = SOLVERS.get(teacher)
+    steps = len(teacher_sigmas) - 1
+    states = [x0]
+
+    def keep(info: StepInfo) -> None:
+        if info.step % every == 0:
+            states.append(info.x)
+
+    with torch.no_grad():
+        spec.fn(
+            CountingDenoiser(denoiser),
+            x0,
+            teacher_sigmas,
+            params=spec.parse_params(teacher_params),
+            afs=False,
+            progress=Progress(keep, steps),
+        )
+    return states
+
+
+def train_predictor(
+    denoiser: Denoiser,
+    predictor: AMEDPredictor,
+    *,
+    variant: Variant,
+    sigmas: Tensor,
+    teacher_sigmas: Tensor,
+    afs: bool,
+    noise: Callable[[Sequence[int]], Tensor],
+    settings: TrainingSettings,
+    on_batch: Callable[[int, list[float]], None] | None = None,
+) -> TrainingSummary:
+    """Train `predictor` in place.
+
+    Args:
+        denoiser: the frozen model with its conditioning bound (evaluations get gradients w.r.t.
+            their inputs only).
+        sigmas: the student's grid, float64 (S + 1,).
+        teacher_sigmas: the teacher's grid, float64 ((M + 1) S + 1,), containing `sigmas` at
+            every (M + 1)-th point.
+        noise: unit noise for a list of seeds, (B, ...) on the denoiser's device (scaled here).
+        on_batch: called after each batch with its index and loss per interval.
+    Returns:
+        a TrainingSummary.
+    """
+    every = settings.teacher_substeps + 1
+    intervals = len(sigmas) - 1
+    if len(teacher_sigmas) != every * intervals + 1:
+        raise ValueError(f"teacher grid of {len(teacher_sigmas)} points for {intervals} intervals x {every}")
+    picked = teacher_sigmas[::every]
+    if not torch.allclose(picked, sigmas.to(picked), rtol=1e-9, atol=0.0):
+        raise ValueError("the student's grid is not every (M + 1)-th point of the teacher's")
+    s = sigmas.tolist()
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=settings.lr, betas=settings.betas)
+    counter = CountingDenoiser(denoiser)
+    predictor.train()
+    began = time.perf_counter()
+    losses: list[list[float]] = []
+    batches = math.ceil(settings.trajectories / settings.batch_size)
+    device = "cpu"
+    for batch_index in range(batches):
+        start = settings.seed * 1_000_003 + batch_index * settings.batch_size
+        count = min(settings.batch_size, settings.trajectories - batch_index * settings.batch_size)
+        x0 = noise(list(range(start, start + count))) * s[0]
+        device = str(x0.device)
+        targets = teacher_states(denoiser, x0, teacher_sigmas, settings.teacher, settings.teacher_params, every)
+        x, history = x0, History()
+        batch_losses = []
+        for i in range(intervals):
+            start_state = x if variant.multistep else targets[i]
+            with torch.enable_grad():
+                result = amed_interval(
+                    counter,
+                    predictor,
+                    start_state,
+                    s[i],
+                    s[i + 1],
+                    variant=variant,
+                    history=history,
+                    use_afs=afs and i == 0,
+                )
+                loss = (result.x - targets[i + 1]).pow(2).flatten(1).sum(1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            for parameter in predictor.parameters():
+                if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                    parameter.grad.zero_()
+            optimizer.step()
+            batch_losses.append(float(loss.detach()))
+            x, history = result.x.detach(), result.history.detached()
+        losses.append(batch_losses)
+        if on_batch is not None:
+            on_batch(batch_index, batch_losses)
+    predictor.eval()
+    tail = losses[-max(1, len(losses) // 4) :]
+    final = [sum(b[i] for b in tail) / len(tail) for i in range(intervals)]
+    return TrainingSummary(
+        intervals=intervals,
+        batches=batches,
+        trajectories=settings.trajectories,
+        first_loss=losses[0],
+        final_loss=final,
+        wall_seconds=time.perf_counter() - began,
+        device=device,
+        network_evals=counter.network_evals,
+    )
+
+
+__all__ = ["TrainingSettings", "TrainingSummary", "new_predictor", "teacher_states", "train_predictor"]
