@@ -19,7 +19,7 @@ import torch
 from bench import report
 from bench.__main__ import main as bench_main
 from bench.frechet import FeatureStats, frechet_distance
-from bench.mnist_quality import MnistScorer
+from bench.mnist_quality import MnistScorer, quantise
 from bench.sweep import COLUMNS, SingleProcess, SweepConfig, balanced_labels, plan_row, prepare, run_sweep
 from models.mnist.classifier import load_classifier
 
@@ -142,6 +142,15 @@ def test_frechet_distance_on_mnist_features(scorer: MnistScorer) -> None:
     assert itself == pytest.approx(0.0, abs=1e-6)
     assert halves < 0.05 * noisy
     assert halves > 0
+    # Scoring must not change the features it computes statistics of (an in-place ReLU in the
+    # classifier's head once did, and inflated every generated set's distance).
+    blurred = torch.nn.functional.avg_pool2d(scorer.test_images[:1000], 3, stride=1, padding=1)
+    direct = frechet_distance(FeatureStats.of(scorer.features(quantise(blurred))), scorer.test_stats)
+    assert scorer.frechet_to_test(scorer.score(blurred)) == pytest.approx(direct, rel=1e-9)
+    features = scorer.test_features[:10].clone()
+    with torch.inference_mode():
+        scorer.classifier.classify(features)
+    assert torch.equal(features, scorer.test_features[:10])
 
 
 def test_fewer_samples_than_dimensions_warns_not_nan(tmp_path: Path) -> None:

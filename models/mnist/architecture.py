@@ -67,7 +67,8 @@ class MnistClassifier(nn.Module):
 
         self.body = nn.Sequential(stage(1, 32), stage(32, 64), stage(64, 128))
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 3 * 3, self.feature_dim))
-        self.classify = nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(self.feature_dim, NUM_CLASSES))
+        # Not in place: callers keep the feature they pass in (it feeds the Frechet statistics).
+        self.classify = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(self.feature_dim, NUM_CLASSES))
 
     def features(self, images: Tensor) -> Tensor:
         """The penultimate feature (before the ReLU), shape (B, 128)."""
