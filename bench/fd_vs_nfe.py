@@ -57,6 +57,15 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--solvers", default="all", help="comma-separated names, or all (the training-free ones)")
     parser.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 7, 8, 9, 10, 15, 20])
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument(
+        "--solver-params",
+        type=json.loads,
+        default={},
+        help='JSON object per solver, e.g. {"amed_plugin": {"base": "ipndm"}}',
+    )
+    parser.add_argument(
+        "--predictor-dir", action="append", default=[], help="AMED predictors (besides the model's amed/)"
+    )
     parser.add_argument("--schedule", default="polynomial")
     parser.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
     parser.add_argument("--afs", action="store_true")
@@ -92,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         config = SweepConfig(
             model=args.model,
             solvers=names,
+            solver_params=args.solver_params,
+            predictor_dirs=args.predictor_dir,
             nfe=args.nfe,
             num_samples=args.num_samples,
             schedule=args.schedule,

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 import models
 import solvers
 from models import provenance
+from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
 
 from .fid import FidExtractor, FidUnavailable
 from .frechet import FeatureStats, frechet_distance
@@ -94,6 +95,9 @@ COLUMNS = (
     "solver_params",
     "reference",
     "processes",
+    "predictor",
+    "predictor_training_s",
+    "predictor_trajectories",
     "cached",
 )
 BOOTSTRAP_RESAMPLES = 200
@@ -127,6 +131,7 @@ class SweepConfig(BaseModel):
     fid_weights: str | None = None
     fid_reference: str | None = Field(None, description="image folder or .npz of statistics; default MNIST test")
     grid: int = Field(10, ge=0, le=64, description="samples per solver in the sample grids")
+    predictor_dirs: list[str] = Field(default_factory=list, description="AMED predictors besides the model's amed/")
 
 
 class Distributed(Protocol):
@@ -180,6 +185,7 @@ class SweepContext:
     reference_key: str
     meta: dict[str, Any]
     state: Distributed
+    predictors: PredictorStore = field(default_factory=lambda: PredictorStore([]))
     reference_check_rmse: float = float("nan")
     reference_chunks: dict[int, Tensor] = field(default_factory=dict)
 
@@ -213,6 +219,7 @@ def _sample_chunk(
     schedule_params: dict[str, Any],
     solver_params: dict[str, Any],
     afs: bool,
+    predictor: Any = None,
 ) -> tuple[Tensor, int, int, float]:
     """Samples start..stop-1 as one batch: (images float32 CPU, nfe, network_evals per sample, seconds)."""
     config, model = context.config, context.model
@@ -232,6 +239,7 @@ def _sample_chunk(
             schedule_params=schedule_params,
             solver_params=solver_params,
             afs=afs,
+            predictor=predictor,
         )
         images = result.images.float().cpu()  # the copy to the CPU waits for the device
     return images, result.nfe, result.network_evals, time.perf_counter() - began
@@ -312,6 +320,8 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     )
     meta = provenance.collect(config.model_dump())
     context = SweepContext(config, model, scorer, fid, fid_note, seeds, labels, cache, reference_key, meta, state)
+    folders = [models.loading.find_files(config.model).root / "amed", *map(Path, config.predictor_dirs)]
+    context.predictors = PredictorStore([folder for folder in folders if folder.is_dir()])
     for chunk in tqdm(context.owned(), desc="reference", disable=not state.is_main_process, leave=False):
         _reference_chunk(context, *chunk)
     _reference_check(context)
@@ -348,6 +358,7 @@ class RowPlan:
     solver_params: dict[str, Any]
     base: dict[str, Any]
     key: str
+    predictor: PredictorKey | None = None
 
     def chunk_path(self, context: SweepContext, chunk: int) -> Path:
         return context.cache / f"row-{self.key}-c{chunk}.safetensors"
@@ -387,14 +398,66 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
         ),
         "processes": context.state.num_processes,
     }
+    wanted = None
+    weights = None
+    if spec.needs_predictor and steps is not None:
+        wanted, weights = _predictor_of(context, spec, solver_params, nfe, steps)
+        card = read_card(context.predictors.cards[wanted])
+        base.update(
+            predictor=wanted.describe(),
+            predictor_training_s=card.training.get("wall_seconds"),
+            predictor_trajectories=card.training.get("trajectories"),
+        )
     identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe", "solver_params")}
-    key = _hash({"row": identity, "reference": context.reference_key})
-    return RowPlan(solver, nfe, steps, solver_params, base, key)
+    key = _hash({"row": identity, "reference": context.reference_key, "predictor_weights": weights})
+    return RowPlan(solver, nfe, steps, solver_params, base, key, wanted)
+
+
+def _predictor_of(
+    context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int, steps: int
+) -> tuple[PredictorKey, str]:
+    """The AMED predictor a row needs and the SHA-256 of its weights (part of the row's cache key).
+
+    Raises:
+        MissingPredictorError: none matches; the message carries the command that trains it.
+    """
+    config, model = context.config, context.model
+    params = spec.parse_params(solver_params)
+    schedule_params = solvers.SCHEDULES.get(config.schedule).parse_params(config.schedule_params)
+    sigmas = solvers.build_sigmas(
+        config.schedule,
+        steps,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_levels=model.sigma_levels,
+        params=schedule_params,
+    )
+    plugin = params if isinstance(params, AMEDPluginParams) else None
+    wanted = predictor_key(
+        model_fingerprint=model.fingerprint,
+        solver=spec.name,
+        base=plugin.base if plugin else None,
+        base_max_order=plugin.order_limit() if plugin else None,
+        nfe=nfe,
+        schedule=config.schedule,
+        schedule_params=schedule_params.model_dump(),
+        sigma_min=float(sigmas[-1]),
+        sigma_max=float(sigmas[0]),
+        afs=config.afs,
+        guidance=config.guidance,
+    )
+    if not context.predictors.has(wanted):
+        context.predictors.find(wanted, config.model)  # raises MissingPredictorError with the command
+    weights = context.predictors.cards[wanted].with_suffix(".safetensors")
+    return wanted, hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, stop: int) -> None:
     assert row.steps is not None
     config = context.config
+    predictor = None
+    if row.predictor is not None:
+        predictor = context.predictors.find(row.predictor, config.model, device=context.model.device)
     images, nfe, evals, seconds = _sample_chunk(
         context,
         start,
@@ -405,6 +468,7 @@ def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, 
         config.schedule_params,
         row.solver_params,
         config.afs,
+        predictor,
     )
     reference = _reference_chunk(context, chunk, start, stop)
     stored = {"rmse": (images - reference).flatten(1).pow(2).mean(1).sqrt().contiguous()}

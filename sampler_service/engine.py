@@ -289,6 +289,9 @@ class Engine:
         labels, guidance = conditioning([(i.ticket.job, i.start, i.stop) for i in items], model.device)
         denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
         noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+        predictor = None
+        if job.predictor is not None:
+            predictor = job.served.predictors.find(job.predictor, job.served.name, device=model.device)
 
         def callback(info: StepInfo) -> bool:
             if all(item.ticket.cancelled for item in items):
@@ -317,6 +320,7 @@ class Engine:
                     schedule_params=job.schedule_params,
                     solver_params=job.solver_params,
                     afs=job.afs,
+                    predictor=predictor,
                     callback=callback,
                 )
         except solvers.SamplingCancelled as stopped:

@@ -21,6 +21,7 @@ from torch import Tensor
 import models
 import solvers
 from solvers import MAX_SEED, Params, SolverSpec
+from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, train_command
 
 from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
@@ -45,6 +46,7 @@ class ServedModel:
     model: models.DiffusionModel
     description: str
     ready: bool = False
+    predictors: PredictorStore = field(default_factory=lambda: PredictorStore([]))
 
     @property
     def num_labels(self) -> int:
@@ -133,6 +135,7 @@ class Job:
     plan: Plan
     key: MergeKey
     sigmas: Tensor = field(repr=False)
+    predictor: PredictorKey | None = None
 
     @property
     def num_samples(self) -> int:
@@ -254,6 +257,14 @@ def build_job(
     output_format = OUTPUT_FORMATS.get(request.output_format)
     if output_format is None:
         violations.append(Violation("output_format", f"{request.output_format} is not one of PNG (1), RAW_FLOAT32 (2)"))
+    if spec.needs_predictor and guidance is not None and len(set(guidance)) > 1:
+        violations.append(
+            Violation(
+                "guidance",
+                f"{sorted(set(guidance))}: solver {spec.name!r} takes one value for all samples "
+                "(its predictor is trained for one guidance scale)",
+            )
+        )
     if steps is not None and request.preview_every > steps:
         violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
     if violations:
@@ -268,8 +279,11 @@ def build_job(
     conditional = any(w != 0 for w in guidance) if labels is not None else True
     unconditional = any(w != 1 for w in guidance) if labels is not None else False
     nfe = spec.nfe(steps, afs)
-    predictor_key = f"{model.fingerprint[:12]}/{spec.name}/nfe{nfe}/{schedule}" if spec.needs_predictor else ""
-    train_command = f"python -m bench amed-train --model {served.name} --nfe {nfe}" if spec.needs_predictor else ""
+    wanted: PredictorKey | None = None
+    if spec.needs_predictor:
+        wanted = _predictor_key(served, spec, solver_params, nfe, schedule, schedule_params, sigmas, afs, guidance)
+    key_text = wanted.describe() if wanted is not None else ""
+    command = train_command(wanted, served.name) if wanted is not None else ""
     plan = Plan(
         model=served.name,
         solver=spec.name,
@@ -282,9 +296,9 @@ def build_job(
             spec.reachable_nfe(afs, solver_params, limit=spec.nfe(limits.max_steps, afs))[:REACHABLE_SHOWN]
         ),
         needs_predictor=spec.needs_predictor,
-        predictor_available=False,
-        predictor_key=predictor_key,
-        train_command=train_command,
+        predictor_available=wanted is not None and served.predictors.has(wanted),
+        predictor_key=key_text,
+        train_command=command,
         seeds=tuple(seeds),
     )
     key = MergeKey(
@@ -298,7 +312,7 @@ def build_job(
         afs=afs,
         conditional_pass=conditional,
         unconditional_pass=unconditional,
-        predictor=predictor_key or None,
+        predictor=key_text or None,
     )
     return Job(
         request_id=request_id,
@@ -317,14 +331,45 @@ def build_job(
         plan=plan,
         key=key,
         sigmas=sigmas,
+        predictor=wanted,
+    )
+
+
+def _predictor_key(
+    served: ServedModel,
+    spec: SolverSpec[Any],
+    solver_params: Params,
+    nfe: int,
+    schedule: str,
+    schedule_params: Params,
+    sigmas: Tensor,
+    afs: bool,
+    guidance: tuple[float, ...],
+) -> PredictorKey:
+    """The predictor an AMED request needs (a predictor is trained for one guidance scale, so such
+    a request must use one: checked in _guidance)."""
+    plugin = solver_params if isinstance(solver_params, AMEDPluginParams) else None
+    return predictor_key(
+        model_fingerprint=served.model.fingerprint,
+        solver=spec.name,
+        base=plugin.base if plugin else None,
+        base_max_order=plugin.order_limit() if plugin else None,
+        nfe=nfe,
+        schedule=schedule,
+        schedule_params=schedule_params.model_dump(),
+        sigma_min=float(sigmas[-1]),
+        sigma_max=float(sigmas[0]),
+        afs=afs,
+        guidance=guidance[0] if guidance else 1.0,
     )
 
 
 def require_predictor(job: Job) -> None:
     """FAILED_PRECONDITION for a job whose solver needs a predictor this server lacks (Generate only;
     Plan reports it in PredictorStatus)."""
-    if job.plan.needs_predictor and not job.plan.predictor_available:
-        raise PredictorMissing(job.plan.predictor_key, [], job.plan.train_command)
+    if job.predictor is not None and not job.served.predictors.has(job.predictor):
+        available = [key.describe() for key in job.served.predictors.keys(job.served.model.fingerprint)]
+        raise PredictorMissing(job.plan.predictor_key, available, job.plan.train_command)
 
 
 def _seeds(request: pb.GenerateRequest, limits: Limits, violations: list[Violation]) -> list[int]:

@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 import models
 import solvers
 from models.config import ModelEntry, ModelsConfig, load_models, read_models_config
+from solvers.amed import PredictorStore
 
 from .engine import Engine, Ticket
 from .errors import NotReady, ServiceError, Unauthenticated
@@ -237,9 +238,22 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
                     reachable_nfe=spec.reachable_nfe(False, params, limit=spec.nfe(max_steps, False))[:64],
                     reachable_nfe_afs=spec.reachable_nfe(True, params, limit=spec.nfe(max_steps, True))[:64],
                     needs_predictor=spec.needs_predictor,
+                    predictors=self._predictors_of(spec.name) if spec.needs_predictor else [],
                 )
             )
         return pb.ListSolversResponse(solvers=infos)
+
+    def _predictors_of(self, solver: str) -> list[pb.PredictorAvailability]:
+        found = []
+        for served in self.service.served.values():
+            keys = [k for k in served.predictors.keys(served.model.fingerprint) if k.solver == solver]
+            if keys:
+                found.append(
+                    pb.PredictorAvailability(
+                        model=served.name, nfe=sorted({k.nfe for k in keys}), keys=[k.describe() for k in keys]
+                    )
+                )
+        return found
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         settings = self.service.settings
@@ -331,10 +345,16 @@ def load_served(settings: Settings) -> dict[str, ServedModel]:
             models=[ModelEntry(name="mnist", source="mnist", device=settings.device, dtype=settings.dtype)]
         )
     loaded = load_models(config)
-    return {
-        name: ServedModel(name, model, DESCRIPTIONS.get(model.source, f"diffusers model from {model.source}"))
-        for name, model in loaded.items()
-    }
+    served = {}
+    for name, model in loaded.items():
+        folders = [models.loading.find_files(model.source).root / "amed", *settings.predictor_dirs]
+        store = PredictorStore([folder for folder in folders if folder.is_dir()])
+        store.preload(model.device)
+        for problem in store.problems:
+            log.warning("skipping an AMED predictor: %s", problem)
+        description = DESCRIPTIONS.get(model.source, f"diffusers model from {model.source}")
+        served[name] = ServedModel(name, model, description, predictors=store)
+    return served
 
 
 async def create_server(

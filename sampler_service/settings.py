@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     models_config: Path | None = Field(None, description="TOML models config; default: the built-in mnist model")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="for the default model")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field("float32", description="for the default model")
+    predictor_dirs: list[Path] = Field(
+        default_factory=list, description="extra folders of AMED predictors (each model's own amed/ folder is read too)"
+    )
     batching: Batching = Batching()
     limits: Limits = Limits()
     auth_token: SecretStr | None = Field(None, description="bearer token clients must send; unset = no auth")

@@ -96,13 +96,12 @@ def test_trained_plugin_beats_its_base_on_the_exact_model(base, max_order, teach
     teacher_params = {"max_order": 4} if teacher == "ipndm" else {}
     base_params = {"max_order": max_order} if base == "ipndm" else {}
     summary = train_predictor(
-        model,
         predictor,
         variant=Variant(base, max_order or 1),
         sigmas=_sigmas(model, steps),
         teacher_sigmas=_sigmas(model, (substeps + 1) * steps),
         afs=True,
-        noise=_noise,
+        make_batch=lambda seeds: (model, _noise(seeds)),
         settings=TrainingSettings(
             trajectories=1000, batch_size=100, teacher=teacher, teacher_substeps=substeps, teacher_params=teacher_params
         ),
@@ -218,3 +217,37 @@ def test_neutral_plugin_is_its_base_on_the_merged_grid(gmm, base, plain, params,
     )
     assert plugin.nfe == reference.nfe == 8 - afs
     torch.testing.assert_close(plugin.images, reference.images, atol=1e-10, rtol=0)
+
+
+def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_path: Path, capsys):
+    """`sampler-amed train` on the shipped model (a tiny configuration) writes weights and a card;
+    the store finds it by key, and a sweep row with amed_plugin uses it (and records its cost)."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    out = tmp_path / "predictors"
+    args = ["train", "--model", "mnist", "--solver", "amed_plugin", "--nfe", "3", "--trajectories", "8"]
+    assert amed_main([*args, "--batch-size", "4", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    (card_path,) = out.glob("*.json")
+    card = PredictorCard.model_validate_json(card_path.read_text())
+    assert (card.solver, card.base, card.nfe, card.steps, card.afs) == ("amed_plugin", "ipndm", 3, 2, True)
+    assert card.config.feature_shape == (7, 7)  # the mnist U-Net's 7 x 7 bottleneck
+    assert card.training["batches"] == 2
+    assert len(card.training["final_loss_per_interval"]) == 2
+    store = PredictorStore([out])
+    assert store.has(card.key())
+
+    sweep = ["fd-vs-nfe", "--solvers", "amed_plugin", "--nfe", "3", "--afs", "--num-samples", "16"]
+    sweep += ["--batch-size", "16", "--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0"]
+    sweep += ["--device", "cpu", "--grid", "0", "--predictor-dir", str(out), "--out", str(tmp_path / "sweep")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(sweep) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert row["nfe"] == 3
+    assert row["predictor"] == card.key().describe()
+    assert row["predictor_trajectories"] == 8
+    assert row["rmse_ref"] > 0
+
+    capsys.readouterr()
+    assert bench_main([*sweep[:4], "11", *sweep[5:]]) == 2  # no predictor for NFE 11 anywhere
+    assert "sampler-amed train --model mnist --solver amed_plugin --base ipndm" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -590,3 +591,68 @@ def test_adaptive_delay_starts_a_lone_request_at_once() -> None:
             assert result.timing.queue_seconds < 5.0
     finally:
         running.stop()
+
+
+# -- AMED through the service (the predictors shipped in models/builtin/mnist/amed/) ---------------
+
+
+def _amed_request(**fields: Any) -> pb.GenerateRequest:
+    solver_params = struct_pb2.Struct()
+    solver_params.update({"base": "ipndm"})
+    defaults: dict[str, Any] = {"solver": "amed_plugin", "nfe": 5, "afs": True, "solver_params": solver_params}
+    return request(**{**defaults, **fields})
+
+
+def test_amed_request_draws_the_requested_digits(server: RunningServer) -> None:
+    # AMED-Solver on its reference schedule at NFE 7 (AFS: the first interval costs one call)
+    ask = request(solver="amed", nfe=7, afs=True, schedule="time_uniform", labels=list(range(10)), base_seed=300)
+    plan = server.stub.Plan(ask)
+    assert plan.predictor.required
+    assert plan.predictor.available, plan.predictor.key
+    response = server.stub.GenerateUnary(ask)
+    assert [r.nfe for r in response.results] == [7] * 10
+    images = torch.stack([torch.from_numpy(decode_png(r.image.data).copy()) for r in response.results]).float()
+    with torch.inference_mode():
+        predicted = load_classifier()(quantise((images / 127.5 - 1.0).unsqueeze(1))).argmax(dim=1)
+    assert int((predicted == torch.arange(10)).sum()) >= 8
+
+
+def test_list_solvers_shows_the_shipped_predictors(server: RunningServer) -> None:
+    infos = {info.name: info for info in server.stub.ListSolvers(pb.ListSolversRequest()).solvers}
+    assert infos["amed_plugin"].needs_predictor
+    (mnist,) = infos["amed_plugin"].predictors
+    assert mnist.model == "mnist"
+    assert {3, 5, 7, 9} <= set(mnist.nfe)
+    assert all("ipndm" in key for key in mnist.keys)
+    assert {3, 5, 7, 9} <= set(infos["amed"].predictors[0].nfe)
+    assert not infos["euler"].predictors
+
+
+def test_amed_without_a_predictor_is_a_failed_precondition(server: RunningServer) -> None:
+    ask = _amed_request(nfe=11, labels=[1])
+    plan = server.stub.Plan(ask)
+    assert plan.predictor.required
+    assert not plan.predictor.available
+    assert "sampler-amed train --model mnist --solver amed_plugin --base ipndm" in plan.predictor.train_command
+    assert "--nfe 11" in plan.predictor.train_command
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.GenerateUnary(ask)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(error.value)
+    details = {}
+    for detail in status.details:
+        for kind in (error_details_pb2.PreconditionFailure, error_details_pb2.ErrorInfo):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                details[kind.__name__] = message
+    assert "--nfe 11" in details["ErrorInfo"].metadata["train_command"]
+    assert "nfe=5" in details["ErrorInfo"].metadata["available"]  # what exists is listed
+    assert details["PreconditionFailure"].violations[0].type == "PREDICTOR_MISSING"
+
+
+def test_amed_takes_one_guidance_value(server: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Plan(_amed_request(labels=[1, 2], guidance=[1.0, 2.0]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one value for all samples" in error.value.details()

@@ -89,13 +89,13 @@ def test_domain_errors_map_to_codes_and_details() -> None:
     assert bad.field_violations[0].field == "solver_params.order"  # type: ignore[attr-defined]
     assert "9 is invalid: expected an integer in 1..3" in bad.field_violations[0].description  # type: ignore[attr-defined]
 
-    missing = from_domain(solvers.MissingPredictorError("mnist/amed/nfe5", [], "python -m bench amed-train"))
+    missing = from_domain(solvers.MissingPredictorError("mnist/amed/nfe5", [], "sampler-amed train --nfe 5"))
     assert isinstance(missing, PredictorMissing)
     assert missing.code == grpc.StatusCode.FAILED_PRECONDITION
     failure = _unpack(missing, error_details_pb2.PreconditionFailure)
-    assert "python -m bench amed-train" in failure.violations[0].description  # type: ignore[attr-defined]
+    assert "sampler-amed train --nfe 5" in failure.violations[0].description  # type: ignore[attr-defined]
     error_info = _unpack(missing, error_details_pb2.ErrorInfo)
-    assert error_info.metadata["train_command"] == "python -m bench amed-train"  # type: ignore[attr-defined]
+    assert error_info.metadata["train_command"] == "sampler-amed train --nfe 5"  # type: ignore[attr-defined]
 
     conditioning = from_domain(models.InvalidConditioningError("labels", 12, "labels in 0..10"))
     assert conditioning.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -10,6 +10,8 @@ from .predictor import (
     PredictorLoadError,
     PredictorStore,
     load_predictor,
+    predictor_key,
+    read_card,
     save_predictor,
     train_command,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "amed_interval",
     "load_predictor",
     "new_predictor",
+    "predictor_key",
+    "read_card",
     "save_predictor",
     "teacher_states",
     "train_command",

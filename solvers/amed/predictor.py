@@ -196,6 +196,36 @@ def _canonical(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
 
 
+def predictor_key(
+    *,
+    model_fingerprint: str,
+    solver: str,
+    base: str | None,
+    base_max_order: int | None,
+    nfe: int,
+    schedule: str,
+    schedule_params: dict[str, Any],
+    sigma_min: float,
+    sigma_max: float,
+    afs: bool,
+    guidance: float,
+) -> PredictorKey:
+    """The key of a request (schedule_params complete, defaults included: `Params.model_dump()`)."""
+    return PredictorKey(
+        model_fingerprint=model_fingerprint,
+        solver=solver,
+        base=base,
+        base_max_order=base_max_order,
+        nfe=nfe,
+        schedule=schedule,
+        schedule_params=_canonical(schedule_params),
+        sigma_min=float(sigma_min),
+        sigma_max=float(sigma_max),
+        afs=afs,
+        guidance=float(guidance),
+    )
+
+
 def save_predictor(predictor: AMEDPredictor, card: PredictorCard, stem: Path) -> tuple[Path, Path]:
     """Write `stem`.safetensors (float32 weights) and `stem`.json (the card)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +293,15 @@ class PredictorStore:
                 self.cards.setdefault(card.key(), card_path)
         self._loaded: dict[tuple[PredictorKey, str], AMEDPredictor] = {}
 
+    def preload(self, device: torch.device | str = "cpu") -> None:
+        """Load every predictor now; one that fails is dropped and its problem recorded."""
+        for key in list(self.cards):
+            try:
+                self.find(key, "", device)
+            except PredictorLoadError as error:
+                self.problems.append(str(error))
+                del self.cards[key]
+
     def keys(self, model_fingerprint: str | None = None) -> list[PredictorKey]:
         return [k for k in self.cards if model_fingerprint is None or k.model_fingerprint == model_fingerprint]
 
@@ -313,6 +352,7 @@ __all__ = [
     "PredictorStore",
     "load_predictor",
     "log_interpolate",
+    "predictor_key",
     "read_card",
     "save_predictor",
     "sigma_pair",

@@ -73,7 +73,7 @@ class TrainingSummary:
     final_loss: list[float]
     wall_seconds: float
     device: str
-    network_evals: int
+    network_evals: int  # the student's, summed over trajectories (the teacher's are not counted)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,26 +121,25 @@ def teacher_states(
 
 
 def train_predictor(
-    denoiser: Denoiser,
     predictor: AMEDPredictor,
     *,
     variant: Variant,
     sigmas: Tensor,
     teacher_sigmas: Tensor,
     afs: bool,
-    noise: Callable[[Sequence[int]], Tensor],
+    make_batch: Callable[[Sequence[int]], tuple[Denoiser, Tensor]],
     settings: TrainingSettings,
     on_batch: Callable[[int, list[float]], None] | None = None,
 ) -> TrainingSummary:
     """Train `predictor` in place.
 
     Args:
-        denoiser: the frozen model with its conditioning bound (evaluations get gradients w.r.t.
-            their inputs only).
+        make_batch: for a list of seeds, the frozen model with that batch's conditioning bound
+            (its evaluations get gradients w.r.t. their inputs only) and unit noise (B, ...) on
+            its device (scaled to sigma_max here).
         sigmas: the student's grid, float64 (S + 1,).
         teacher_sigmas: the teacher's grid, float64 ((M + 1) S + 1,), containing `sigmas` at
             every (M + 1)-th point.
-        noise: unit noise for a list of seeds, (B, ...) on the denoiser's device (scaled here).
         on_batch: called after each batch with its index and loss per interval.
     Returns:
         a TrainingSummary.
@@ -154,7 +153,7 @@ def train_predictor(
         raise ValueError("the student's grid is not every (M + 1)-th point of the teacher's")
     s = sigmas.tolist()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=settings.lr, betas=settings.betas)
-    counter = CountingDenoiser(denoiser)
+    network_evals = 0
     predictor.train()
     began = time.perf_counter()
     losses: list[list[float]] = []
@@ -163,7 +162,9 @@ def train_predictor(
     for batch_index in range(batches):
         start = settings.seed * 1_000_003 + batch_index * settings.batch_size
         count = min(settings.batch_size, settings.trajectories - batch_index * settings.batch_size)
-        x0 = noise(list(range(start, start + count))) * s[0]
+        denoiser, unit_noise = make_batch(list(range(start, start + count)))
+        counter = CountingDenoiser(denoiser)
+        x0 = unit_noise * s[0]
         device = str(x0.device)
         targets = teacher_states(denoiser, x0, teacher_sigmas, settings.teacher, settings.teacher_params, every)
         x, history = x0, History()
@@ -191,6 +192,7 @@ def train_predictor(
             batch_losses.append(float(loss.detach()))
             x, history = result.x.detach(), result.history.detached()
         losses.append(batch_losses)
+        network_evals += counter.network_evals * count
         if on_batch is not None:
             on_batch(batch_index, batch_losses)
     predictor.eval()
@@ -204,7 +206,7 @@ def train_predictor(
         final_loss=final,
         wall_seconds=time.perf_counter() - began,
         device=device,
-        network_evals=counter.network_evals,
+        network_evals=network_evals,
     )
 
 

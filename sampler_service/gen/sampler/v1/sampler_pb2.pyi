@@ -248,12 +248,14 @@ class SolverInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., order: _Optional[int] = ..., parameter_schema_json: _Optional[str] = ..., evals_per_step: _Optional[int] = ..., min_steps: _Optional[int] = ..., reachable_nfe: _Optional[_Iterable[int]] = ..., reachable_nfe_afs: _Optional[_Iterable[int]] = ..., needs_predictor: _Optional[bool] = ..., predictors: _Optional[_Iterable[_Union[PredictorAvailability, _Mapping]]] = ...) -> None: ...
 
 class PredictorAvailability(_message.Message):
-    __slots__ = ("model", "nfe")
+    __slots__ = ("model", "nfe", "keys")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NFE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     model: str
     nfe: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., nfe: _Optional[_Iterable[int]] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., nfe: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSolversResponse(_message.Message):
     __slots__ = ("solvers",)
