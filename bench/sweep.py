@@ -131,7 +131,7 @@ class SweepConfig(BaseModel):
     fid_weights: str | None = None
     fid_reference: str | None = Field(None, description="image folder or .npz of statistics; default MNIST test")
     grid: int = Field(10, ge=0, le=64, description="samples per solver in the sample grids")
-    predictor_dirs: list[str] = Field(default_factory=list, description="AMED predictors besides the model's amed/")
+    predictor_dirs: list[str] = Field(default_factory=list, description="AMED predictor folders, before the model's")
 
 
 class Distributed(Protocol):
@@ -320,7 +320,7 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     )
     meta = provenance.collect(config.model_dump())
     context = SweepContext(config, model, scorer, fid, fid_note, seeds, labels, cache, reference_key, meta, state)
-    folders = [models.loading.find_files(config.model).root / "amed", *map(Path, config.predictor_dirs)]
+    folders = [*map(Path, config.predictor_dirs), models.loading.find_files(config.model).root / "amed"]  # yours win
     context.predictors = PredictorStore([folder for folder in folders if folder.is_dir()])
     for chunk in tqdm(context.owned(), desc="reference", disable=not state.is_main_process, leave=False):
         _reference_chunk(context, *chunk)

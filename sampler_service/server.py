@@ -347,7 +347,7 @@ def load_served(settings: Settings) -> dict[str, ServedModel]:
     loaded = load_models(config)
     served = {}
     for name, model in loaded.items():
-        folders = [models.loading.find_files(model.source).root / "amed", *settings.predictor_dirs]
+        folders = [*settings.predictor_dirs, models.loading.find_files(model.source).root / "amed"]  # yours win
         store = PredictorStore([folder for folder in folders if folder.is_dir()])
         store.preload(model.device)
         for problem in store.problems:

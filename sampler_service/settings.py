@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="for the default model")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field("float32", description="for the default model")
     predictor_dirs: list[Path] = Field(
-        default_factory=list, description="extra folders of AMED predictors (each model's own amed/ folder is read too)"
+        default_factory=list, description="AMED predictor folders, searched before each model's amed/"
     )
     batching: Batching = Batching()
     limits: Limits = Limits()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -58,7 +59,9 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
         assert row["reachable"]
         assert row["steps"] == row["nfe"]
         assert row["network_evals"] == row["nfe"]  # guidance 1: one evaluation per call
-        assert row["fd_indomain"] > row["fd_indomain_floor"] > 0
+        assert math.isfinite(row["fd_indomain"])  # at N = 256 a good row can beat the floor
+        assert row["fd_indomain"] > 0
+        assert row["fd_indomain_floor"] > 0
         assert row["fd_ci_low"] <= row["fd_ci_high"]
         assert 0.0 < row["rmse_ref"] < 2.0
         assert 0.0 <= row["class_acc"] <= 1.0

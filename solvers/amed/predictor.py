@@ -278,7 +278,7 @@ def train_command(key: PredictorKey, model: str) -> str:
 
 
 class PredictorStore:
-    """The predictors in some folders, found by key; loaded once and kept."""
+    """The predictors in some folders, found by key (the first folder holding a key wins); loaded once and kept."""
 
     def __init__(self, folders: Sequence[Path]) -> None:
         self.cards: dict[PredictorKey, Path] = {}
