@@ -13,10 +13,30 @@ from collections.abc import Sequence
 
 from solvers.errors import SolverError
 
-from . import accuracy, batch_invariance, fd_vs_nfe, model_card, model_speed, report, serve_load, solver_overhead
+from . import (
+    accuracy,
+    batch_invariance,
+    fd_vs_nfe,
+    model_card,
+    model_speed,
+    report,
+    serve_load,
+    solver_overhead,
+    step_error,
+)
 from .errors import BenchError
 
-COMMANDS = (accuracy, solver_overhead, model_speed, model_card, fd_vs_nfe, report, serve_load, batch_invariance)
+COMMANDS = (
+    accuracy,
+    solver_overhead,
+    model_speed,
+    model_card,
+    fd_vs_nfe,
+    step_error,
+    report,
+    serve_load,
+    batch_invariance,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main
 from bench.sweep import COLUMNS
@@ -56,3 +57,49 @@ def test_batch_invariance_in_float64(tmp_path):
     assert row["seeds"] == 4
     assert row["max_abs_diff"] < 1e-9
     assert row["share_pixels_over_one_level"] == 0.0
+
+
+def test_reference_trajectory_passes_through_the_exact_states():
+    """step-error's reference (Heun, substeps per solver interval) agrees with a DOP853 solve at every
+    sigma of a coarse grid on the analytic mixture."""
+    import solvers
+    from bench.step_error import reference_through
+    from models.analytic import GaussianMixtureDenoiser, reference_solution
+
+    model = GaussianMixtureDenoiser.smooth(dim=8)
+    noise = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = solvers.build_sigmas("polynomial", 5, sigma_min=0.02, sigma_max=80.0)
+    exact = torch.stack(reference_solution(model, noise * 80.0, 80.0, grid[1:].tolist()))
+    coarse, fine = (reference_through(model, noise, grid, substeps=k) for k in (8, 32))
+    assert fine.sigmas == pytest.approx(grid[1:].tolist(), rel=1e-12)
+    assert (fine.states - exact).abs().max() < 1.5e-3
+    # second order: 4x the substeps, about 16x closer
+    assert (coarse.states - exact).abs().max() > 10 * (fine.states - exact).abs().max()
+
+
+def test_step_error_command_on_mnist(tmp_path, capsys):
+    args = ["step-error", "--solvers", "euler,dpmpp_2m,heun", "--nfe", "3,6", "--num-samples", "4"]
+    assert main([*args, "--substeps", "8", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "warning" not in printed  # the reference is 10x below every run's errors
+    assert "heun cannot spend exactly NFE 3" in printed  # listed, never rounded
+    with open(tmp_path / "step-error.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert not [r for r in rows if r["solver"] == "heun" and r["nfe"] == "3"]
+    for solver, nfe, steps in (("euler", 3, 3), ("euler", 6, 6), ("dpmpp_2m", 6, 6), ("heun", 6, 3)):
+        line = [r for r in rows if r["solver"] == solver and int(r["nfe"]) == nfe]
+        assert [int(r["step"]) for r in line] == list(range(1, steps + 1))
+        assert all(int(r["steps"]) == steps for r in line)
+        sigmas = [float(r["sigma"]) for r in line]
+        assert sigmas == sorted(sigmas, reverse=True)
+        assert all(float(r["rmse"]) > 0 for r in line)
+
+    def final(solver: str, nfe: int) -> float:
+        return float([r for r in rows if r["solver"] == solver and int(r["nfe"]) == nfe][-1]["rmse"])
+
+    assert final("euler", 6) < final("euler", 3)  # more steps, closer to the exact solution
+    assert final("dpmpp_2m", 6) < final("euler", 6)
+    assert (tmp_path / "step-error.png").stat().st_size > 1000
+    meta = json.loads((tmp_path / "step-error.json").read_text())["meta"]
+    assert 0 < meta["reference_check_rmse"] < final("dpmpp_2m", 6) / 10
+    assert all(0 < float(r["reference_check_rmse"]) <= meta["reference_check_rmse"] for r in rows)
