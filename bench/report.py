@@ -62,14 +62,15 @@ def _cell(value: float | None, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def table(rows: list[dict[str, Any]], metric: str, with_schedule: bool = False) -> str:
+def table(rows: list[dict[str, Any]], metric: str, with_schedule: bool = False, higher_is_better: bool = False) -> str:
     """Solvers down, NFE across; the best value of each NFE column in bold."""
+    pick = max if higher_is_better else min
     nfes = sorted({r["nfe"] for r in rows})
     by_solver: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         by_solver[row["solver"]][row["nfe"]] = row
     best = {
-        n: min((r[metric] for r in rows if r["nfe"] == n and r.get(metric) is not None), default=None) for n in nfes
+        n: pick((r[metric] for r in rows if r["nfe"] == n and r.get(metric) is not None), default=None) for n in nfes
     }
     head = "| solver |" + (" schedule |" if with_schedule else "") + "".join(f" {n} |" for n in nfes)
     rule = "|---|" + ("---|" if with_schedule else "") + "---:|" * len(nfes)
@@ -99,6 +100,16 @@ def best_schedule(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chosen
 
 
+def step_error_runs(results: Path) -> list[tuple[str, str]]:
+    """(plot path as the README links it, command) of each committed `step-error-*` run."""
+    runs = []
+    for path in sorted(results.glob("step-error-*/step-error.json")):
+        meta = json.loads(path.read_text())["meta"]
+        picture = (path.parent / "step-error.png").as_posix()
+        runs.append((picture, f"{meta['command']}  # {path.parent.name}, git {_short(meta)}"))
+    return runs
+
+
 def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> str:
     if not rows:
         return f"{START}\nNo sweep results under {results}/fd-vs-nfe-*/ yet: run `python -m bench fd-vs-nfe`.\n{END}"
@@ -121,6 +132,11 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
             parts.append(table(polynomial, "fd_indomain"))
             parts.append("\nRMSE against the reference sample from the same noise, polynomial schedule:\n")
             parts.append(table(polynomial, "rmse_ref"))
+            if any(r.get("class_acc") is not None for r in polynomial):
+                parts.append(
+                    "\nClass accuracy of the conditional samples (the MNIST classifier), polynomial schedule:\n"
+                )
+                parts.append(table(polynomial, "class_acc", higher_is_better=True))
         if len({r["schedule"] for r in tier_rows}) > 1:
             chosen = best_schedule(tier_rows)
             parts.append("\nEach solver on its best schedule (polynomial or logsnr, by mean log RMSE): in-domain FD\n")
@@ -130,6 +146,13 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
     parts.append("\n![quality versus NFE](bench/results/fd-vs-nfe.png)\n")
     parts.append("Commands (each run's results.json records its revision, device and library versions):\n")
     parts.append("```\n" + "\n".join(commands) + "\n```")
+    for picture, command in step_error_runs(results):
+        parts.append(
+            "\nWhere the error is made: RMSE against the exact trajectory after each step "
+            "(`python -m bench step-error`):\n"
+        )
+        parts.append(f"![error versus sigma]({picture})\n")
+        parts.append(f"```\n{command}\n```")
     parts.append(END)
     return "\n".join(parts)
 

@@ -55,6 +55,7 @@ COLUMNS = (
     "mean_batch_rows",
     "server_total_p50_s",
     "server_sampling_p50_s",
+    "rpc_floor_p50_s",
 )
 
 
@@ -105,7 +106,7 @@ def _offline_seconds(model: models.DiffusionModel, batch: int, args: argparse.Na
 
 async def _served(
     port: int, clients: int, args: argparse.Namespace
-) -> tuple[float, list[float], list[int], list[tuple[float, float]]]:
+) -> tuple[float, list[float], list[int], list[tuple[float, float]], float]:
     import grpc
 
     from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
@@ -135,13 +136,19 @@ async def _served(
                 server_side.append((timing.total_seconds, timing.sampling_seconds))
 
         await client(-1)  # warm-up, not counted
+        # the transport's share: a round trip that does no work (GetServerInfo), same client and channel
+        floor = []
+        for _ in range(50):
+            began = time.perf_counter()
+            await stub.GetServerInfo(pb.GetServerInfoRequest())
+            floor.append(time.perf_counter() - began)
         latencies.clear()
         rows.clear()
         server_side.clear()
         began = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - began
-    return wall, latencies, rows, server_side
+    return wall, latencies, rows, server_side, statistics.median(floor)
 
 
 def _wait_healthy(port: int, server: subprocess.Popen[str], timeout: float = 120.0) -> None:
@@ -199,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         _wait_healthy(port, server)
         seconds_to_serving = time.perf_counter() - started
         for clients in args.clients:
-            wall, latencies, batch_rows, server_side = asyncio.run(_served(port, clients, args))
+            wall, latencies, batch_rows, server_side, floor = asyncio.run(_served(port, clients, args))
             served_rate = clients * args.requests / wall
             offline_rate = clients / offline[clients]
             rows.append(
@@ -219,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
                     "mean_batch_rows": statistics.fmean(batch_rows),
                     "server_total_p50_s": statistics.median(total for total, _ in server_side),
                     "server_sampling_p50_s": statistics.median(sampling for _, sampling in server_side),
+                    "rpc_floor_p50_s": floor,
                 }
             )
     finally:
@@ -240,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
             f"{row['offline_images_per_s']:.1f} (ratio {row['throughput_ratio']:.2f}); "
             f"p50 {row['latency_p50_s']:.3f} s, "
             f"p99 {row['latency_p99_s']:.3f} s (server: {row['server_total_p50_s']:.3f} s, of which sampling "
-            f"{row['server_sampling_p50_s']:.3f} s), mean batch rows {row['mean_batch_rows']:.1f}{latency}"
+            f"{row['server_sampling_p50_s']:.3f} s; an empty RPC {1000 * row['rpc_floor_p50_s']:.2f} ms), "
+            f"mean batch rows {row['mean_batch_rows']:.1f}{latency}"
         )
     print(f"SERVING {seconds_to_serving:.1f} s after the server process started")
     return 0

@@ -103,3 +103,24 @@ def test_step_error_command_on_mnist(tmp_path, capsys):
     meta = json.loads((tmp_path / "step-error.json").read_text())["meta"]
     assert 0 < meta["reference_check_rmse"] < final("dpmpp_2m", 6) / 10
     assert all(0 < float(r["reference_check_rmse"]) <= meta["reference_check_rmse"] for r in rows)
+
+
+def test_serve_load_command_small_run(tmp_path, capsys):
+    """serve-load starts a real server process, drives it with concurrent clients and writes its table."""
+    args = ["serve-load", "--clients", "1", "3", "--requests", "2", "--steps", "2", "--repeats", "1"]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    with open(tmp_path / "serve-load.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["clients"], r["requests"]) for r in rows] == [("1", "2"), ("3", "6")]
+    for row in rows:
+        assert float(row["served_images_per_s"]) > 0
+        assert float(row["latency_p99_s"]) >= float(row["latency_p50_s"]) > 0
+        # the server's own timing is part of what the client waited for; an empty RPC is cheaper still
+        assert float(row["server_sampling_p50_s"]) <= float(row["server_total_p50_s"]) < float(row["latency_p50_s"])
+        assert 0 < float(row["rpc_floor_p50_s"]) < float(row["latency_p50_s"])
+    assert float(rows[0]["mean_batch_rows"]) == 1.0  # a lone client is never batched with anyone
+    assert rows[0]["latency_ratio"] != ""
+    assert rows[1]["latency_ratio"] == ""
+    meta = json.loads((tmp_path / "serve-load.json").read_text())["meta"]
+    assert meta["seconds_to_serving"] > 0
