@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     checks: list[float] = []
+    references: dict[tuple[float, ...], tuple[Trajectory, float]] = {}
     plan = [(name, nfe) for name in names for nfe in args.nfe]
     for name, nfe in tqdm(plan, desc="step error", unit="run"):
         spec = solvers.SOLVERS.get(name)
@@ -177,9 +178,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         options = {"solver": name, "steps": steps, "schedule": args.schedule, "afs": args.afs}
         trajectory, grid = _record(denoiser, noise, **options)
-        reference = reference_through(denoiser, noise, grid, args.substeps)
-        finer = reference_through(denoiser, noise, grid, 2 * args.substeps)
-        check = max(errors_along(reference, finer))  # the reference's own error on this grid
+        key = tuple(grid.tolist())
+        if key not in references:  # solvers with the same step count share a grid and its reference
+            reference = reference_through(denoiser, noise, grid, args.substeps)
+            finer = reference_through(denoiser, noise, grid, 2 * args.substeps)
+            references[key] = reference, max(errors_along(reference, finer))  # the reference's own error
+        reference, check = references[key]
         errors = errors_along(trajectory, reference)
         if check > min(errors) / 10:
             print(
