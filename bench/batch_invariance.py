@@ -91,6 +91,7 @@ def measure(model: models.DiffusionModel, seeds: int, batch: int, steps: int) ->
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     if args.seeds < args.batch:
         raise BenchError(f"--seeds {args.seeds} is below --batch {args.batch}: expected at least one full batch")
     rows = []
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
             f"{row['max_seed_rmse']:.2e} median {row['median_seed_rmse']:.2e}, pixels off by more than one "
             f"8-bit level {100 * row['share_pixels_over_one_level']:.2f}%"
         )
-    meta = provenance.collect(options_of(args))
     provenance.write_csv(args.out / "batch-invariance.csv", rows, COLUMNS)
     provenance.write_json(args.out / "batch-invariance.json", meta, rows)
     return 0

@@ -138,6 +138,7 @@ def _frechet_landmarks(scorer: MnistScorer, count: int) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     try:
         model = models.load(args.model, device=args.device)
         scorer = MnistScorer(load_classifier(args.classifier), device=model.device)
@@ -254,7 +255,6 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if not row["result"]:
             row["result"] = f"{row['value']:.3f}"
-    meta = provenance.collect(options_of(args))
     meta.update(
         model=model.name,
         fingerprint=model.fingerprint,

@@ -4,9 +4,11 @@
     python -m bench report --check    # exit 1 when README.md is not what the results say
 
 Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each tier
-it writes the in-domain FD and the reference RMSE by solver (rows) and NFE (columns) on the
-polynomial schedule, then each solver on its best schedule of those measured (lowest mean
-log rmse_ref over the NFE both schedules reached), and redraws `bench/results/fd-vs-nfe.png`.
+it writes the in-domain FD, the reference RMSE and the class accuracy by solver (rows) and NFE
+(columns) on the polynomial schedule, then each solver on its best schedule of those measured
+(lowest mean log rmse_ref over the NFE both schedules reached), then the rows that take the
+analytical first step (AFS), where AMED's rows sit beside the training-free solvers they compete
+with, and redraws `bench/results/fd-vs-nfe.png` (and `fd-vs-nfe-afs.png`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +65,39 @@ def _cell(value: float | None, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def table(rows: list[dict[str, Any]], metric: str, with_schedule: bool = False, higher_is_better: bool = False) -> str:
+def solver_name(row: dict[str, Any]) -> str:
+    return str(row["solver"])
+
+
+def afs_name(row: dict[str, Any]) -> str:
+    """An AFS row's line: solver, its base where it has another, and the schedule."""
+    base = f" ({row['base']})" if row.get("base") and row["base"] != row["solver"] else ""
+    return f"{row['solver']}{base}, {row['schedule']}"
+
+
+def table(
+    rows: list[dict[str, Any]],
+    metric: str,
+    with_schedule: bool = False,
+    higher_is_better: bool = False,
+    label: Callable[[dict[str, Any]], str] = solver_name,
+) -> str:
     """Solvers down, NFE across; the best value of each NFE column in bold."""
     pick = max if higher_is_better else min
     nfes = sorted({r["nfe"] for r in rows})
     by_solver: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
-        by_solver[row["solver"]][row["nfe"]] = row
+        by_solver[label(row)][row["nfe"]] = row
     best = {
         n: pick((r[metric] for r in rows if r["nfe"] == n and r.get(metric) is not None), default=None) for n in nfes
     }
     head = "| solver |" + (" schedule |" if with_schedule else "") + "".join(f" {n} |" for n in nfes)
     rule = "|---|" + ("---|" if with_schedule else "") + "---:|" * len(nfes)
     lines = [head, rule]
-    for solver, cells in by_solver.items():
+    for name, cells in by_solver.items():
         schedule = next(iter(cells.values()))["schedule"]
         values = [cells[n].get(metric) if n in cells else None for n in nfes]
-        line = f"| {solver} |" + (f" {schedule} |" if with_schedule else "")
+        line = f"| {name} |" + (f" {schedule} |" if with_schedule else "")
         line += "".join(f" {_cell(v, v is not None and v == best[n])} |" for v, n in zip(values, nfes, strict=True))
         lines.append(line)
     return "\n".join(lines)
@@ -117,7 +136,9 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
     for tier in sorted({r["tier"] for r in rows}):
         tier_rows = [r for r in rows if r["tier"] == tier]
         sample = tier_rows[0]
-        polynomial = [r for r in tier_rows if r["schedule"] == "polynomial"]
+        plain = [r for r in tier_rows if not r["afs"] and r["schedule"] in ("polynomial", "logsnr")]
+        polynomial = [r for r in plain if r["schedule"] == "polynomial"]
+        with_afs = [r for r in tier_rows if r["afs"]]
         floor = sample.get("fd_indomain_floor")
         parts.append(
             f"\n**Tier {tier}**: model `{sample['model']}` ({sample['model_fingerprint'][:12]}), "
@@ -137,13 +158,23 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
                     "\nClass accuracy of the conditional samples (the MNIST classifier), polynomial schedule:\n"
                 )
                 parts.append(table(polynomial, "class_acc", higher_is_better=True))
-        if len({r["schedule"] for r in tier_rows}) > 1:
-            chosen = best_schedule(tier_rows)
+        if len({r["schedule"] for r in plain}) > 1:
+            chosen = best_schedule(plain)
             parts.append("\nEach solver on its best schedule (polynomial or logsnr, by mean log RMSE): in-domain FD\n")
             parts.append(table(chosen, "fd_indomain", with_schedule=True))
             parts.append("\nand RMSE against the reference:\n")
             parts.append(table(chosen, "rmse_ref", with_schedule=True))
+        if with_afs:
+            parts.append(
+                "\nWith the analytical first step (AFS: the first step reuses x / sigma_max as its direction, "
+                "saving one evaluation); AMED's predictors were trained for these settings. In-domain FD:\n"
+            )
+            parts.append(table(with_afs, "fd_indomain", label=afs_name))
+            parts.append("\nand RMSE against the reference:\n")
+            parts.append(table(with_afs, "rmse_ref", label=afs_name))
     parts.append("\n![quality versus NFE](bench/results/fd-vs-nfe.png)\n")
+    if any(r["afs"] for r in rows):
+        parts.append("![quality versus NFE with AFS, AMED included](bench/results/fd-vs-nfe-afs.png)\n")
     parts.append("Commands (each run's results.json records its revision, device and library versions):\n")
     parts.append("```\n" + "\n".join(commands) + "\n```")
     for picture, command in step_error_runs(results):
@@ -171,8 +202,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     args.readme.write_text(updated, encoding="utf-8")
-    polynomial = [r for r in rows if r["schedule"] == "polynomial"]
+    polynomial = [r for r in rows if r["schedule"] == "polynomial" and not r["afs"]]
     if polynomial:
         plot(polynomial, args.results / "fd-vs-nfe.png")
+    with_afs = [r for r in rows if r["afs"]]
+    if with_afs:
+        plot(with_afs, args.results / "fd-vs-nfe-afs.png", label=afs_name)
     print(f"updated {args.readme} from {len(rows)} rows", file=sys.stderr)
     return 0

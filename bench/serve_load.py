@@ -174,6 +174,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     try:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
@@ -235,7 +236,6 @@ def run(args: argparse.Namespace) -> int:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-    meta = provenance.collect(options_of(args))
     meta["device"]["torch_threads"] = torch.get_num_threads()
     meta["seconds_to_serving"] = round(seconds_to_serving, 2)  # process start to health SERVING, warm-up included
     args.out.mkdir(parents=True, exist_ok=True)

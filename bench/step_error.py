@@ -144,6 +144,7 @@ def errors_along(trajectory: Trajectory, reference: Trajectory) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     names = (
         [s.name for s in solvers.list_solvers() if not s.needs_predictor]
         if args.solvers == "all"
@@ -216,7 +217,6 @@ def run(args: argparse.Namespace) -> int:
     smallest = min(row["rmse"] for row in rows)
     print(f"reference check: {args.substeps} vs {2 * args.substeps} substeps differ by {max(checks):.2e} RMSE at most")
     print(f"smallest error reported: {smallest:.2e}")
-    meta = provenance.collect(options_of(args))
     meta["reference"] = f"{REFERENCE_SOLVER}, {args.substeps} log-uniform substeps per solver interval"
     meta["reference_check_rmse"] = max(checks)
     provenance.write_csv(args.out / "step-error.csv", rows, COLUMNS)

@@ -381,12 +381,13 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     config, model = context.config, context.model
     spec = solvers.SOLVERS.get(solver)
     solver_params = config.solver_params.get(solver, {})
-    steps = spec.steps_for_nfe(nfe, config.afs, spec.parse_params(solver_params))
+    params = spec.parse_params(solver_params)
+    steps = spec.steps_for_nfe(nfe, config.afs, params)
     base = {
         "model": config.model,
         "model_fingerprint": model.fingerprint,
         "solver": solver,
-        "base": solver,
+        "base": getattr(params, "base", solver),  # an AMED plugin's base solver; else the solver itself
         "schedule": config.schedule,
         "schedule_params": json.dumps(config.schedule_params, sort_keys=True),
         "afs": config.afs,
@@ -643,8 +644,10 @@ def sample_grid(context: SweepContext, plans: Sequence[RowPlan], path: Path) -> 
     return path
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Metric vs NFE, one line per solver (in-domain FD when present, else rmse_ref), log scale."""
+def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, Any]], str] | None = None) -> Path:
+    """Metric vs NFE, one line per solver (in-domain FD when present, else rmse_ref), log scale.
+    `label` names a row's line where the solver name alone is ambiguous (default: the solver)."""
+    name_of = label or (lambda row: str(row["solver"]))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -653,10 +656,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     metric = "fd_indomain" if any(r.get("fd_indomain") is not None for r in rows) else "rmse_ref"
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, (metric, "rmse_ref"), strict=True):
-        for solver in dict.fromkeys(r["solver"] for r in rows):
-            points = [(r["nfe"], r[name]) for r in rows if r["solver"] == solver and r.get(name) is not None]
+        for line in dict.fromkeys(name_of(r) for r in rows):
+            points = [(r["nfe"], r[name]) for r in rows if name_of(r) == line and r.get(name) is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=solver)
+                ax.plot(*zip(*sorted(points), strict=True), marker="o", label=line)
         floor = [r.get("fd_indomain_floor") for r in rows if r.get("fd_indomain_floor") is not None]
         if name == "fd_indomain" and floor:
             ax.axhline(floor[0], color="gray", linestyle="--", label="noise floor")

@@ -246,6 +246,7 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert row["nfe"] == 3
     assert row["predictor"] == card.key().describe()
     assert row["predictor_trajectories"] == 8
+    assert (row["solver"], row["base"]) == ("amed_plugin", "ipndm")
     assert row["rmse_ref"] > 0
 
     capsys.readouterr()

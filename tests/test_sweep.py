@@ -110,6 +110,21 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     assert "**" in text
     assert bench_main([*report_args, "--check"]) == 0
 
+    # rows with AFS get their own table and plot; the plain tables keep the plain rows
+    with_afs = run_sweep(SweepConfig(solvers=["euler"], afs=True, **TINY), tmp_path / "run-afs", cache)
+    assert [(r["nfe"], r["steps"], r["afs"]) for r in with_afs] == [(4, 5, True), (5, 6, True)]
+    (results / "fd-vs-nfe-tiny-afs").mkdir()
+    (results / "fd-vs-nfe-tiny-afs" / "results.json").write_text((tmp_path / "run-afs" / "results.json").read_text())
+    assert bench_main([*report_args, "--check"]) == 1
+    assert bench_main(report_args) == 0
+    text = readme.read_text()
+    plain, afs_part = text.split("With the analytical first step")
+    assert "| euler |" in plain
+    assert "| euler, polynomial |" in afs_part
+    assert f"{rows[0]['fd_indomain']:.3g}" in plain
+    assert f"{with_afs[0]['fd_indomain']:.3g}" in afs_part
+    assert (results / "fd-vs-nfe-afs.png").stat().st_size > 1000
+
     extended = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m", "heun"], **TINY), tmp_path / "run", cache)
     assert [(r["solver"], r["cached"]) for r in extended] == [
         ("euler", True),
