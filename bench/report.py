@@ -8,8 +8,8 @@ it writes the in-domain FD, the reference RMSE and the class accuracy by solver 
 (columns) on the polynomial schedule, then each solver on its best schedule of those measured
 (lowest mean log rmse_ref over the NFE both schedules reached), then the rows on other settings
 (AFS, `time_uniform`), where AMED's rows sit beside the training-free solvers they compete with,
-with each predictor's training cost, and redraws `bench/results/fd-vs-nfe.png` (and
-`fd-vs-nfe-other.png`).
+with each predictor's training cost, and redraws `bench/results/fd-vs-nfe.png`,
+`fd-vs-nfe-other.png` and each `step-error-*/step-error.png` from its JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import step_error
 from .errors import BenchError
 from .sweep import plot
 
@@ -235,5 +236,7 @@ def run(args: argparse.Namespace) -> int:
     other = [r for r in rows if not is_plain(r)]
     if other:
         plot(other, args.results / "fd-vs-nfe-other.png", label=other_name)
+    for path in sorted(args.results.glob("step-error-*/step-error.json")):
+        step_error.plot(json.loads(path.read_text())["rows"], path.parent / "step-error.png")
     print(f"updated {args.readme} from {len(rows)} rows", file=sys.stderr)
     return 0
