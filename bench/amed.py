@@ -76,6 +76,8 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
 def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # at the start: the code and tree this run executes
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
     try:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
@@ -158,7 +160,6 @@ def train(args: argparse.Namespace) -> int:
         raise BenchError(f"--schedule {args.schedule}: {error}") from None
     finally:
         bar.close()
-    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
     card = PredictorCard(
         model=model.name,
         model_fingerprint=model.fingerprint,

@@ -6,9 +6,10 @@
 Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each tier
 it writes the in-domain FD, the reference RMSE and the class accuracy by solver (rows) and NFE
 (columns) on the polynomial schedule, then each solver on its best schedule of those measured
-(lowest mean log rmse_ref over the NFE both schedules reached), then the rows that take the
-analytical first step (AFS), where AMED's rows sit beside the training-free solvers they compete
-with, and redraws `bench/results/fd-vs-nfe.png` (and `fd-vs-nfe-afs.png`).
+(lowest mean log rmse_ref over the NFE both schedules reached), then the rows on other settings
+(AFS, `time_uniform`), where AMED's rows sit beside the training-free solvers they compete with,
+with each predictor's training cost, and redraws `bench/results/fd-vs-nfe.png`,
+`fd-vs-nfe-other.png` and each `step-error-*/step-error.png` from its JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import step_error
 from .errors import BenchError
 from .sweep import plot
 
@@ -69,10 +71,32 @@ def solver_name(row: dict[str, Any]) -> str:
     return str(row["solver"])
 
 
-def afs_name(row: dict[str, Any]) -> str:
-    """An AFS row's line: solver, its base where it has another, and the schedule."""
+def other_name(row: dict[str, Any]) -> str:
+    """A line of the other-settings table: solver, its base where it has another, schedule, AFS."""
     base = f" ({row['base']})" if row.get("base") and row["base"] != row["solver"] else ""
-    return f"{row['solver']}{base}, {row['schedule']}"
+    return f"{row['solver']}{base}, {row['schedule']}" + (", AFS" if row["afs"] else "")
+
+
+def is_plain(row: dict[str, Any]) -> bool:
+    """Rows of the main tables: no AFS, on polynomial or logsnr."""
+    return not row["afs"] and row["schedule"] in ("polynomial", "logsnr")
+
+
+def predictor_costs(rows: list[dict[str, Any]]) -> str:
+    """What each AMED row's predictor cost to train (from its card), one line per predictor."""
+    lines = ["| predictor | trajectories | training time |", "|---|---:|---:|"]
+    seen = dict.fromkeys(
+        (r["predictor"], r.get("predictor_trajectories"), r.get("predictor_training_s"))
+        for r in rows
+        if r.get("predictor")
+    )
+    for predictor, trajectories, seconds in seen:
+        lines.append(
+            f"| {predictor} | {trajectories} | {seconds:.0f} s |"
+            if seconds
+            else f"| {predictor} | {trajectories} | – |"
+        )
+    return "\n".join(lines)
 
 
 def table(
@@ -136,9 +160,9 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
     for tier in sorted({r["tier"] for r in rows}):
         tier_rows = [r for r in rows if r["tier"] == tier]
         sample = tier_rows[0]
-        plain = [r for r in tier_rows if not r["afs"] and r["schedule"] in ("polynomial", "logsnr")]
+        plain = [r for r in tier_rows if is_plain(r)]
         polynomial = [r for r in plain if r["schedule"] == "polynomial"]
-        with_afs = [r for r in tier_rows if r["afs"]]
+        other = [r for r in tier_rows if not is_plain(r)]
         floor = sample.get("fd_indomain_floor")
         parts.append(
             f"\n**Tier {tier}**: model `{sample['model']}` ({sample['model_fingerprint'][:12]}), "
@@ -164,17 +188,21 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
             parts.append(table(chosen, "fd_indomain", with_schedule=True))
             parts.append("\nand RMSE against the reference:\n")
             parts.append(table(chosen, "rmse_ref", with_schedule=True))
-        if with_afs:
+        if other:
             parts.append(
-                "\nWith the analytical first step (AFS: the first step reuses x / sigma_max as its direction, "
-                "saving one evaluation); AMED's predictors were trained for these settings. In-domain FD:\n"
+                "\nOther settings: the analytical first step (AFS: the first step takes x / sqrt(1 + sigma_max^2) "
+                "as its direction, saving one evaluation) and the `time_uniform` schedule, where AMED's predictors "
+                "were trained, beside training-free solvers on the same settings. In-domain FD:\n"
             )
-            parts.append(table(with_afs, "fd_indomain", label=afs_name))
+            parts.append(table(other, "fd_indomain", label=other_name))
             parts.append("\nand RMSE against the reference:\n")
-            parts.append(table(with_afs, "rmse_ref", label=afs_name))
+            parts.append(table(other, "rmse_ref", label=other_name))
+        if any(r.get("predictor") for r in tier_rows):
+            parts.append("\nThe AMED rows' predictors and what training them cost (this tier's device):\n")
+            parts.append(predictor_costs(tier_rows))
     parts.append("\n![quality versus NFE](bench/results/fd-vs-nfe.png)\n")
-    if any(r["afs"] for r in rows):
-        parts.append("![quality versus NFE with AFS, AMED included](bench/results/fd-vs-nfe-afs.png)\n")
+    if not all(is_plain(r) for r in rows):
+        parts.append("![quality versus NFE, other settings, AMED included](bench/results/fd-vs-nfe-other.png)\n")
     parts.append("Commands (each run's results.json records its revision, device and library versions):\n")
     parts.append("```\n" + "\n".join(commands) + "\n```")
     for picture, command in step_error_runs(results):
@@ -202,11 +230,13 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     args.readme.write_text(updated, encoding="utf-8")
-    polynomial = [r for r in rows if r["schedule"] == "polynomial" and not r["afs"]]
+    polynomial = [r for r in rows if is_plain(r) and r["schedule"] == "polynomial"]
     if polynomial:
         plot(polynomial, args.results / "fd-vs-nfe.png")
-    with_afs = [r for r in rows if r["afs"]]
-    if with_afs:
-        plot(with_afs, args.results / "fd-vs-nfe-afs.png", label=afs_name)
+    other = [r for r in rows if not is_plain(r)]
+    if other:
+        plot(other, args.results / "fd-vs-nfe-other.png", label=other_name)
+    for path in sorted(args.results.glob("step-error-*/step-error.json")):
+        step_error.plot(json.loads(path.read_text())["rows"], path.parent / "step-error.png")
     print(f"updated {args.readme} from {len(rows)} rows", file=sys.stderr)
     return 0

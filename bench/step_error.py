@@ -233,12 +233,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     nfes = sorted({row["nfe"] for row in rows})
+    # one colour per solver in every panel (a solver that cannot spend an NFE is absent from its panel)
+    colours = {solver: f"C{k % 10}" for k, solver in enumerate(dict.fromkeys(row["solver"] for row in rows))}
     figure, axes = plt.subplots(1, len(nfes), figsize=(5.5 * len(nfes), 4.2), squeeze=False)
     for axis, nfe in zip(axes[0], nfes, strict=True):
-        for solver in dict.fromkeys(row["solver"] for row in rows):
+        for solver, colour in colours.items():
             line = [row for row in rows if row["nfe"] == nfe and row["solver"] == solver]
             if line:
-                axis.plot([r["sigma"] for r in line], [r["rmse"] for r in line], marker="o", ms=3, label=solver)
+                sigmas, errors = [r["sigma"] for r in line], [r["rmse"] for r in line]
+                axis.plot(sigmas, errors, marker="o", ms=3, color=colour, label=solver)
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.invert_xaxis()
@@ -246,7 +249,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.set_ylabel("RMSE against the exact trajectory")
         axis.set_title(f"NFE {nfe}")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    for axis in axes[0]:
+        axis.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -655,11 +655,13 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, 
 
     metric = "fd_indomain" if any(r.get("fd_indomain") is not None for r in rows) else "rmse_ref"
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lines = list(dict.fromkeys(name_of(r) for r in rows))
     for ax, name in zip(axes, (metric, "rmse_ref"), strict=True):
-        for line in dict.fromkeys(name_of(r) for r in rows):
+        for k, line in enumerate(lines):  # one colour and marker per line in both panels
             points = [(r["nfe"], r[name]) for r in rows if name_of(r) == line and r.get(name) is not None]
             if points:
-                ax.plot(*zip(*sorted(points), strict=True), marker="o", label=line)
+                style = {"color": f"C{k % 10}", "marker": "os^"[k // 10 % 3]}
+                ax.plot(*zip(*sorted(points), strict=True), label=line, **style)
         floor = [r.get("fd_indomain_floor") for r in rows if r.get("fd_indomain_floor") is not None]
         if name == "fd_indomain" and floor:
             ax.axhline(floor[0], color="gray", linestyle="--", label="noise floor")

@@ -249,6 +249,17 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert (row["solver"], row["base"]) == ("amed_plugin", "ipndm")
     assert row["rmse_ref"] > 0
 
+    # the README report puts the row among the other settings, with its predictor's training cost
+    results = tmp_path / "results" / "fd-vs-nfe-amed"
+    results.mkdir(parents=True)
+    (results / "results.json").write_text((tmp_path / "sweep" / "results.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
+    assert bench_main(["report", "--results", str(results.parent), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| amed_plugin (ipndm), polynomial, AFS |" in text
+    assert f"| {card.key().describe()} | 8 |" in text
+
     capsys.readouterr()
     assert bench_main([*sweep[:4], "11", *sweep[5:]]) == 2  # no predictor for NFE 11 anywhere
     assert "sampler-amed train --model mnist --solver amed_plugin --base ipndm" in capsys.readouterr().err

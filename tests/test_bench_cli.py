@@ -104,6 +104,16 @@ def test_step_error_command_on_mnist(tmp_path, capsys):
     assert 0 < meta["reference_check_rmse"] < final("dpmpp_2m", 6) / 10
     assert all(0 < float(r["reference_check_rmse"]) <= meta["reference_check_rmse"] for r in rows)
 
+    # `bench report` redraws the plot from the JSON and links it from the README section
+    results = tmp_path / "results"
+    (results / "step-error-small").mkdir(parents=True)
+    (results / "step-error-small" / "step-error.json").write_text((tmp_path / "step-error.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
+    assert main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    assert (results / "step-error-small" / "step-error.png").stat().st_size > 1000
+    assert "No sweep results" in readme.read_text()
+
 
 def test_serve_load_command_small_run(tmp_path, capsys):
     """serve-load starts a real server process, drives it with concurrent clients and writes its table."""
