@@ -2,11 +2,14 @@
 
     python -m bench serve-load                       # clients 1, 8, 32; dpmpp_2m, 10 steps, mnist
 
-1. Offline: the model loaded in this process, `solvers.sample` at batch B for each client count B
-   (and batch 1 for the lone-request latency), median of --repeats runs: images per second.
+1. Offline: the model loaded in this process, `solvers.sample` at batch B for each client count B:
+   --repeats runs before the served phase and --repeats after it, median: images per second. For
+   one client, an in-process batch-1 run precedes each served request (paired: the machine's
+   speed drifts by more than the goals' margins between phases).
 2. Served: `sampler-service serve` in a subprocess (loopback, a free port); one asyncio client
    process runs B concurrent batch-1 clients, each sending --requests GenerateUnary requests (no
-   progress events) back to back: throughput (images/s), p50 / p99 latency.
+   progress events) back to back: throughput (images/s), p50 / p99 latency, and the median round
+   trip of an empty RPC (GetServerInfo), the transport's share.
    Also recorded: seconds from starting the server process to health SERVING (goal: 10 s on CPU).
 3. Ratios: served / offline throughput at each B (goal >= 0.9 at 32 clients), lone-request
    latency / in-process batch-1 sampling time (goal <= 1.02).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,27 +91,30 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _offline_seconds(model: models.DiffusionModel, batch: int, args: argparse.Namespace) -> float:
-    """Median seconds of one in-process sampling run at this batch (noise included)."""
+def _offline_once(model: models.DiffusionModel, batch: int, args: argparse.Namespace) -> float:
+    """Seconds of one in-process sampling run at this batch (noise included)."""
     labels = torch.arange(batch) % 10
-    times = []
-    for repeat in range(args.repeats + 1):
-        began = time.perf_counter()
-        noise = solvers.make_noise(list(range(batch)), model.sample_shape, device=model.device)
-        denoiser = model.conditioned(labels.to(model.device), args.guidance)
-        with torch.inference_mode():
-            images = solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps).images
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        _ = images.cpu()
-        if repeat:  # the first run warms up
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    began = time.perf_counter()
+    noise = solvers.make_noise(list(range(batch)), model.sample_shape, device=model.device)
+    denoiser = model.conditioned(labels.to(model.device), args.guidance)
+    with torch.inference_mode():
+        images = solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps).images
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    _ = images.cpu()
+    return time.perf_counter() - began
+
+
+def _offline_times(model: models.DiffusionModel, batch: int, args: argparse.Namespace) -> list[float]:
+    """--repeats in-process runs at this batch, after one that warms up."""
+    _offline_once(model, batch, args)
+    return [_offline_once(model, batch, args) for _ in range(args.repeats)]
 
 
 async def _served(
-    port: int, clients: int, args: argparse.Namespace
-) -> tuple[float, list[float], list[int], list[tuple[float, float]], float]:
+    port: int, clients: int, args: argparse.Namespace, paired: Callable[[], float] | None = None
+) -> tuple[float, list[float], list[int], list[tuple[float, float]], float, list[float]]:
+    """B clients' requests; with `paired` (one client), an in-process run before each request."""
     import grpc
 
     from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
@@ -115,11 +123,14 @@ async def _served(
     latencies: list[float] = []
     rows: list[int] = []
     server_side: list[tuple[float, float]] = []  # (total, sampling) seconds as the server timed them
+    offline: list[float] = []  # the paired in-process runs
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SamplerServiceStub(channel)
 
         async def client(k: int) -> None:
             for r in range(args.requests):
+                if paired is not None:
+                    offline.append(paired())
                 request = pb.GenerateRequest(
                     model=args.model,
                     solver=args.solver,
@@ -142,13 +153,12 @@ async def _served(
             began = time.perf_counter()
             await stub.GetServerInfo(pb.GetServerInfoRequest())
             floor.append(time.perf_counter() - began)
-        latencies.clear()
-        rows.clear()
-        server_side.clear()
+        for kept in (latencies, rows, server_side, offline):
+            kept.clear()
         began = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
-        wall = time.perf_counter() - began
-    return wall, latencies, rows, server_side, statistics.median(floor)
+        wall = sum(latencies) if paired is not None else time.perf_counter() - began
+    return wall, latencies, rows, server_side, statistics.median(floor), offline
 
 
 def _wait_healthy(port: int, server: subprocess.Popen[str], timeout: float = 120.0) -> None:
@@ -179,9 +189,10 @@ def run(args: argparse.Namespace) -> int:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    offline = {batch: _offline_seconds(model, batch, args) for batch in sorted({1, *args.clients})}
+    # Offline runs at each batch before the served phase and again after it, the lone request's
+    # paired with it: on a shared machine the speed drifts by more than the goals' margins.
+    before = {batch: _offline_times(model, batch, args) for batch in sorted(set(args.clients) - {1})}
     device = str(model.device)
-    del model
     port = _free_port()
     env = {
         **os.environ,
@@ -207,9 +218,16 @@ def run(args: argparse.Namespace) -> int:
         _wait_healthy(port, server)
         seconds_to_serving = time.perf_counter() - started
         for clients in args.clients:
-            wall, latencies, batch_rows, server_side, floor = asyncio.run(_served(port, clients, args))
+            if clients == 1:
+                _offline_once(model, 1, args)  # warm-up
+                paired = functools.partial(_offline_once, model, 1, args)
+                wall, latencies, batch_rows, server_side, floor, runs = asyncio.run(_served(port, 1, args, paired))
+            else:
+                wall, latencies, batch_rows, server_side, floor, _ = asyncio.run(_served(port, clients, args))
+                runs = before[clients] + [_offline_once(model, clients, args) for _ in range(args.repeats)]
+            offline_seconds = statistics.median(runs)
             served_rate = clients * args.requests / wall
-            offline_rate = clients / offline[clients]
+            offline_rate = clients / offline_seconds
             rows.append(
                 {
                     "clients": clients,
@@ -222,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
                     "throughput_ratio": served_rate / offline_rate,
                     "latency_p50_s": statistics.median(latencies),
                     "latency_p99_s": _percentile(latencies, 0.99),
-                    "offline_batch_seconds": offline[clients],
-                    "latency_ratio": statistics.median(latencies) / offline[1] if clients == 1 else None,
+                    "offline_batch_seconds": offline_seconds,
+                    "latency_ratio": statistics.median(latencies) / offline_seconds if clients == 1 else None,
                     "mean_batch_rows": statistics.fmean(batch_rows),
                     "server_total_p50_s": statistics.median(total for total, _ in server_side),
                     "server_sampling_p50_s": statistics.median(sampling for _, sampling in server_side),

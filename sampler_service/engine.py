@@ -1,7 +1,12 @@
 """Request-level dynamic batching and the sampling loop: admitted jobs wait in a per-model queue;
 a dispatcher merges jobs with equal merge keys into batches of at most `max_batch_size` network
-rows, waiting at most `max_queue_delay_ms` for company, and runs each batch on the model's worker
-thread (one per model, so the event loop never runs solver or network work).
+rows, waiting at most `max_queue_delay_ms` for company (counted from the first job's arrival or the
+end of the previous batch, whichever is later), and runs each batch on the model's worker thread
+(one per model, so the event loop never runs solver or network work). With adaptive delay the wait
+ends early once the expected company is here: as many requests as the previous batch held plus
+those that queued while it ran. Clients that send their next request when a result arrives thus
+ride in full batches without waiting out the delay; a lone request under no load starts at once;
+a client that stops costs the next batch one wait of at most the delay.
 
 Each admitted job has a `Ticket`: the worker thread posts progress, results and errors to it
 through the event loop (`call_soon_threadsafe`), where they only update state and set an event.
@@ -140,6 +145,11 @@ class Engine:
         self.dispatchers: list[asyncio.Task[None]] = []
         self.batches_run = 0
         self.last_batch_requests = dict.fromkeys(served, 0)
+        # Closed-loop clients send their next request when a result arrives, so after a batch the
+        # dispatcher expects the requests it held plus those that queued while it ran: (key, count).
+        self.expected: dict[str, tuple[object, int] | None] = dict.fromkeys(served)
+        self.free_since = dict.fromkeys(served, 0.0)  # when the worker finished its last batch
+        self.sampled_at = dict.fromkeys(served, 0.0)  # when its sampling ended, before results were posted
         self.batches_stopped = 0  # stopped early because every request in them was gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
 
@@ -193,11 +203,16 @@ class Engine:
             if not queue:
                 continue
             first = queue[0]
-            # Wait for company until the first job's delay is spent or the batch is full; with
-            # adaptive delay, a lone request after a lone batch (no concurrent load) starts at once.
-            alone = batching.adaptive_delay and len(queue) == 1 and self.last_batch_requests[name] <= 1
-            while not alone and self._rows_ready(queue, first) < batching.max_batch_size:
-                remaining = first.arrived + delay - time.perf_counter()
+            # Wait for company until the batch is full or the delay is spent, counted from when the
+            # first job arrived or the worker became free, whichever is later. With adaptive delay
+            # the wait also ends once the expected company is here (see _expected_requests): a
+            # lone request under no load starts at once, and clients that take turns merge again.
+            expected = self._expected_requests(name, first) if batching.adaptive_delay else None
+            start = max(first.arrived, self.free_since[name])
+            while self._rows_ready(queue, first) < batching.max_batch_size:
+                if expected is not None and self._requests_ready(queue, first) >= expected:
+                    break
+                remaining = start + delay - time.perf_counter()
                 if remaining <= 0:
                     break
                 wakeup.clear()
@@ -215,11 +230,32 @@ class Engine:
                 log.exception("batch failed")
                 for item in items:
                     item.ticket.post(item.ticket._fail, SampleFailed(f"internal error: {error}", "BATCH_FAILED"))
+            self.free_since[name] = time.perf_counter()
+            # company for the next batch: this batch's requests (their clients may send the next
+            # one as soon as a result is out, before this coroutine resumes: those are not counted
+            # twice) plus the requests that queued while it sampled
+            held = len({id(item.ticket) for item in items})
+            sampled = self.sampled_at[name]
+            waited = sum(1 for t in queue if t.job.key == first.job.key and not t.cancelled and t.arrived < sampled)
+            self.expected[name] = (first.job.key, held + waited)
 
     @staticmethod
     def _drop_cancelled(queue: deque[Ticket]) -> None:
         for ticket in [t for t in queue if t.cancelled]:
             queue.remove(ticket)
+
+    def _expected_requests(self, name: str, first: Ticket) -> int | None:
+        """How many requests like `first` the next batch can expect: those the last batch of the
+        same merge key held plus those that queued while it ran; 1 after a lone batch of another
+        key; None (wait the whole delay) when nothing is known."""
+        known = self.expected[name]
+        if known is not None and known[0] == first.job.key:
+            return known[1]
+        return 1 if self.last_batch_requests[name] <= 1 else None
+
+    @staticmethod
+    def _requests_ready(queue: deque[Ticket], first: Ticket) -> int:
+        return sum(1 for t in queue if t.job.key == first.job.key and not t.cancelled)
 
     @staticmethod
     def _rows_ready(queue: deque[Ticket], first: Ticket) -> int:
@@ -332,6 +368,7 @@ class Engine:
             )
             return
         sampling_seconds = time.perf_counter() - began
+        self.sampled_at[job.served.name] = began + sampling_seconds  # before any result is posted
         images = result.images.float().cpu()
         offset = 0
         for item in items:

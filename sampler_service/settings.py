@@ -42,7 +42,9 @@ class Batching(BaseModel):
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
     max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
     adaptive_delay: bool = Field(
-        True, description="skip the wait for a lone request when the previous batch held one request (no load)"
+        True,
+        description="end the wait once the expected company is here: as many requests as the last batch held "
+        "plus those that queued while it ran (a lone request under no load starts at once)",
     )
 
 

@@ -593,6 +593,31 @@ def test_adaptive_delay_starts_a_lone_request_at_once() -> None:
         running.stop()
 
 
+def test_clients_taking_turns_merge_without_waiting_out_the_delay() -> None:
+    # Four closed-loop clients and a 3 s queue delay. After a batch the dispatcher expects its requests
+    # back (plus those that queued while it ran) and starts once they are here, so the middle rounds
+    # ride in full batches and none waits out the delay (only the last, when a client has stopped).
+    running = RunningServer(batching={"max_queue_delay_ms": 3_000.0, "adaptive_delay": True}, warmup=False)
+    together = threading.Barrier(4)
+
+    def client(k: int) -> list[Any]:
+        together.wait(timeout=30)
+        timings = []
+        for r in range(4):
+            (result,) = running.stub.GenerateUnary(request(seeds=[1000 * k + r]), timeout=60).results
+            timings.append(result.timing)
+        return timings
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            timings = list(pool.map(client, range(4)))
+    finally:
+        running.stop()
+    middle = [timing for per_client in timings for timing in per_client[1:-1]]
+    assert max(t.queue_seconds for t in middle) < 1.5, [t.queue_seconds for t in middle]
+    assert sum(t.batch_rows for t in middle) >= 3 * len(middle), [t.batch_rows for t in middle]
+
+
 # -- AMED through the service (the predictors shipped in models/builtin/mnist/amed/) ---------------
 
 
