@@ -72,7 +72,9 @@ def _cell(value: float | None, best: bool) -> str:
 def solver_name(row: dict[str, Any]) -> str:
     """The solver, and for an AMED plugin its base with the base's order limit."""
     if not row.get("base") or row["base"] == row["solver"]:
-        return str(row["solver"])
+        params = json.loads(row.get("solver_params") or "{}")  # shown where not the defaults
+        given = ", ".join(f"{key} {value}" for key, value in sorted(params.items()))
+        return f"{row['solver']} ({given})" if given else str(row["solver"])
     base = str(row["base"])
     params = solvers.SOLVERS.get(row["solver"]).parse_params(json.loads(row.get("solver_params") or "{}"))
     order = getattr(params, "order_limit", None)
