@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import solvers
+
 from . import step_error
 from .errors import BenchError
 from .sweep import plot
@@ -68,13 +70,22 @@ def _cell(value: float | None, best: bool) -> str:
 
 
 def solver_name(row: dict[str, Any]) -> str:
-    return str(row["solver"])
+    """The solver, and for an AMED plugin its base with the base's order limit."""
+    if not row.get("base") or row["base"] == row["solver"]:
+        params = json.loads(row.get("solver_params") or "{}")  # shown where not the defaults
+        given = ", ".join(f"{key} {value}" for key, value in sorted(params.items()))
+        return f"{row['solver']} ({given})" if given else str(row["solver"])
+    base = str(row["base"])
+    params = solvers.SOLVERS.get(row["solver"]).parse_params(json.loads(row.get("solver_params") or "{}"))
+    order = getattr(params, "order_limit", None)
+    if order is not None and base in ("ipndm", "dpmpp_2m"):
+        base += f", order {order()}"
+    return f"{row['solver']} ({base})"
 
 
 def other_name(row: dict[str, Any]) -> str:
-    """A line of the other-settings table: solver, its base where it has another, schedule, AFS."""
-    base = f" ({row['base']})" if row.get("base") and row["base"] != row["solver"] else ""
-    return f"{row['solver']}{base}, {row['schedule']}" + (", AFS" if row["afs"] else "")
+    """A line of the other-settings table: solver (with an AMED plugin's base), schedule, AFS."""
+    return f"{solver_name(row)}, {row['schedule']}" + (", AFS" if row["afs"] else "")
 
 
 def is_plain(row: dict[str, Any]) -> bool:

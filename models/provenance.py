@@ -61,30 +61,30 @@ def collect(options: Mapping[str, Any] | None = None) -> dict[str, Any]:
 def git_state(root: Path) -> dict[str, Any] | None:
     """Revision and branch of the work tree at `root`, and whether it differs from the revision:
     `dirty` counts untracked files too (new code that is not committed changes results as much
-    as edited code does; ignored files do not count), except untracked result files (.csv, .json,
-    .png under a folder named `results`): those are other runs' outputs, or this run's own from
-    before, and change no number. They are still listed in `status`. None where git is unavailable."""
+    as edited code does; ignored files do not count), except result files (.csv, .json, .png under
+    a folder named `results`), new or rewritten: those are other runs' outputs, or this run's own
+    from before, and change no number. They are still listed in `status`. None where git is
+    unavailable."""
     revision = _git(root, "rev-parse", "HEAD")
     if revision is None:
         return None
     status = _git(root, "status", "--porcelain", "--untracked-files=all") or ""
     lines = [line for line in status.splitlines() if line]
-    outputs = [line for line in lines if _is_untracked_output(line)]
+    outputs = [line for line in lines if _is_output(line)]
     return {
         "revision": revision,
         "branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD"),
         "dirty": len(outputs) < len(lines),
         "changed_count": sum(not line.startswith("??") for line in lines),
         "untracked_count": sum(line.startswith("??") for line in lines),
-        "untracked_output_count": len(outputs),
+        "output_count": len(outputs),
         "status": lines[:_MAX_STATUS_LINES],  # git status --porcelain: "XY path"
     }
 
 
-def _is_untracked_output(status_line: str) -> bool:
-    if not status_line.startswith("?? "):
-        return False
-    path = PurePosixPath(status_line[3:].strip('"'))
+def _is_output(status_line: str) -> bool:
+    """A result file (.csv, .json, .png under a folder named `results`), new or rewritten."""
+    path = PurePosixPath(status_line[3:].split(" -> ")[-1].strip('"'))
     return "results" in path.parts[:-1] and path.suffix in {".csv", ".json", ".png"}
 
 

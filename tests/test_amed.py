@@ -257,7 +257,7 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
     assert bench_main(["report", "--results", str(results.parent), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "| amed_plugin (ipndm), polynomial, AFS |" in text
+    assert "| amed_plugin (ipndm, order 4), polynomial, AFS |" in text
     assert f"| {card.key().describe()} | 8 |" in text
 
     capsys.readouterr()

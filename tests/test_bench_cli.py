@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,9 @@ def test_serve_load_command_small_run(tmp_path, capsys):
     assert rows[1]["latency_ratio"] == ""
     meta = json.loads((tmp_path / "serve-load.json").read_text())["meta"]
     assert meta["seconds_to_serving"] > 0
+
+
+def test_readme_results_section_is_current(monkeypatch):
+    """README.md's tables are what `python -m bench report` makes of the committed bench/results."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the links and paths are relative to the root
+    assert main(["report", "--check"]) == 0, "run `python -m bench report` and commit README.md"

@@ -37,7 +37,7 @@ def test_dirty_counts_code_but_not_result_outputs(tmp_path: Path) -> None:
     state = provenance.git_state(tmp_path)
     assert state is not None
     assert not state["dirty"], state
-    assert state["untracked_output_count"] == 3
+    assert state["output_count"] == 3
     assert len(state["status"]) == 3
 
     (results / "helper.py").write_text("y = 2\n")  # code, even under results/
@@ -47,8 +47,16 @@ def test_dirty_counts_code_but_not_result_outputs(tmp_path: Path) -> None:
     assert state["untracked_count"] == 4
     (results / "helper.py").unlink()
 
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "results")
+    (results / "rows.csv").write_text("2\n")  # a result rewritten by a later run
+    state = provenance.git_state(tmp_path)
+    assert state is not None
+    assert not state["dirty"]
+    assert state["changed_count"] == 1
+
     (tmp_path / "code.py").write_text("x = 2\n")
     state = provenance.git_state(tmp_path)
     assert state is not None
     assert state["dirty"]
-    assert state["changed_count"] == 1
+    assert state["changed_count"] == 2
