@@ -97,16 +97,12 @@ def predictor_costs(rows: list[dict[str, Any]]) -> str:
     """What each AMED row's predictor cost to train (from its card), one line per predictor."""
     lines = ["| predictor | trajectories | training time |", "|---|---:|---:|"]
     seen = dict.fromkeys(
-        (r["predictor"], r.get("predictor_trajectories"), r.get("predictor_training_s"))
-        for r in rows
+        (f"{other_name(r)}, NFE {r['nfe']}", r.get("predictor_trajectories"), r.get("predictor_training_s"))
+        for r in sorted(rows, key=lambda r: (other_name(r), r["nfe"]))
         if r.get("predictor")
     )
-    for predictor, trajectories, seconds in seen:
-        lines.append(
-            f"| {predictor} | {trajectories} | {seconds:.0f} s |"
-            if seconds
-            else f"| {predictor} | {trajectories} | – |"
-        )
+    for name, trajectories, seconds in seen:
+        lines.append(f"| {name} | {trajectories} | {f'{seconds:.0f} s' if seconds else '–'} |")
     return "\n".join(lines)
 
 
@@ -139,12 +135,15 @@ def table(
 
 
 def best_schedule(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each solver's rows on the schedule with the lowest mean log rmse_ref over common NFE."""
+    """Each solver's rows on the schedule with the lowest mean log rmse_ref over common NFE (solvers
+    measured on one schedule only are left out)."""
     chosen: list[dict[str, Any]] = []
     by_solver: dict[str, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        by_solver[row["solver"]][row["schedule"]][row["nfe"]] = row
+        by_solver[solver_name(row)][row["schedule"]][row["nfe"]] = row
     for schedules in by_solver.values():
+        if len(schedules) < 2:
+            continue
         common = set.intersection(*(set(cells) for cells in schedules.values()))
 
         def score(cells: dict[int, dict[str, Any]], common: set[int] = common) -> float:
@@ -243,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     args.readme.write_text(updated, encoding="utf-8")
     polynomial = [r for r in rows if is_plain(r) and r["schedule"] == "polynomial"]
     if polynomial:
-        plot(polynomial, args.results / "fd-vs-nfe.png")
+        plot(polynomial, args.results / "fd-vs-nfe.png", label=solver_name)
     other = [r for r in rows if not is_plain(r)]
     if other:
         plot(other, args.results / "fd-vs-nfe-other.png", label=other_name)

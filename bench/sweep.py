@@ -654,7 +654,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, 
     import matplotlib.pyplot as plt
 
     metric = "fd_indomain" if any(r.get("fd_indomain") is not None for r in rows) else "rmse_ref"
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 4.6))
     lines = list(dict.fromkeys(name_of(r) for r in rows))
     for ax, name in zip(axes, (metric, "rmse_ref"), strict=True):
         for k, line in enumerate(lines):  # one colour and marker per line in both panels
@@ -669,7 +669,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, 
         ax.set_ylabel(name)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plots, not over them
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

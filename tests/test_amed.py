@@ -258,7 +258,7 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert bench_main(["report", "--results", str(results.parent), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "| amed_plugin (ipndm, order 4), polynomial, AFS |" in text
-    assert f"| {card.key().describe()} | 8 |" in text
+    assert "| amed_plugin (ipndm, order 4), polynomial, AFS, NFE 3 | 8 |" in text
 
     capsys.readouterr()
     assert bench_main([*sweep[:4], "11", *sweep[5:]]) == 2  # no predictor for NFE 11 anywhere
