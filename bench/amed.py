@@ -91,6 +91,10 @@ def train(args: argparse.Namespace) -> int:
     )
     plugin = params if isinstance(params, AMEDPluginParams) else None
     steps = spec.require_steps_for_nfe(args.nfe, args.afs, params)
+    if args.objective == "trajectory" and (plugin is None or plugin.base not in ("ipndm", "dpmpp_2m")):
+        raise BenchError(
+            "--objective trajectory: only for multistep students (--solver amed_plugin --base ipndm or dpmpp_2m)"
+        )
     teacher, teacher_params, substeps = _teacher(args, plugin)
     schedule_spec = solvers.SCHEDULES.get(args.schedule)
     schedule_params = schedule_spec.parse_params(args.schedule_params)
@@ -133,6 +137,7 @@ def train(args: argparse.Namespace) -> int:
         teacher_params=teacher_params,
         teacher_substeps=substeps,
         seed=args.seed,
+        objective=args.objective,
     )
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
@@ -253,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dc", type=float, default=0.01)
     t.add_argument("--da", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--objective",
+        choices=("interval", "trajectory"),
+        default="interval",
+        help="interval: an Adam step per interval (the paper's); trajectory: summed losses through the history "
+        "(multistep plugins)",
+    )
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", type=Path, default=None)

@@ -123,6 +123,32 @@ def test_trained_plugin_beats_its_base_on_the_exact_model(base, max_order, teach
     assert rmse(plugin.images) < 0.9 * rmse(plain.images)
 
 
+def test_trajectory_objective_trains_through_the_history():
+    """The whole-trajectory objective (losses summed, gradients through the multistep history, one
+    Adam step per batch) lowers the loss on the mixture; single-step students are refused."""
+    model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
+    steps = 3
+
+    def train(variant: Variant, trajectories: int):
+        return train_predictor(
+            new_predictor(PredictorConfig(), seed=0).double(),
+            variant=variant,
+            sigmas=_sigmas(model, steps),
+            teacher_sigmas=_sigmas(model, 3 * steps),
+            afs=True,
+            make_batch=lambda seeds: (model, _noise(seeds)),
+            settings=TrainingSettings(
+                trajectories=trajectories, batch_size=50, teacher="ipndm", teacher_substeps=2, objective="trajectory"
+            ),
+        )
+
+    summary = train(Variant("ipndm", 2), 500)
+    assert summary.batches == 10
+    assert sum(summary.final_loss) < 0.9 * sum(summary.first_loss)
+    with pytest.raises(ValueError, match="multistep"):
+        train(Variant("euler"), 50)
+
+
 def _card(predictor_config: PredictorConfig, **overrides) -> PredictorCard:
     fields = {
         "model": "gmm",
@@ -263,3 +289,12 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     capsys.readouterr()
     assert bench_main([*sweep[:4], "11", *sweep[5:]]) == 2  # no predictor for NFE 11 anywhere
     assert "sampler-amed train --model mnist --solver amed_plugin --base ipndm" in capsys.readouterr().err
+
+
+def test_train_command_refuses_the_trajectory_objective_for_single_step_students(tmp_path: Path, capsys):
+    from bench.amed import main as amed_main
+
+    args = ["train", "--model", "mnist", "--solver", "amed", "--nfe", "3", "--objective", "trajectory"]
+    assert amed_main([*args, "--trajectories", "2", "--out", str(tmp_path)]) == 2
+    assert "--objective trajectory: only for multistep students" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
