@@ -71,16 +71,14 @@ def _cell(value: float | None, best: bool) -> str:
 
 def solver_name(row: dict[str, Any]) -> str:
     """The solver, and for an AMED plugin its base with the base's order limit."""
-    if not row.get("base") or row["base"] == row["solver"]:
-        params = json.loads(row.get("solver_params") or "{}")  # shown where not the defaults
-        given = ", ".join(f"{key} {value}" for key, value in sorted(params.items()))
-        return f"{row['solver']} ({given})" if given else str(row["solver"])
-    base = str(row["base"])
-    params = solvers.SOLVERS.get(row["solver"]).parse_params(json.loads(row.get("solver_params") or "{}"))
-    order = getattr(params, "order_limit", None)
-    if order is not None and base in ("ipndm", "dpmpp_2m"):
-        base += f", order {order()}"
-    return f"{row['solver']} ({base})"
+    given = json.loads(row.get("solver_params") or "{}")
+    if not row.get("base") or row["base"] == row["solver"]:  # parameters shown where not the defaults
+        shown = ", ".join(f"{key} {value}" for key, value in sorted(given.items()))
+        return f"{row['solver']} ({shown})" if shown else str(row["solver"])
+    params = solvers.SOLVERS.get(row["solver"]).parse_params(given)
+    multistep = row["base"] in ("ipndm", "dpmpp_2m")  # the bases with an order limit
+    order = f", order {params.order_limit()}" if multistep and hasattr(params, "order_limit") else ""
+    return f"{row['solver']} ({row['base']}{order})"
 
 
 def other_name(row: dict[str, Any]) -> str:

@@ -236,7 +236,7 @@ class Engine:
             # twice) plus the requests that queued while it sampled
             held = len({id(item.ticket) for item in items})
             sampled = self.sampled_at[name]
-            waited = sum(1 for t in queue if t.job.key == first.job.key and not t.cancelled and t.arrived < sampled)
+            waited = self._requests_ready(queue, first, arrived_before=sampled)
             self.expected[name] = (first.job.key, held + waited)
 
     @staticmethod
@@ -254,8 +254,8 @@ class Engine:
         return 1 if self.last_batch_requests[name] <= 1 else None
 
     @staticmethod
-    def _requests_ready(queue: deque[Ticket], first: Ticket) -> int:
-        return sum(1 for t in queue if t.job.key == first.job.key and not t.cancelled)
+    def _requests_ready(queue: deque[Ticket], first: Ticket, arrived_before: float = float("inf")) -> int:
+        return sum(1 for t in queue if t.job.key == first.job.key and not t.cancelled and t.arrived < arrived_before)
 
     @staticmethod
     def _rows_ready(queue: deque[Ticket], first: Ticket) -> int:
