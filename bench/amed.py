@@ -7,7 +7,8 @@
 Recipes (the paper's): AMED-Solver with a Heun teacher and M = 1 substep between student points;
 the plugin with its own base solver as teacher and M = 2 (`--teacher`, `--teacher-substeps`
 override). The teacher runs the same schedule with (M + 1) S steps from the same noise, without
-AFS. Trajectories k use seed `seed * 1000003 + k` and, for a class-conditional model, label k mod 10.
+AFS. Trajectory k uses noise seed `2**40 + seed * 1000003 + k` (never a benchmark's seed) and, for
+a class-conditional model, label k mod 10.
 
 Artifacts go to `--out` (default: the model's own `amed/` folder for built-in models, which the
 service reads): `<name>.safetensors` and `<name>.json` (the card: model and fingerprint, solver,
@@ -31,6 +32,8 @@ import models
 import solvers
 from models import provenance
 from solvers.amed import (
+    BASES,
+    MULTISTEP,
     AMEDPluginParams,
     PredictorCard,
     PredictorConfig,
@@ -45,7 +48,7 @@ from solvers.amed import (
 
 from .errors import BenchError
 
-DEFAULT_TEACHER = {"euler": "euler", "dpm_solver_2": "dpm_solver_2", "ipndm": "ipndm", "dpmpp_2m": "dpmpp_2m"}
+DEFAULT_TEACHER = {base: base for base in BASES}  # the plugin's recipe: its own base as teacher
 
 
 def predictor_folder(model: models.DiffusionModel, source: str) -> Path:
@@ -68,7 +71,7 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
             name = "dpmpp_3m"
         substeps = 2
     params: dict[str, Any] = {}
-    if name == "ipndm" and plugin is not None and plugin.base == "ipndm":
+    if plugin is not None and plugin.base in ("ipndm", "ipndm_v") and name == plugin.base:
         params = {"max_order": plugin.order_limit()}
     return name, params, args.teacher_substeps if args.teacher_substeps is not None else substeps
 
@@ -91,9 +94,9 @@ def train(args: argparse.Namespace) -> int:
     )
     plugin = params if isinstance(params, AMEDPluginParams) else None
     steps = spec.require_steps_for_nfe(args.nfe, args.afs, params)
-    if args.objective == "trajectory" and (plugin is None or plugin.base not in ("ipndm", "dpmpp_2m")):
+    if args.objective == "trajectory" and (plugin is None or plugin.base not in MULTISTEP):
         raise BenchError(
-            "--objective trajectory: only for multistep students (--solver amed_plugin --base ipndm or dpmpp_2m)"
+            f"--objective trajectory: only for multistep students (--solver amed_plugin --base {', '.join(MULTISTEP)})"
         )
     teacher, teacher_params, substeps = _teacher(args, plugin)
     schedule_spec = solvers.SCHEDULES.get(args.schedule)
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", default="mnist", help="any models.load source")
     t.add_argument("--solver", choices=["amed", "amed_plugin"], default="amed_plugin")
-    t.add_argument("--base", choices=["euler", "dpm_solver_2", "ipndm", "dpmpp_2m"], default="ipndm")
+    t.add_argument("--base", choices=BASES, default="ipndm")
     t.add_argument("--base-max-order", type=int, default=None)
     t.add_argument("--nfe", type=int, required=True)
     t.add_argument("--schedule", default="polynomial")

@@ -76,7 +76,7 @@ def solver_name(row: dict[str, Any]) -> str:
         shown = ", ".join(f"{key} {value}" for key, value in sorted(given.items()))
         return f"{row['solver']} ({shown})" if shown else str(row["solver"])
     params = solvers.SOLVERS.get(row["solver"]).parse_params(given)
-    multistep = row["base"] in ("ipndm", "dpmpp_2m")  # the bases with an order limit
+    multistep = row["base"] in ("ipndm", "ipndm_v", "dpmpp_2m")  # the bases with an order limit
     order = f", order {params.order_limit()}" if multistep and hasattr(params, "order_limit") else ""
     return f"{row['solver']} ({row['base']}{order})"
 

@@ -58,6 +58,7 @@ import solvers
 from models import provenance
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
 
+from .errors import BenchError
 from .fid import FidExtractor, FidUnavailable
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import MnistScorer, quantise
@@ -414,6 +415,7 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     if spec.needs_predictor and steps is not None:
         wanted, weights = _predictor_of(context, spec, solver_params, nfe, steps)
         card = read_card(context.predictors.cards[wanted])
+        _check_held_out(card.training, config, wanted.describe())
         base.update(
             predictor=wanted.describe(),
             predictor_training_s=card.training.get("wall_seconds"),
@@ -422,6 +424,24 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe", "solver_params")}
     key = _hash({"row": identity, "reference": context.reference_key, "predictor_weights": weights})
     return RowPlan(solver, nfe, steps, solver_params, base, key, wanted)
+
+
+def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) -> None:
+    """Refuse to score a predictor on the noise seeds it was trained on.
+
+    Raises:
+        BenchError: the training seeds overlap this sweep's seeds.
+    """
+    # cards from before the training seed offset record only `seed` (trajectory k: seed * 1000003 + k)
+    first = int(training.get("first_noise_seed", int(training.get("seed", 0)) * 1_000_003))
+    trained = range(first, first + int(training.get("trajectories", 0)))
+    scored = range(config.seed_base, config.seed_base + config.num_samples)
+    if trained.start < scored.stop and scored.start < trained.stop:
+        raise BenchError(
+            f"predictor {name} was trained on noise seeds {trained.start}..{trained.stop - 1}, which overlap "
+            f"this sweep's seeds {scored.start}..{scored.stop - 1}: retrain it (training seeds now start at "
+            "2**40) or choose another --seed-base"
+        )
 
 
 def _predictor_of(

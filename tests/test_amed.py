@@ -79,6 +79,7 @@ def test_neutral_predictor_is_dpm_solver_2(gmm, afs):
     ("base", "max_order", "teacher", "substeps"),
     [
         ("ipndm", 4, "ipndm", 2),
+        ("ipndm_v", 4, "ipndm_v", 2),
         ("euler", None, "euler", 2),
         ("dpm_solver_2", None, "heun", 1),
     ],
@@ -93,8 +94,8 @@ def test_trained_plugin_beats_its_base_on_the_exact_model(base, max_order, teach
     model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
     steps = 3
     predictor = new_predictor(PredictorConfig(), seed=0).double()
-    teacher_params = {"max_order": 4} if teacher == "ipndm" else {}
-    base_params = {"max_order": max_order} if base == "ipndm" else {}
+    teacher_params = {"max_order": 4} if teacher.startswith("ipndm") else {}
+    base_params = {"max_order": max_order} if base.startswith("ipndm") else {}
     summary = train_predictor(
         predictor,
         variant=Variant(base, max_order or 1),
@@ -215,6 +216,8 @@ def test_artifact_roundtrip_and_lookup_errors(tmp_path: Path, gmm):
     [
         ("euler", "euler", {}),
         ("ipndm", "ipndm", {"max_order": 4}),
+        ("ipndm_v", "ipndm_v", {"max_order": 4}),
+        ("ipndm_v", "ipndm_v", {"max_order": 3}),
         ("dpmpp_2m", "dpmpp_2m", {"max_order": 2}),
         ("dpmpp_2m", "dpmpp_3m", {"max_order": 3}),
     ],
@@ -230,7 +233,7 @@ def test_neutral_plugin_is_its_base_on_the_merged_grid(gmm, base, plain, params,
     plugin = solvers.sample(
         gmm, noise, solver="amed_plugin", steps=4, afs=afs, predictor=predictor, solver_params={"base": base, **params}
     )
-    plain_params = {"max_order": 4} if plain == "ipndm" else {"lower_order_final": False} if "dpmpp" in plain else {}
+    plain_params = {"lower_order_final": False} if "dpmpp" in plain else dict(params)
     reference = solvers.sample(
         gmm,
         noise,
@@ -289,6 +292,11 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     capsys.readouterr()
     assert bench_main([*sweep[:4], "11", *sweep[5:]]) == 2  # no predictor for NFE 11 anywhere
     assert "sampler-amed train --model mnist --solver amed_plugin --base ipndm" in capsys.readouterr().err
+
+    # training noises are never a benchmark's: a sweep refuses to score a predictor on its own
+    assert card.training["first_noise_seed"] == 2**40
+    assert bench_main([*sweep, "--seed-base", str(2**40 + 4)]) == 2
+    assert "trained on noise seeds 1099511627776..1099511627783, which overlap" in capsys.readouterr().err
 
 
 def test_train_command_refuses_the_trajectory_objective_for_single_step_students(tmp_path: Path, capsys):

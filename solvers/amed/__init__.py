@@ -15,11 +15,20 @@ from .predictor import (
     save_predictor,
     train_command,
 )
-from .solver import BASES, AMEDParams, AMEDPluginParams, History, Variant, amed_interval
-from .training import TrainingSettings, TrainingSummary, new_predictor, teacher_states, train_predictor
+from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, Variant, amed_interval
+from .training import (
+    TRAINING_SEED_BASE,
+    TrainingSettings,
+    TrainingSummary,
+    new_predictor,
+    teacher_states,
+    train_predictor,
+)
 
 __all__ = [
     "BASES",
+    "MULTISTEP",
+    "TRAINING_SEED_BASE",
     "AMEDParams",
     "AMEDPluginParams",
     "AMEDPredictor",
