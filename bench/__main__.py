@@ -15,6 +15,7 @@ from solvers.errors import SolverError
 
 from . import (
     accuracy,
+    amed_ablation,
     batch_invariance,
     fd_vs_nfe,
     model_card,
@@ -36,6 +37,7 @@ COMMANDS = (
     report,
     serve_load,
     batch_invariance,
+    amed_ablation,
 )
 
 

@@ -9,7 +9,8 @@ it writes the in-domain FD, the reference RMSE and the class accuracy by solver 
 (lowest mean log rmse_ref over the NFE both schedules reached), then the rows on other settings
 (AFS, `time_uniform`), where AMED's rows sit beside the training-free solvers they compete with,
 with each predictor's training cost, and redraws `bench/results/fd-vs-nfe.png`,
-`fd-vs-nfe-other.png` and each `step-error-*/step-error.png` from its JSON.
+`fd-vs-nfe-other.png` and each `step-error-*/step-error.png` from its JSON. Each
+`amed-ablation-*/results.json` becomes a table of its variants.
 """
 
 from __future__ import annotations
@@ -161,6 +162,38 @@ def step_error_runs(results: Path) -> list[tuple[str, str]]:
     return runs
 
 
+def ablation_tables(results: Path) -> list[str]:
+    """One table per committed `amed-ablation-*` run: a row per variant, then its command."""
+    parts = []
+    for path in sorted(results.glob("amed-ablation-*/results.json")):
+        document = json.loads(path.read_text())
+        meta, rows = document["meta"], document["rows"]
+        sample = rows[0]
+        parts.append(
+            f"\nAMED ablations (`python -m bench amed-ablation`; {path.parent.name}): one setting changed per row, "
+            f"N = {sample['num_samples']}, scored like the sweep rows (same seeds, labels and reference); the "
+            "predictors were trained on other noises.\n"
+        )
+        lines = [
+            "| variant | what | NFE | RMSE | FD [95% CI] | class acc | training s | final loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            fd = f"{r['fd_indomain']:.2f}" if r.get("fd_indomain") is not None else ""
+            if fd and r.get("fd_ci_low") is not None:
+                fd += f" [{r['fd_ci_low']:.2f}, {r['fd_ci_high']:.2f}]"
+            acc = f"{r['class_acc']:.3f}" if r.get("class_acc") is not None else ""
+            seconds = f"{r['predictor_training_s']:.0f}" if r.get("predictor_training_s") is not None else ""
+            loss = f"{r['final_loss']:.3g}" if r.get("final_loss") is not None else ""
+            lines.append(
+                f"| {r['variant']} | {r['question']} | {r['nfe']} | {r['rmse_ref']:.4f} | {fd} | {acc} | {seconds} "
+                f"| {loss} |"
+            )
+        parts.append("\n".join(lines))
+        parts.append(f"```\n{meta['command']}  # {path.parent.name}, git {_short(meta)}\n```")
+    return parts
+
+
 def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> str:
     if not rows:
         return f"{START}\nNo sweep results under {results}/fd-vs-nfe-*/ yet: run `python -m bench fd-vs-nfe`.\n{END}"
@@ -220,6 +253,7 @@ def render(rows: list[dict[str, Any]], commands: list[str], results: Path) -> st
         )
         parts.append(f"![error versus sigma]({picture})\n")
         parts.append(f"```\n{command}\n```")
+    parts.extend(ablation_tables(results))
     parts.append(END)
     return "\n".join(parts)
 

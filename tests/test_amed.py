@@ -306,3 +306,40 @@ def test_train_command_refuses_the_trajectory_objective_for_single_step_students
     assert amed_main([*args, "--trajectories", "2", "--out", str(tmp_path)]) == 2
     assert "--objective trajectory: only for multistep students" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path):
+    """`bench amed-ablation` (tiny): a trained variant and a training-free one become rows with the
+    sweep's schema plus variant, question and final loss; the report renders them as a table."""
+    from bench.__main__ import main as bench_main
+
+    out = tmp_path / "results" / "amed-ablation-tiny"
+    args = ["amed-ablation", "--variants", "plugin-v2,ipndm2", "--num-samples", "16", "--trajectories", "4"]
+    args += ["--batch-size", "16", "--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0"]
+    args += ["--device", "cpu", "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(args) == 0
+    trained, plain = json.loads((out / "results.json").read_text())["rows"]
+    assert (trained["variant"], trained["solver"], trained["base"], trained["nfe"]) == (
+        "plugin-v2",
+        "amed_plugin",
+        "ipndm_v",
+        5,
+    )
+    assert trained["predictor_trajectories"] == 4
+    assert trained["final_loss"] > 0
+    assert "solver=amed_plugin base=ipndm_v max_order=2 nfe=5" in trained["predictor"]
+    assert (plain["variant"], plain["solver"], plain["final_loss"]) == ("ipndm2", "ipndm", None)
+    assert trained["rmse_ref"] > 0
+    assert plain["rmse_ref"] > 0
+    assert "plugin-v2" in (out / "results.csv").read_text()
+    assert bench_main(["amed-ablation", "--variants", "nope", "--out", str(out)]) == 2
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
+    (tmp_path / "results" / "fd-vs-nfe-tiny").mkdir()
+    (tmp_path / "results" / "fd-vs-nfe-tiny" / "results.json").write_text((out / "results.json").read_text())
+    assert bench_main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| plugin-v2 | base: variable-step iPNDM order 2 | 5 |" in text
+    assert "| ipndm2 | training-free: iPNDM order 2 | 5 |" in text
