@@ -77,6 +77,10 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
 
 
 def train(args: argparse.Namespace) -> int:
+    if args.trajectories < 0:
+        raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size {args.batch_size}: expected 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     # at the start: the code and tree this run executes
@@ -252,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
-    t.add_argument("--trajectories", type=int, default=1000)
+    t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--teacher", default=None, help="default: heun (amed) or the base solver (plugin)")

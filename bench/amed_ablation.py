@@ -64,6 +64,7 @@ def _amed3(name: str, question: str, *extra: str, rho: float | None = None, sche
 VARIANTS = (
     # AMED-Plugin at NFE 5 (3 intervals, AFS, polynomial rho 7): the recipe on iPNDM order 2, one change per row
     _plugin("plugin", "recipe: iPNDM order 2 base and teacher, M = 2, 1000 trajectories, dc 0.01"),
+    _plugin("plugin-untrained", "training: none (r = 1/2, c = 1: iPNDM-2 on the merged grid)", "--trajectories", "0"),
     _plugin("plugin-table", "feature: table mode (zero feature, a learned fixed schedule)", "--table"),
     _plugin("plugin-teacher-m5", "teacher: M = 5 (18-step iPNDM-2 teacher)", "--teacher-substeps", "5"),
     _plugin(

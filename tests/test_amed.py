@@ -305,6 +305,8 @@ def test_train_command_refuses_the_trajectory_objective_for_single_step_students
     args = ["train", "--model", "mnist", "--solver", "amed", "--nfe", "3", "--objective", "trajectory"]
     assert amed_main([*args, "--trajectories", "2", "--out", str(tmp_path)]) == 2
     assert "--objective trajectory: only for multistep students" in capsys.readouterr().err
+    assert amed_main(["train", "--nfe", "3", "--trajectories", "-1", "--out", str(tmp_path)]) == 2
+    assert "--trajectories -1: expected 0 (the untrained predictor) or more" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -314,12 +316,20 @@ def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path)
     from bench.__main__ import main as bench_main
 
     out = tmp_path / "results" / "amed-ablation-tiny"
-    args = ["amed-ablation", "--variants", "plugin-v2,ipndm2", "--num-samples", "16", "--trajectories", "4"]
+    args = [
+        "amed-ablation",
+        "--variants",
+        "plugin-v2,plugin-untrained,ipndm2",
+        "--num-samples",
+        "16",
+        "--trajectories",
+        "4",
+    ]
     args += ["--batch-size", "16", "--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0"]
     args += ["--device", "cpu", "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"), "--out", str(out)]
     with pytest.warns(UserWarning, match="feature dimensions"):
         assert bench_main(args) == 0
-    trained, plain = json.loads((out / "results.json").read_text())["rows"]
+    trained, untrained, plain = json.loads((out / "results.json").read_text())["rows"]
     assert (trained["variant"], trained["solver"], trained["base"], trained["nfe"]) == (
         "plugin-v2",
         "amed_plugin",
@@ -329,6 +339,7 @@ def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path)
     assert trained["predictor_trajectories"] == 4
     assert trained["final_loss"] > 0
     assert "solver=amed_plugin base=ipndm_v max_order=2 nfe=5" in trained["predictor"]
+    assert (untrained["predictor_trajectories"], untrained["final_loss"]) == (0, None)
     assert (plain["variant"], plain["solver"], plain["final_loss"]) == ("ipndm2", "ipndm", None)
     assert trained["rmse_ref"] > 0
     assert plain["rmse_ref"] > 0

@@ -100,7 +100,7 @@ class TrainingSummary:
             "trajectories": self.trajectories,
             "first_batch_loss_per_interval": self.first_loss,
             "final_loss_per_interval": self.final_loss,
-            "final_loss": sum(self.final_loss),
+            "final_loss": sum(self.final_loss) if self.final_loss else None,
             "wall_seconds": round(self.wall_seconds, 2),
             "device": self.device,
             "network_evals": self.network_evals,
@@ -159,7 +159,8 @@ def train_predictor(
     settings: TrainingSettings,
     on_batch: Callable[[int, list[float]], None] | None = None,
 ) -> TrainingSummary:
-    """Train `predictor` in place.
+    """Train `predictor` in place (with 0 trajectories it stays as initialised: r = 1/2, c = a = 1,
+    the untrained baseline).
 
     Args:
         make_batch: for a list of seeds, the frozen model with that batch's conditioning bound
@@ -174,6 +175,8 @@ def train_predictor(
     """
     every = settings.teacher_substeps + 1
     intervals = len(sigmas) - 1
+    if settings.trajectories < 0 or settings.batch_size < 1:
+        raise ValueError(f"trajectories {settings.trajectories} (>= 0), batch size {settings.batch_size} (>= 1)")
     if settings.objective not in ("interval", "trajectory"):
         raise ValueError(f"objective {settings.objective!r}: choose interval or trajectory")
     whole = settings.objective == "trajectory"
@@ -232,12 +235,12 @@ def train_predictor(
             on_batch(batch_index, batch_losses)
     predictor.eval()
     tail = losses[-max(1, len(losses) // 4) :]
-    final = [sum(b[i] for b in tail) / len(tail) for i in range(intervals)]
+    final = [sum(b[i] for b in tail) / len(tail) for i in range(intervals)] if tail else []
     return TrainingSummary(
         intervals=intervals,
         batches=batches,
         trajectories=settings.trajectories,
-        first_loss=losses[0],
+        first_loss=losses[0] if losses else [],
         final_loss=final,
         wall_seconds=time.perf_counter() - began,
         device=device,
