@@ -124,6 +124,9 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--trajectories", type=int, default=None, help="override every variant's count (smoke runs)")
+    parser.add_argument(
+        "--train-batch-size", type=int, default=25, help="trajectories per Adam step (the shipped predictors': 25)"
+    )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--reference-steps", type=int, default=128)
     parser.add_argument("--reference-check", type=int, default=64)
@@ -145,7 +148,8 @@ def _train(variant: Variant, args: argparse.Namespace, folder: Path) -> None:
     for stale in folder.glob("*"):
         stale.unlink()
     argv = ["train", "--model", args.model, "--nfe", str(variant.nfe), "--schedule", variant.schedule, "--quiet"]
-    argv += ["--afs" if variant.afs else "--no-afs", "--out", str(folder), *variant.train]
+    argv += ["--afs" if variant.afs else "--no-afs", "--batch-size", str(args.train_batch_size)]
+    argv += ["--out", str(folder), *variant.train]
     if args.trajectories is not None and "--trajectories" not in variant.train:
         argv += ["--trajectories", str(args.trajectories)]
     if args.threads:
