@@ -175,7 +175,7 @@ def ablation_tables(results: Path) -> list[str]:
             "predictors were trained on other noises.\n"
         )
         lines = [
-            "| variant | what | NFE | RMSE | FD [95% CI] | class acc | training s | final loss |",
+            "| variant | what | NFE | RMSE | FD [90% interval] | class acc | training s | final loss |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
