@@ -32,7 +32,6 @@ from .errors import BenchError
 from .sweep import COLUMNS, SweepConfig, run_sweep
 
 NAME = "amed-ablation"
-PLUGIN2 = ("--solver", "amed_plugin", "--base", "ipndm", "--base-max-order", "2")
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,7 @@ VARIANTS = (
         3,
         None,
         {"max_order": 2},
-        "polynomial",
-        {"rho": 5.0},
+        schedule_params={"rho": 5.0},
     ),
     Variant(
         "ipndm2-nfe3-rho10",
@@ -104,8 +102,7 @@ VARIANTS = (
         3,
         None,
         {"max_order": 2},
-        "polynomial",
-        {"rho": 10.0},
+        schedule_params={"rho": 10.0},
     ),
 )
 EXTRA_COLUMNS = ["variant", "question", "train_args", "final_loss"]
@@ -160,13 +157,12 @@ def _train(variant: Variant, args: argparse.Namespace, folder: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
-    chosen = list(VARIANTS) if args.variants == "all" else []
-    if args.variants != "all":
-        known = {v.name: v for v in VARIANTS}
-        for name in (n.strip() for n in args.variants.split(",") if n.strip()):
-            if name not in known:
-                raise BenchError(f"--variants: unknown variant {name!r}; choose from {', '.join(known)}")
-            chosen.append(known[name])
+    known = {v.name: v for v in VARIANTS}
+    names = list(known) if args.variants == "all" else [n.strip() for n in args.variants.split(",") if n.strip()]
+    for name in names:
+        if name not in known:
+            raise BenchError(f"--variants: unknown variant {name!r}; choose from {', '.join(known)}")
+    chosen = [known[name] for name in names]
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

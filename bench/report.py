@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import solvers
+from solvers.amed import MULTISTEP
 
 from . import step_error
 from .errors import BenchError
@@ -77,8 +78,7 @@ def solver_name(row: dict[str, Any]) -> str:
         shown = ", ".join(f"{key} {value}" for key, value in sorted(given.items()))
         return f"{row['solver']} ({shown})" if shown else str(row["solver"])
     params = solvers.SOLVERS.get(row["solver"]).parse_params(given)
-    multistep = row["base"] in ("ipndm", "ipndm_v", "dpmpp_2m")  # the bases with an order limit
-    order = f", order {params.order_limit()}" if multistep and hasattr(params, "order_limit") else ""
+    order = f", order {params.order_limit()}" if row["base"] in MULTISTEP and hasattr(params, "order_limit") else ""
     return f"{row['solver']} ({row['base']}{order})"
 
 

@@ -22,8 +22,8 @@ from .registry import Params, register
 from .schedules import fit_vp_betas, vp_time
 from .stepping import Progress, direction, evaluate, push
 
-# Adams-Bashforth weights for equal steps, newest direction first.
-_AB_WEIGHTS = (
+# Adams-Bashforth weights for equal steps, newest direction first (also AMED-Plugin's iPNDM base).
+AB_WEIGHTS = (
     (1.0,),
     (3 / 2, -1 / 2),
     (23 / 12, -16 / 12, 5 / 12),
@@ -93,7 +93,7 @@ def sample_ipndm(
     coefficients = []
     for i in range(len(s) - 1):
         h = s[i + 1] - s[i]
-        coefficients.append([h * w for w in _AB_WEIGHTS[min(params.max_order, i + 1) - 1]])
+        coefficients.append([h * w for w in AB_WEIGHTS[min(params.max_order, i + 1) - 1]])
     return _adams_bashforth(
         denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
     )

@@ -37,19 +37,13 @@ import pydantic
 import torch
 from torch import Tensor
 
+from ..adams import AB_WEIGHTS
 from ..contract import CountingDenoiser, Denoiser
 from ..errors import InvalidParameterError
 from ..registry import Params, register
 from ..stepping import Progress, afs_denoised
 from .predictor import AMEDPredictor, log_interpolate
 
-# Adams-Bashforth weights for equal steps, newest direction first (iPNDM's).
-_AB_WEIGHTS = (
-    (1.0,),
-    (3 / 2, -1 / 2),
-    (23 / 12, -16 / 12, 5 / 12),
-    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-)
 # Gauss-Legendre on [-1, 1] with 4 points: exact for the Lagrange basis of up to 4 nodes.
 _GL_NODES, _GL_WEIGHTS = (tuple(float(v) for v in a) for a in np.polynomial.legendre.leggauss(4))
 BASES = ("euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m")
@@ -126,7 +120,7 @@ def _column(values: Tensor, like: Tensor) -> Tensor:
 def _ab_step(x: Tensor, t_from: Tensor, t_to: Tensor, history: History, order: int, scale: Tensor | float) -> Tensor:
     """x + scale (t_to - t_from) sum_j w_j d_{k-j} with iPNDM's equal-step weights."""
     k = min(order, len(history.values))
-    weights = _AB_WEIGHTS[k - 1]
+    weights = AB_WEIGHTS[k - 1]
     combined = sum(w * d for w, d in zip(weights, reversed(history.values[-k:]), strict=False))
     return x + scale * _column(t_to - t_from, x) * combined
 

@@ -36,7 +36,7 @@ from ..contract import CountingDenoiser, Denoiser, StepInfo
 from ..registry import SOLVERS
 from ..stepping import Progress
 from .predictor import AMEDPredictor, PredictorConfig
-from .solver import History, Variant, amed_interval
+from .solver import MULTISTEP, History, Variant, amed_interval
 
 # Training noise seeds start here: far above the seeds benchmarks score with (seed_base + k, small),
 # so no predictor is ever measured on the noises it was trained on.
@@ -181,7 +181,7 @@ def train_predictor(
         raise ValueError(f"objective {settings.objective!r}: choose interval or trajectory")
     whole = settings.objective == "trajectory"
     if whole and not variant.multistep:
-        raise ValueError("the trajectory objective is for multistep students (ipndm, dpmpp_2m bases)")
+        raise ValueError(f"the trajectory objective is for multistep students ({', '.join(MULTISTEP)} bases)")
     if len(teacher_sigmas) != every * intervals + 1:
         raise ValueError(f"teacher grid of {len(teacher_sigmas)} points for {intervals} intervals x {every}")
     picked = teacher_sigmas[::every]
