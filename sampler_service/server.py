@@ -385,6 +385,7 @@ async def create_server(
     metrics = Metrics(settings.metrics_port, settings.metrics_host)
     engine = Engine(settings, served)
     engine.on_batch = metrics.batch
+    engine.on_failure = metrics.failed
     metrics.queue_depth.set_function(lambda: engine.admitted)
     service = Service(settings, served, engine, health_servicer, metrics)
     pb_grpc.add_SamplerServiceServicer_to_server(SamplerServicer(service), server)
