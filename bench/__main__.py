@@ -18,6 +18,7 @@ from . import (
     amed_ablation,
     batch_invariance,
     fd_vs_nfe,
+    fuzz,
     model_card,
     model_speed,
     report,
@@ -38,6 +39,7 @@ COMMANDS = (
     serve_load,
     batch_invariance,
     amed_ablation,
+    fuzz,
 )
 
 
