@@ -22,9 +22,9 @@ runs throughout. FAIL (exit status 1, reasons listed) on: any UNKNOWN; any INTER
 invalid request that should have been INVALID_ARGUMENT, for a valid one on this healthy model a
 failure); an OK answer to a request that breaks the published schema or limits; a status message
 over 4 KiB or error trailers over gRPC's metadata limit; a deadline expiring on a request that did
-not set a short one (a hang); a missing sample in an OK answer; any traceback in the server log;
-health other than SERVING at any probe; admission slots still held after the run; the server
-exiting.
+not set a short one (a hang); a missing sample in an OK answer; any traceback or plain (non-JSON)
+line in the server log; health other than SERVING at any probe; admission slots still held after
+the run; the server exiting.
 
 Writes fuzz.json (provenance, summary, counts by method x status code), counts.csv and
 summary.md under --out (default bench/results/fuzz-cpu/).
@@ -80,6 +80,10 @@ ODD_STRINGS = (
     "\ufeffbom",
     "a\nnew line",
 )
+
+STRING_FIELDS = {"model": 1, "solver": 2, "schedule": 6, "request_id": 15}  # name: field number
+BAD_KEYS = (("unknown", 1.0), ("", 1.0), ("k" * 10_000, 1.0), ("nul\x00key", 1.0), ("ünï", "x"), ("unknown", math.nan))
+METADATA_VALUES = ("ok-id-1", "quote\"and'", "a" * 129, "has space", "x" * 2000)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -250,6 +254,9 @@ class CaseMaker:
         self.limits = limits
         self.free_solvers = [name for name, s in limits.solvers.items() if not s["needs_predictor"]]
         self.index = 0
+        self.catalog = self._catalog()
+        rng.shuffle(self.catalog)
+        self.position = 0
 
     def _next(self) -> int:
         self.index += 1
@@ -306,37 +313,59 @@ class CaseMaker:
         )
 
     # one generator per family; each returns one case, chosen by the rng
+    def _catalog(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Every single-field mutation: each parameter of each solver and schedule x its values,
+        unknown keys, each top-level field's values, odd and invalid-UTF-8 strings, metadata."""
+        limits = self.limits
+        entries: list[tuple[str, tuple[Any, ...]]] = []
+        for solver, spec in limits.solvers.items():
+            for key, schema in sorted(spec["schema"].get("properties", {}).items()):
+                entries += [("solver_params", (solver, key, value)) for value in parameter_values(schema)]
+            entries += [("solver_params", (solver, key, value)) for key, value in BAD_KEYS]
+        for name, schema in limits.schedules.items():
+            for key, prop in sorted(schema.get("properties", {}).items()):
+                if key == "sigmas":  # the custom schedule's grid
+                    entries += [("custom_sigmas", (value,)) for value in [*parameter_values(prop), "valid"]]
+                else:
+                    entries += [("schedule_params", (name, key, value)) for value in parameter_values(prop)]
+            entries += [("schedule_params", (name, key, value)) for key, value in BAD_KEYS]
+        entries += [("top", (k,)) for k in range(len(self._table(self.base())))]
+        entries += [("strings", (name, value)) for name in STRING_FIELDS for value in ODD_STRINGS]
+        junk = [b"\xff\xfe", b"mnist\xc3", b"\xed\xa0\x80", b"\xc0\x80", self.rng.randbytes(8)]
+        entries += [("utf8", (number, value)) for number in STRING_FIELDS.values() for value in junk]
+        entries += [("metadata", (value,)) for value in METADATA_VALUES]
+        return entries
+
     def mutation(self) -> Case:
-        rng = self.rng
-        family = rng.choices(
-            ["solver_params", "schedule_params", "top", "strings", "utf8", "metadata"], weights=[30, 15, 35, 10, 5, 5]
-        )[0]
+        """The next entry of the (shuffled) catalog applied to a fresh cheap valid request; the
+        catalog is walked round and round, each time on other bases."""
+        family, entry = self.catalog[self.position % len(self.catalog)]
+        self.position += 1
         request = self.base()
         if family == "solver_params":
-            solver = rng.choice(list(self.limits.solvers))
+            solver, key, value = entry
             request.solver = solver
             request.steps = max(request.steps, int(self.limits.solvers[solver]["min_steps"]))
-            return self._params_case(request, "solver_params", self.limits.solvers[solver]["schema"])
+            return self._params_case(request, "solver_params", self.limits.solvers[solver]["schema"], key, value)
         if family == "schedule_params":
-            name = rng.choice(list(self.limits.schedules))
+            name, key, value = entry
             request.schedule = name
-            return self._params_case(request, "schedule_params", self.limits.schedules[name])
+            return self._params_case(request, "schedule_params", self.limits.schedules[name], key, value)
+        if family == "custom_sigmas":
+            request.schedule = "custom"
+            return self._custom_sigmas(request, entry[0])
         if family == "strings":
-            name = rng.choice(["model", "solver", "schedule", "request_id"])
-            value = rng.choice(ODD_STRINGS)
+            name, value = entry
             setattr(request, name, value)
             expect = "valid" if (name in ("schedule", "request_id") and value == "") else "invalid"
             return self._case(request, f"{name}={_short(value)}", expect)
         if family == "utf8":
-            number = rng.choice([1, 2, 6, 15])  # model, solver, schedule, request_id
-            junk = rng.choice(
-                [b"\xff\xfe", b"mnist\xc3", b"\xed\xa0\x80", b"\xc0\x80", bytes(rng.randrange(256) for _ in range(8))]
-            )
+            number, junk = entry
             return self._case(
                 request, f"field {number} = invalid UTF-8 {junk!r}", "invalid", extra=_length_delimited(number, junk)
             )
         if family == "metadata":
-            value = rng.choice(["ok-id-1", "a" * 129, "has space", "x" * 2000, "quote\"and'"])
+            (value,) = entry
             request.request_id = ""
             ok = value in ("ok-id-1", "quote\"and'")  # printable ASCII without spaces
             return self._case(
@@ -345,33 +374,37 @@ class CaseMaker:
                 "valid" if ok else "invalid",
                 metadata=(("x-request-id", value),),
             )
-        return self._top_level(request)
+        what, cleared, fields, expect = self._table(request)[entry[0]]
+        for name in cleared:
+            request.ClearField(name)
+        for name, value in fields.items():
+            if isinstance(value, list):
+                del getattr(request, name)[:]
+                getattr(request, name).extend(value)
+            else:
+                setattr(request, name, value)
+        min_steps = int(self.limits.solvers.get(request.solver, {"min_steps": 1})["min_steps"])
+        if expect == "valid" and request.WhichOneof("budget") == "steps" and request.steps < min_steps:
+            expect = "invalid"
+        return self._case(request, what, expect)
 
-    def _params_case(self, request: Any, name: str, schema: dict[str, Any]) -> Case:
-        rng = self.rng
+    def _params_case(self, request: Any, name: str, schema: dict[str, Any], key: str, value: Any) -> Case:
         properties = schema.get("properties", {})
-        if not properties or rng.random() < 0.15:
-            key = rng.choice(["unknown", "", "k" * 10_000, "nul\x00key", "ünï"])
-            value = rng.choice([1.0, math.nan, "x"])
-            getattr(request, name).CopyFrom(_struct({key: value}))
-            return self._case(request, f"{name}.{_short(key)}={_short(value)}", "invalid")
-        key = rng.choice(sorted(properties))
-        value = rng.choice(parameter_values(properties[key]))
-        if name == "schedule_params" and key == "sigmas":
-            return self._custom_sigmas(request, value)
         try:
             getattr(request, name).CopyFrom(_struct({key: value}))
         except ValueError:  # a value a Struct cannot hold
             getattr(request, name).CopyFrom(_struct({key: str(value)}))
             value = str(value)
-        expect = "valid" if schema_allows(properties[key], value) else "invalid"
+        known = key in properties
+        expect = "valid" if known and schema_allows(properties[key], value) else "invalid"
         if expect == "valid" and self.limits.solvers.get(request.solver, {}).get("needs_predictor"):
             expect = "any"  # a predictor may or may not exist for it
-        return self._case(request, f"{name}.{key}={_short(value)}", expect)
+        label = key if key.isidentifier() else _short(key)
+        return self._case(request, f"{name}.{label}={_short(value)}", expect)
 
     def _custom_sigmas(self, request: Any, value: Any) -> Case:
         steps = request.steps
-        if self.rng.random() < 0.4:  # a valid custom grid: decreasing, within the model's range
+        if value == "valid":  # a custom grid: decreasing, within the model's range
             value = [float(14.6 * (0.5 ** (k * 6 / steps))) for k in range(steps)] + [0.03]
             expect = "any"  # the exact range rules are the schedule's
         else:
@@ -379,13 +412,14 @@ class CaseMaker:
         request.schedule_params.CopyFrom(_struct({"sigmas": value}))
         return self._case(request, f"schedule_params.sigmas={_short(value)}", expect)
 
-    def _top_level(self, request: Any) -> Case:
-        rng, limits = self.rng, self.limits
+    def _table(self, request: Any) -> list[tuple[str, tuple[str, ...], dict[str, Any], str]]:
+        """Top-level field mutations for this request: (what, fields cleared, fields set (a list
+        replaces a repeated field), expect); the same length for every request."""
+        limits = self.limits
         solver = limits.solvers[request.solver]
         steps = request.steps
         nothing: tuple[str, ...] = ()
         seeds, labels, budget = ("seeds",), ("labels",), ("budget",)
-        # (what, fields cleared, fields set (a list replaces a repeated field), expect)
         table: list[tuple[str, tuple[str, ...], dict[str, Any], str]] = [
             ("steps=0", nothing, {"steps": 0}, "invalid"),
             ("steps=min_steps", nothing, {"steps": int(solver["min_steps"])}, "valid"),
@@ -453,19 +487,7 @@ class CaseMaker:
             (f"schedule={name}", nothing, {"schedule": name}, "invalid" if name == "custom" else "valid")
             for name in limits.schedules
         ]
-        what, cleared, fields, expect = rng.choice(table)
-        for name in cleared:
-            request.ClearField(name)
-        for name, value in fields.items():
-            if isinstance(value, list):
-                del getattr(request, name)[:]
-                getattr(request, name).extend(value)
-            else:
-                setattr(request, name, value)
-        min_steps = int(limits.solvers.get(request.solver, {"min_steps": 1})["min_steps"])
-        if expect == "valid" and request.WhichOneof("budget") == "steps" and request.steps < min_steps:
-            expect = "invalid"
-        return self._case(request, what, expect)
+        return table
 
     def raw(self) -> Case:
         rng = self.rng
@@ -894,6 +916,10 @@ def run(args: argparse.Namespace) -> int:
     if log["tracebacks"]:
         failures.append(
             f"tracebacks in the server log: {log['tracebacks']} ({'; '.join(log['traceback_examples'][:3])})"
+        )
+    if log["non_json_lines"]:
+        failures.append(
+            f"plain (non-JSON) lines in the server log: {log['non_json_lines']} ({'; '.join(log['non_json_examples'][:2])})"
         )
     if probe.bad:
         failures.append(
