@@ -919,7 +919,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if log["non_json_lines"]:
         failures.append(
-            f"plain (non-JSON) lines in the server log: {log['non_json_lines']} ({'; '.join(log['non_json_examples'][:2])})"
+            f"plain (non-JSON) lines in the server log: {log['non_json_lines']} "
+            f"({'; '.join(log['non_json_examples'][:2])})"
         )
     if probe.bad:
         failures.append(
