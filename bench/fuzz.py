@@ -24,7 +24,8 @@ failure); an OK answer to a request that breaks the published schema or limits; 
 over 4 KiB or error trailers over gRPC's metadata limit; a deadline expiring on a request that did
 not set a short one (a hang); a missing sample in an OK answer; any traceback or plain (non-JSON)
 line in the server log; health other than SERVING at any probe; admission slots still held after
-the run; the server exiting.
+the run; the server's `sampler_requests_total{code="OK"}` of Plan, ListModels, ListSolvers and
+GetServerInfo differing from the OK answers clients got; the server exiting.
 
 Writes fuzz.json (provenance, summary, counts by method x status code), counts.csv and
 summary.md under --out (default bench/results/fuzz-cpu/).
@@ -874,7 +875,7 @@ def run(args: argparse.Namespace) -> int:
         limits = published_limits(port)
         cases = build_cases(args.seed, args.requests, limits)
         warm = [c for c in build_cases(args.seed + 1, 200, limits) if c.kind == "valid"][:8]
-        asyncio.run(_run_cases(port, warm, 4, lambda done: None))  # first calls of each kind, not counted
+        warmed = asyncio.run(_run_cases(port, warm, 4, lambda done: None))  # first calls of each kind
         rss_before = _rss_kib(server.pid)
         probe = HealthProbe(port)
         probe.start()
@@ -913,6 +914,14 @@ def run(args: argparse.Namespace) -> int:
     log_file.unlink()
     failing: list[dict[str, Any]] = []
     failures += judge(outcomes, failing)
+    # the server's own count of OK answers of the cheap unary methods matches what clients saw
+    # (published_limits made one call each to GetServerInfo, ListModels, ListSolvers)
+    seen = Counter(o.case.method for o in [*warmed, *outcomes] if o.code == "OK")
+    seen.update(["GetServerInfo", "ListModels", "ListSolvers"])
+    for method in ("Plan", "ListModels", "ListSolvers", "GetServerInfo"):
+        counted = server_counts.get(f'{{code="OK",method="{method}"}}', 0.0)
+        if counted != seen[method]:
+            failures.append(f"the server counted {counted:g} OK {method} answers; clients got {seen[method]}")
     if log["tracebacks"]:
         failures.append(
             f"tracebacks in the server log: {log['tracebacks']} ({'; '.join(log['traceback_examples'][:3])})"
