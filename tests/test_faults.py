@@ -20,6 +20,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from models import InvalidConditioningError
 from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
 from sampler_service.server import load_served
 from sampler_service.settings import load_settings
@@ -31,8 +32,10 @@ NULL_CLASS = 3
 
 class LabelFault:
     """Makes a UNet fail on every forward whose class labels include `label`: `kind` "raise"
-    (RuntimeError), "oom" (torch.OutOfMemoryError) or "nan" (NaN output rows for that label only).
-    Installed as forward hooks on the real module; records the labels of every forward."""
+    (RuntimeError), "oom" (torch.OutOfMemoryError), "nan" (NaN output rows for that label only) or
+    "refuse" (the model layer's own InvalidConditioningError, as an adapter raises for conditioning
+    it cannot take). Installed as forward hooks on the real module; records the labels of every
+    forward."""
 
     def __init__(self, unet: torch.nn.Module, label: int, kind: str) -> None:
         self.label, self.kind = label, kind
@@ -57,6 +60,8 @@ class LabelFault:
             raise RuntimeError(f"injected fault for label {self.label}")
         if self.kind == "oom":
             raise torch.OutOfMemoryError(f"injected out of memory for label {self.label}")
+        if self.kind == "refuse":
+            raise InvalidConditioningError("labels", self.label, "a label this model can take")
 
     def _after(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if self.enabled and self.kind == "nan":
@@ -88,7 +93,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "models.toml"
 
 
-@pytest.fixture(params=["raise", "nan", "oom"])
+@pytest.fixture(params=["raise", "nan", "oom", "refuse"])
 def faulty(request: pytest.FixtureRequest, model_folder: Path) -> Iterator[tuple[RunningServer, LabelFault]]:
     settings = load_settings(None, models_config=model_folder, device="cpu")
     served = load_served(settings)
@@ -107,7 +112,14 @@ def faulty(request: pytest.FixtureRequest, model_folder: Path) -> Iterator[tuple
         running.stop()
 
 
-EXPECTED_REASON = {"raise": "MODEL_ERROR", "nan": "NON_FINITE_OUTPUT", "oom": "OUT_OF_MEMORY"}
+# status and ErrorInfo reason (the metric's reason label) of the failing request, by fault kind;
+# a domain error of the model layer keeps its own status and names the field
+EXPECTED = {
+    "raise": ("INTERNAL", "MODEL_ERROR"),
+    "nan": ("INTERNAL", "NON_FINITE_OUTPUT"),
+    "oom": ("INTERNAL", "OUT_OF_MEMORY"),
+    "refuse": ("INVALID_ARGUMENT", "INVALID_ARGUMENT"),
+}
 # (labels, seeds) of each request: one holds the faulty label; one has two samples.
 REQUESTS = [([0], [10]), ([1], [11]), ([FAULTY_LABEL], [12]), ([0, 1], [13, 14]), ([1], [15])]
 
@@ -123,6 +135,16 @@ def ask(labels: list[int], seeds: list[int]) -> pb.GenerateRequest:
         output_format=pb.OUTPUT_FORMAT_RAW_FLOAT32,
         request_id=f"fault-{seeds[0]}",
     )
+
+
+def check_failure(error: grpc.RpcError, kind: str) -> None:
+    code, reason = EXPECTED[kind]
+    assert error.code().name == code  # type: ignore[attr-defined]
+    (detail,) = details(error)
+    if code == "INVALID_ARGUMENT":
+        assert [v.field for v in detail.field_violations] == ["labels"]
+    else:
+        assert (detail.reason, detail.domain) == (reason, "sampler.v1")
 
 
 def metric(port: int, name: str, labels: str) -> float:
@@ -158,10 +180,7 @@ def test_only_the_request_with_the_faulty_label_fails(
     for (labels, seeds), outcome in zip(REQUESTS, outcomes, strict=True):
         if FAULTY_LABEL in labels:
             assert isinstance(outcome, grpc.RpcError)
-            assert outcome.code() == grpc.StatusCode.INTERNAL
-            (info,) = details(outcome)
-            assert info.reason == EXPECTED_REASON[kind]
-            assert info.domain == "sampler.v1"
+            check_failure(outcome, kind)
         else:
             assert not isinstance(outcome, grpc.RpcError), outcome
             assert sorted(e.result.seed for e in outcome if e.WhichOneof("event") == "result") == seeds
@@ -180,8 +199,9 @@ def test_only_the_request_with_the_faulty_label_fails(
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     port = running.service.metrics.bound_port
     assert port is not None
-    assert metric(port, "sampler_request_failures_total", f'reason="{EXPECTED_REASON[kind]}"') == 1
-    assert metric(port, "sampler_requests_total", 'code="INTERNAL",method="Generate"') == 1
+    code, reason = EXPECTED[kind]
+    assert metric(port, "sampler_request_failures_total", f'reason="{reason}"') == 1
+    assert metric(port, "sampler_requests_total", f'code="{code}",method="Generate"') == 1
     assert metric(port, "sampler_requests_total", 'code="OK",method="Generate"') == len(REQUESTS) - 1 + 4
 
     # a model error is the server's problem: logged once, with its traceback and the request id;
@@ -202,8 +222,6 @@ def test_a_request_whose_every_sample_fails_and_one_alone(faulty: tuple[RunningS
     for labels in ([FAULTY_LABEL], [0, FAULTY_LABEL, 1]):
         seeds = list(range(20, 20 + len(labels)))
         error = rpc_error(lambda labels=labels, seeds=seeds: list(running.stub.Generate(ask(labels, seeds))))
-        assert error.code() == grpc.StatusCode.INTERNAL
-        (info,) = details(error)
-        assert info.reason == EXPECTED_REASON[fault.kind]
+        check_failure(error, fault.kind)
     events = list(running.stub.Generate(ask([0], [30])))
     assert sum(e.WhichOneof("event") == "result" for e in events) == 1
