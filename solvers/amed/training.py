@@ -141,7 +141,7 @@ def teacher_states(
 def _step(optimizer: torch.optim.Optimizer, predictor: AMEDPredictor, loss: Tensor) -> None:
     """One Adam step on `loss`; non-finite gradients are zeroed."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    torch.autograd.backward(loss)  # what loss.backward() calls, but typed (Tensor.backward is not)
     for parameter in predictor.parameters():
         if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
             parameter.grad.zero_()
