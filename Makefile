@@ -59,7 +59,7 @@ model-card: $(VENV)/.installed
 	$(PY) -m bench model-card
 
 protos: $(VENV)/.installed
-	$(PY) -m sampler_service.protogen
+	$(PY) -m tools.protogen
 
 accuracy: $(VENV)/.installed
 	$(PY) -m bench accuracy
