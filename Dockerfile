@@ -32,6 +32,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY solvers solvers
 COPY models models
+COPY provenance provenance
 COPY bench bench
 COPY sampler_service sampler_service
 COPY protos protos

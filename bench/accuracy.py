@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import provenance
 import solvers
-from models import provenance
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers.contract import CountingDenoiser
 from solvers.registry import Params, SolverSpec

@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 from solvers.amed import (
     BASES,
     MULTISTEP,

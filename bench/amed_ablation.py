@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models import provenance
+import provenance
 
 from . import amed
 from .errors import BenchError

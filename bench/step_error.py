@@ -30,8 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 
 from .arguments import options_of, positive_int, positive_int_list
 from .errors import BenchError
