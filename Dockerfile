@@ -33,13 +33,16 @@ COPY pyproject.toml README.md ./
 COPY solvers solvers
 COPY models models
 COPY provenance provenance
-COPY bench bench
 COPY sampler_service sampler_service
 COPY protos protos
-# TORCH_SPEC is pinned above (hadolint cannot see through the build argument).
+# The runtime only (`pip install .`, no extras): no bench/, so the two console scripts that point
+# into it (sampler-bench, sampler-amed) are removed rather than left to fail. Train AMED predictors
+# with sampler-amed from a checkout and mount their folder. TORCH_SPEC is pinned above (hadolint
+# cannot see through the build argument).
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir "${TORCH_SPEC}" \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir . \
+    && rm "$(command -v sampler-bench)" "$(command -v sampler-amed)"
 
 USER 10001:10001
 EXPOSE 50051 9100
