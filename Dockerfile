@@ -6,7 +6,7 @@
 # torch comes from PyPI: its Linux x86_64 wheels are CUDA builds that bundle the CUDA runtime, so
 # a slim Python base is enough (the host needs only the NVIDIA driver). Expect an image of about
 # 6-7 GB, almost all of it torch and its CUDA libraries. The embedded `mnist` model is inside.
-# Configure with SAMPLER_* variables (see README); SIGTERM drains for SAMPLER_GRACE_SECONDS.
+# Configure with SAMPLER_* variables (see docs/service.md); SIGTERM drains for SAMPLER_GRACE_SECONDS.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"
