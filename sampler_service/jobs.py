@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from torch import Tensor
 
 import models
 import solvers
 from solvers import MAX_SEED, Params, SolverSpec
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, train_command
+from solvers.errors import shorten
 
 from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
@@ -31,6 +32,7 @@ DEFAULT_SCHEDULE = "polynomial"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 # Answers (a plan, the solver list) show a solver's reachable NFE up to this many values.
 REACHABLE_SHOWN = 64
+MAX_VIOLATIONS_PER_FIELD = 3  # a list field with many bad entries reports the first few
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: pb.OUTPUT_FORMAT_PNG,
     pb.OUTPUT_FORMAT_PNG: pb.OUTPUT_FORMAT_PNG,
@@ -151,19 +153,36 @@ class Job:
         return self.num_samples * self.evals_per_call
 
 
-def _plain(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as Python values; integral numbers become ints (JSON has one number type)."""
+def _plain(struct: struct_pb2.Struct, prefix: str, violations: list[Violation]) -> dict[str, Any] | None:
+    """A Struct as Python values, or None (with a violation) when it holds NaN or an infinity.
 
-    def convert(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
+    Integral numbers become ints (JSON has one number type). Non-finite numbers are refused here,
+    naming their path: no parameter takes them, and protobuf's JSON conversion cannot even print them.
+    """
+    bad: list[str] = []
 
-    return {k: convert(v) for k, v in json_format.MessageToDict(struct).items()}
+    def convert(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            number = value.number_value
+            if not math.isfinite(number):
+                bad.append(path)
+                return number
+            return int(number) if number.is_integer() and abs(number) < 2**53 else number
+        if kind == "string_value":
+            return value.string_value
+        if kind == "bool_value":
+            return value.bool_value
+        if kind == "struct_value":
+            return {k: convert(v, f"{path}.{k}") for k, v in value.struct_value.fields.items()}
+        if kind == "list_value":
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value.list_value.values)]
+        return None
+
+    plain = {k: convert(v, f"{prefix}.{k}") for k, v in struct.fields.items()}
+    for path in bad[:MAX_VIOLATIONS_PER_FIELD]:
+        violations.append(Violation(shorten(path), "NaN or an infinity is invalid: expected a finite number"))
+    return None if bad else plain
 
 
 def _canonical(params: Params) -> str:
@@ -207,8 +226,14 @@ def build_job(
                 return None
             raise mapped from None
 
-    solver_params = attempt(lambda: spec.parse_params(_plain(request.solver_params)))
-    schedule_params = attempt(lambda: solvers.SCHEDULES.get(schedule).parse_params(_plain(request.schedule_params)))
+    solver_values = _plain(request.solver_params, "solver_params", violations)
+    schedule_values = _plain(request.schedule_params, "schedule_params", violations)
+    solver_params = attempt(lambda: spec.parse_params(solver_values)) if solver_values is not None else None
+    schedule_params = (
+        attempt(lambda: solvers.SCHEDULES.get(schedule).parse_params(schedule_values))
+        if schedule_values is not None
+        else None
+    )
     afs = bool(request.afs)
 
     steps: int | None = None
@@ -249,7 +274,23 @@ def build_job(
                 params=schedule_params,
             )
         )
+    if sigmas is not None and solver_params is not None:
+        grid, params = sigmas, solver_params
 
+        def runnable() -> bool:  # what sampling would refuse is refused here, before admission
+            spec.check_grid(params, grid, model.sigma_min, model.sigma_max)
+            return True
+
+        if not attempt(runnable):
+            sigmas = None
+
+    too_long = [
+        Violation(name, f"{len(values)} values is too many: expected at most {limits.max_samples_per_request}")
+        for name, values in (("seeds", request.seeds), ("labels", request.labels), ("guidance", request.guidance))
+        if len(values) > limits.max_samples_per_request
+    ]
+    if too_long:  # one value per sample at most: the rest of the request is not worth reading
+        raise InvalidRequest(too_long)
     seeds = _seeds(request, limits, violations)
     count = len(seeds) if seeds else 0
     labels = _labels(request, served, count, violations)
@@ -387,7 +428,7 @@ def _seeds(request: pb.GenerateRequest, limits: Limits, violations: list[Violati
             )
             return []
         bad = [(i, s) for i, s in enumerate(request.seeds) if s > MAX_SEED]
-        for i, s in bad[:3]:
+        for i, s in bad[:MAX_VIOLATIONS_PER_FIELD]:
             violations.append(Violation(f"seeds[{i}]", f"{s} is out of range: expected 0..{MAX_SEED}"))
         return [] if bad else list(request.seeds)
     base = request.base_seed if request.HasField("base_seed") else secrets.randbelow(MAX_SEED - 4096)
@@ -408,7 +449,7 @@ def _labels(
         return None
     top = model.num_class_embeds - 1
     bad = [(i, v) for i, v in enumerate(given) if not 0 <= v <= top]
-    for i, v in bad[:3]:
+    for i, v in bad[:MAX_VIOLATIONS_PER_FIELD]:
         violations.append(Violation(f"labels[{i}]", f"{v} is out of range: expected 0..{top}"))
     if bad or count == 0:
         return None

@@ -121,6 +121,7 @@ def sample(
         sigma_levels=denoiser.sigma_levels,
         params=schedule_params,
     )
+    spec.check_grid(params, sigmas, denoiser.sigma_min, denoiser.sigma_max)
     counter = CountingDenoiser(denoiser)
     x = noise * sigmas[0].item()
     extra = {"predictor": predictor} if spec.needs_predictor else {}
