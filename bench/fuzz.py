@@ -56,7 +56,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from models import provenance
+import provenance
 
 from .arguments import options_of, positive_int
 from .errors import BenchError
