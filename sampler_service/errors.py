@@ -157,6 +157,16 @@ class SampleFailed(ServiceError):
         super().__init__(message, [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)])
 
 
+class Internal(ServiceError):
+    """INTERNAL for a request that hit a bug; the log has the traceback under the same request id."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, request_id: str | None) -> None:
+        where = f" (request id {request_id}; the server log has the details)" if request_id else ""
+        super().__init__(f"internal error{where}", [error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN)])
+
+
 def from_domain(error: Exception) -> ServiceError:
     """The ServiceError of an error raised by the solver core or the model layer.
 
@@ -183,6 +193,7 @@ def from_domain(error: Exception) -> ServiceError:
 
 
 __all__ = [
+    "Internal",
     "InvalidRequest",
     "NotFound",
     "NotReady",

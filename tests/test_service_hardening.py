@@ -162,3 +162,126 @@ def test_many_bad_labels_report_a_few() -> None:
     error = InvalidRequest([Violation(f"labels[{k}]", "x" * 1000) for k in range(1000)])
     assert len(error.message) < MESSAGE_BUDGET + 100
     assert error.message.endswith("more")
+
+
+# -- 4: metrics and logs tell the truth ----------------------------------------------------------------
+
+
+def scrape(running: RunningServer) -> str:
+    import urllib.request
+
+    port = running.service.metrics.bound_port
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_failures_are_counted_and_logged_with_their_code_and_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_service import long_request, wait_until
+
+    running = RunningServer(metrics_port=0, warmup=False)
+    try:
+        with caplog.at_level("INFO", logger="sampler_service"):
+            rpc_error(lambda: running.stub.Plan(request(steps=5000)))
+            rpc_error(lambda: list(running.stub.Generate(request(steps=5000, request_id="client-7"))))
+            running.stub.ListModels(pb.ListModelsRequest())
+            running.stub.ListSolvers(pb.ListSolversRequest())
+            running.stub.GetServerInfo(pb.GetServerInfoRequest())
+            error = rpc_error(lambda: running.stub.GenerateUnary(long_request(), timeout=0.5))
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            expected = (
+                'sampler_requests_total{code="INVALID_ARGUMENT",method="Plan"} 1.0',
+                'sampler_requests_total{code="INVALID_ARGUMENT",method="Generate"} 1.0',
+                'sampler_requests_total{code="OK",method="ListModels"} 1.0',
+                'sampler_requests_total{code="OK",method="ListSolvers"} 1.0',
+                'sampler_requests_total{code="OK",method="GetServerInfo"} 1.0',
+                'sampler_requests_total{code="DEADLINE_EXCEEDED",method="GenerateUnary"} 1.0',
+                "sampler_cancellations_total 1.0",
+            )
+            text = ""
+
+            def counted() -> bool:  # the status reaches the client just before the handler records it
+                nonlocal text
+                text = scrape(running)
+                return all(line in text for line in expected)
+
+            wait_until(counted, timeout=20)
+        assert 'code="OK",method="Plan"' not in text
+        assert 'code="OK",method="Generate"' not in text
+        lines = [(r.getMessage(), getattr(r, "request_id", None)) for r in caplog.records]
+        assert any(m.startswith("Generate INVALID_ARGUMENT") and rid == "client-7" for m, rid in lines), lines
+        assert any(m.startswith("Plan INVALID_ARGUMENT") for m, _ in lines), lines
+        assert not [r for r in caplog.records if r.exc_info], "a user's mistake left a traceback"
+    finally:
+        running.stop()
+
+
+# -- 5, 6: malformed bytes, unknown methods, auth ------------------------------------------------------
+
+METHODS = [
+    ("/sampler.v1.SamplerService/Plan", False),
+    ("/sampler.v1.SamplerService/GenerateUnary", False),
+    ("/sampler.v1.SamplerService/Generate", True),
+    ("/sampler.v1.SamplerService/ListModels", False),
+    ("/sampler.v1.SamplerService/ListSolvers", False),
+    ("/sampler.v1.SamplerService/GetServerInfo", False),
+    ("/grpc.health.v1.Health/Check", False),
+    ("/grpc.health.v1.Health/Watch", True),
+]
+GARBAGE = [b"\xff\xff\xff\xff\x0f", b"\x0a\x05mni", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
+
+
+def raw_call(channel: grpc.Channel, method: str, streaming: bool, data: bytes, **kwargs: Any) -> grpc.RpcError:
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    if streaming:
+        return rpc_error(lambda: list(channel.unary_stream(method, **identity)(data, timeout=10, **kwargs)))
+    return rpc_error(lambda: channel.unary_unary(method, **identity)(data, timeout=10, **kwargs))
+
+
+def test_malformed_bytes_are_invalid_arguments_with_one_log_line(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO"):
+        for method, streaming in METHODS:
+            for data in GARBAGE:
+                error = raw_call(server.channel, method, streaming, data)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.code(), error.details())
+                assert "not a valid" in error.details()
+    reports = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(reports) <= 1, [r.getMessage() for r in reports]
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert server.stub.Plan(request()).nfe == 4  # the server goes on
+
+
+def test_unknown_methods_with_and_without_auth(caplog: pytest.LogCaptureFixture) -> None:
+    running = RunningServer(auth_token="s3cret-token", warmup=False)
+    good = (("authorization", "Bearer s3cret-token"),)
+    try:
+        with caplog.at_level("INFO"):
+            for streaming in (False, True):
+                error = raw_call(running.channel, "/sampler.v1.SamplerService/Nope", streaming, b"")
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+                error = raw_call(running.channel, "/sampler.v1.SamplerService/Nope", streaming, b"", metadata=good)
+                assert error.code() == grpc.StatusCode.UNIMPLEMENTED, error.details()
+            error = raw_call(running.channel, "/sampler.v1.SamplerService/Plan", False, GARBAGE[0])
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED  # nothing is read before auth
+            error = raw_call(running.channel, "/sampler.v1.SamplerService/Plan", False, GARBAGE[0], metadata=good)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    finally:
+        running.stop()
+
+
+def test_a_bug_is_internal_for_that_request_only(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected exception in a method (here: a model list that cannot be read) is INTERNAL
+    with the request's id, logged with its traceback; the next call is fine."""
+    served = server.service.served
+    server.service.served = None  # type: ignore[assignment]
+    try:
+        with caplog.at_level("INFO"):
+            error = rpc_error(lambda: server.stub.Plan(request(request_id="bug-1")))
+    finally:
+        server.service.served = served
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "bug-1" in error.details()
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert getattr(failure, "request_id", None) == "bug-1"
+    assert server.stub.Plan(request()).nfe == 4
