@@ -11,20 +11,22 @@ through generic calls that carry raw bytes (so malformed messages reach the serv
   at and just beyond its bounds (the solver and schedule parameter bounds come from the JSON
   schemas the server publishes in ListSolvers and from the schedule registry; steps, samples,
   guidance and labels from GetServerInfo and ListModels), NaN, infinities and huge values, empty
-  and huge lists, long strings, NUL, unusual Unicode and invalid UTF-8, wrong types and unknown
+  and huge lists, long strings, NUL and unusual Unicode, wrong types and unknown
   keys inside the parameter Structs, odd x-request-id metadata;
 - raw bytes on every method: random, truncated and bit-flipped messages, and unknown methods;
+  string fields holding invalid UTF-8;
 - valid requests, and abandoned ones: streams cancelled at random moments, unary calls with
   deadlines of a few milliseconds.
 
 What is sent depends only on --seed (the interleaving of concurrent calls does not). A health probe
 runs throughout. FAIL (exit status 1, reasons listed) on: any UNKNOWN; any INTERNAL (for an
 invalid request that should have been INVALID_ARGUMENT, for a valid one on this healthy model a
-failure); an OK answer to a request that breaks the published schema or limits; a status message
-over 4 KiB or error trailers over gRPC's metadata limit; a deadline expiring on a request that did
-not set a short one (a hang); a missing sample in an OK answer; any traceback or plain (non-JSON)
-line in the server log; health other than SERVING at any probe; admission slots still held after
-the run; the server's `sampler_requests_total{code="OK"}` of Plan, ListModels, ListSolvers and
+failure); an OK answer to a request that breaks the published schema or limits; INVALID_ARGUMENT
+for a parseable request without a BadRequest field violation; a status message over 4 KiB or
+error trailers over gRPC's metadata limit; a deadline expiring on a request that did not set a
+short one (a hang); a missing sample in an OK answer; any traceback or plain (non-JSON) line in
+the server log; health other than SERVING at any probe; admission slots still held after the run;
+the server's `sampler_requests_total{code="OK"}` of Plan, ListModels, ListSolvers and
 GetServerInfo differing from the OK answers clients got; the server exiting.
 
 Writes fuzz.json (provenance, summary, counts by method x status code), counts.csv and
@@ -123,6 +125,7 @@ class Case:
     cancel_after: float | None = None  # seconds after the call starts (cancel cases)
     timeout: float = REQUEST_TIMEOUT
     samples: int = 0  # results an OK Generate / GenerateUnary must carry
+    field: str = ""  # the mutated field, as a violation names it ("solver_params.r", "labels")
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Outcome:
     message_chars: int = 0
     message: str = ""
     results: int = 0
+    fields: tuple[str, ...] = ()  # the BadRequest field violations of an INVALID_ARGUMENT
 
 
 @dataclass
@@ -297,6 +301,7 @@ class CaseMaker:
         expect: str,
         *,
         kind: str = "mutation",
+        field: str | None = None,
         extra: bytes = b"",
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> Case:
@@ -311,6 +316,7 @@ class CaseMaker:
             expect,
             metadata=metadata,
             samples=samples,
+            field=field if field is not None else what.split("=")[0].split(" ")[0].split(",")[0],
         )
 
     # one generator per family; each returns one case, chosen by the rng
@@ -363,7 +369,11 @@ class CaseMaker:
         if family == "utf8":
             number, junk = entry
             return self._case(
-                request, f"field {number} = invalid UTF-8 {junk!r}", "invalid", extra=_length_delimited(number, junk)
+                request,
+                f"field {number} = invalid UTF-8 {junk!r}",
+                "invalid",
+                kind="utf8",  # the message does not parse: no field can be named
+                extra=_length_delimited(number, junk),
             )
         if family == "metadata":
             (value,) = entry
@@ -373,6 +383,7 @@ class CaseMaker:
                 request,
                 f"x-request-id={_short(value)}",
                 "valid" if ok else "invalid",
+                field="request_id",
                 metadata=(("x-request-id", value),),
             )
         what, cleared, fields, expect = self._table(request)[entry[0]]
@@ -400,8 +411,11 @@ class CaseMaker:
         expect = "valid" if known and schema_allows(properties[key], value) else "invalid"
         if expect == "valid" and self.limits.solvers.get(request.solver, {}).get("needs_predictor"):
             expect = "any"  # a predictor may or may not exist for it
-        label = key if key.isidentifier() else _short(key)
-        return self._case(request, f"{name}.{label}={_short(value)}", expect)
+        plain = key.isidentifier() and len(key) <= 64
+        label = key if plain else _short(key)
+        # a key that is no identifier may be quoted shortened in the violation: its struct suffices
+        field = f"{name}.{key}" if plain else name
+        return self._case(request, f"{name}.{label}={_short(value)}", expect, field=field)
 
     def _custom_sigmas(self, request: Any, value: Any) -> Case:
         steps = request.steps
@@ -607,9 +621,24 @@ async def _send(channel: Any, case: Case) -> Outcome:
         return Outcome(case, "CANCELLED", time.perf_counter() - began, results=results)
     except grpc.aio.AioRpcError as error:
         message = error.details() or ""
-        return Outcome(
-            case, error.code().name, time.perf_counter() - began, len(message), message[:300], results=results
-        )
+        seconds = time.perf_counter() - began
+        fields = _violated_fields(error) if error.code() == grpc.StatusCode.INVALID_ARGUMENT else ()
+        return Outcome(case, error.code().name, seconds, len(message), message[:300], results, fields)
+
+
+def _violated_fields(error: Any) -> tuple[str, ...]:
+    """The fields a google.rpc.BadRequest in the error's trailers names."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    fields: list[str] = []
+    for packed in status.details if status is not None else ():
+        if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            packed.Unpack(bad)
+            fields += [violation.field for violation in bad.field_violations]
+    return tuple(fields)
 
 
 async def _run_cases(port: int, cases: list[Case], concurrency: int, progress: Callable[[int], None]) -> list[Outcome]:
@@ -803,6 +832,8 @@ def judge(outcomes: list[Outcome], failing: list[dict[str, Any]] | None = None) 
             )
         if code == "OK" and case.expect == "invalid":
             fail("OK for a request that breaks the published schema or limits", outcome)
+        if code == "INVALID_ARGUMENT" and case.kind in ("mutation", "valid") and not outcome.fields:
+            fail("INVALID_ARGUMENT without a field violation naming the field", outcome)
         if case.expect == "unimplemented" and code != "UNIMPLEMENTED":
             fail("an unknown method not answered UNIMPLEMENTED", outcome)
         if outcome.message_chars > MAX_MESSAGE_CHARS:
@@ -832,6 +863,16 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
         if outcome.case.kind not in ("cancel", "deadline"):
             latency[method].append(outcome.seconds)
     worst = max(outcomes, key=lambda o: o.seconds if o.case.kind not in ("cancel", "deadline") else 0.0)
+    # INVALID_ARGUMENT answers to a mutation whose violations name another field than the mutated
+    # one (a cross-field rule, or a message naming the wrong field): listed, not failures
+    elsewhere = Counter(
+        f"{o.case.what} -> {', '.join(o.fields)}"
+        for o in outcomes
+        if o.code == "INVALID_ARGUMENT"
+        and o.case.kind == "mutation"
+        and o.fields
+        and not any(f.startswith(o.case.field) for f in o.fields)
+    )
     valid_rejected = Counter(
         f"{o.case.what} -> {o.code}" for o in outcomes if o.case.expect == "valid" and o.code != "OK"
     )
@@ -847,6 +888,7 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
         "worst_latency_s": worst.seconds,
         "worst_latency_request": f"#{worst.case.index} {worst.case.method} {worst.case.what} -> {worst.code}",
         "schema_valid_not_ok": dict(valid_rejected.most_common(20)),
+        "violations_naming_another_field": dict(elsewhere.most_common(30)),
     }
 
 
@@ -1005,6 +1047,9 @@ def render_markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         lines.append(f"| {kind} | " + " | ".join(str(counts.get(code, "")) for code in codes) + " |")
     if summary["failures"]:
         lines += ["", "## Failures", ""] + [f"- {reason}" for reason in summary["failures"]]
+    if summary["violations_naming_another_field"]:
+        lines += ["", "INVALID_ARGUMENT naming another field than the mutated one (not failures; most frequent):", ""]
+        lines += [f"- {what}: {count}" for what, count in summary["violations_naming_another_field"].items()]
     if summary["schema_valid_not_ok"]:
         lines += ["", "Schema-valid requests not answered OK (not failures; most frequent):", ""]
         lines += [f"- {what}: {count}" for what, count in summary["schema_valid_not_ok"].items()]

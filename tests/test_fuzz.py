@@ -23,10 +23,12 @@ def test_a_short_seeded_fuzz_run_passes(tmp_path: Path) -> None:
     assert status == 0
     assert summary["verdict"] == "PASS"
     assert summary["requests"] == 400
-    assert "UNKNOWN" not in summary["codes"] and "INTERNAL" not in summary["codes"]
+    assert "UNKNOWN" not in summary["codes"]
+    assert "INTERNAL" not in summary["codes"]
     # every family was exercised, and the server answered more than one way
     assert set(summary["by_kind"]) >= {"mutation", "raw", "valid", "cancel", "deadline"}
-    assert summary["codes"].get("OK", 0) > 0 and summary["codes"].get("INVALID_ARGUMENT", 0) > 0
+    assert summary["codes"].get("OK", 0) > 0
+    assert summary["codes"].get("INVALID_ARGUMENT", 0) > 0
     assert summary["health_probes"] > 0
     assert (tmp_path / "summary.md").read_text().startswith("# fuzz: PASS")
 
@@ -88,14 +90,22 @@ def test_schema_allows(schema: dict[str, object], value: object, allowed: bool) 
 
 
 def test_judge_fails_unknown_internal_and_accepted_invalid() -> None:
-    def outcome(code: str, expect: str, kind: str = "mutation") -> fuzz.Outcome:
-        case = fuzz.Case(0, kind, "Plan", b"", "steps=0", expect)
-        return fuzz.Outcome(case, code, 0.01)
+    def outcome(code: str, expect: str, kind: str = "mutation", fields: tuple[str, ...] = ()) -> fuzz.Outcome:
+        case = fuzz.Case(0, kind, "Plan", b"", "steps=0", expect, field="steps")
+        return fuzz.Outcome(case, code, 0.01, fields=fields)
 
-    assert fuzz.judge([outcome("INVALID_ARGUMENT", "invalid"), outcome("OK", "valid")]) == []
-    reasons = fuzz.judge([outcome("UNKNOWN", "any", "raw"), outcome("INTERNAL", "invalid"), outcome("OK", "invalid")])
+    assert fuzz.judge([outcome("INVALID_ARGUMENT", "invalid", fields=("steps",)), outcome("OK", "valid")]) == []
+    reasons = fuzz.judge(
+        [
+            outcome("UNKNOWN", "any", "raw"),
+            outcome("INTERNAL", "invalid"),
+            outcome("OK", "invalid"),
+            outcome("INVALID_ARGUMENT", "invalid"),
+        ]
+    )
     assert [r.split(":")[0] for r in reasons] == [
         "UNKNOWN status",
         "INTERNAL for an invalid request",
         "OK for a request that breaks the published schema or limits",
+        "INVALID_ARGUMENT without a field violation naming the field",
     ]
