@@ -19,7 +19,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import torch
@@ -87,9 +87,14 @@ class ScheduleSpec:
 
 SCHEDULES: Registry[ScheduleSpec] = Registry("schedule", UnknownScheduleError)
 
+# The decorator hands the schedule function back unchanged, signature included.
+ScheduleFn = TypeVar("ScheduleFn", bound=Callable[..., Tensor])
 
-def _register(name: str, description: str, params: type[Params], *, needs_levels: bool = False):
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+
+def _register(
+    name: str, description: str, params: type[Params], *, needs_levels: bool = False
+) -> Callable[[ScheduleFn], ScheduleFn]:
+    def wrap(fn: ScheduleFn) -> ScheduleFn:
         SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels))
         return fn
 
@@ -114,8 +119,9 @@ def _u(steps: int) -> Tensor:
 @_register("polynomial", "Karras et al. (EDM) polynomial spacing in sigma, rho=7 by default", PolynomialParams)
 def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
     lo, hi = _range(params, sigma_min, sigma_max)
-    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow)
-    ratio = (lo / hi) ** (1.0 / params.rho)
+    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow);
+    # float ** float is typed Any (it may be complex): the base is positive here.
+    ratio: float = (lo / hi) ** (1.0 / params.rho)
     sigmas = hi * (1.0 + _u(steps) * (ratio - 1.0)) ** params.rho
     sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power
     return sigmas
