@@ -8,16 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from solvers import MAX_STEPS
+from solvers.errors import quote
+
+# Validation errors never quote what was given: a settings error must not print a secret (the
+# whole input of a model validator would include auth_token). `describe_error` adds the values
+# of the plain fields back.
+SECRET_SETTINGS = ("auth_token",)
 
 
 class Limits(BaseModel):
     """What one request may ask for, and how much the server takes on at once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     max_samples_per_request: int = Field(64, ge=1, le=4096)
     max_steps: int = Field(MAX_STEPS, ge=1, le=MAX_STEPS)
@@ -37,7 +43,7 @@ class Limits(BaseModel):
 class Batching(BaseModel):
     """Request-level dynamic batching."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
     max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
@@ -51,7 +57,9 @@ class Batching(BaseModel):
 class Settings(BaseSettings):
     """Everything `create_server` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="SAMPLER_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="SAMPLER_", env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 or [::] to listen on all interfaces")
     port: int = Field(50051, ge=0, le=65_535, description="0 = pick a free port")
@@ -117,4 +125,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     return Settings.model_construct(**{name: getattr(loaded, name) for name in Settings.model_fields})
 
 
-__all__ = ["Batching", "Limits", "Settings", "load_settings"]
+def describe_error(error: ValidationError) -> str:
+    """One line naming each invalid setting, its value (never a secret's) and what is wrong."""
+    parts = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        given = problem.get("input")
+        secret = any(name == s or name.startswith(f"{s}.") for s in SECRET_SETTINGS)
+        if name and not secret and isinstance(given, str | int | float | bool):
+            parts.append(f"{name}={quote(given)}: {message}")
+        else:
+            parts.append(f"{name}: {message}" if name else message)
+    return "invalid settings: " + "; ".join(parts)
+
+
+__all__ = ["Batching", "Limits", "Settings", "describe_error", "load_settings"]

@@ -105,10 +105,8 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 
 def _numeric(schema: dict[str, Any]) -> dict[str, Any]:
     """The numeric branch of a field's schema (an optional field's is under anyOf)."""
-    for branch in [schema, *schema.get("anyOf", [])]:
-        if branch.get("type") in ("number", "integer"):
-            return branch
-    return schema
+    branches: list[dict[str, Any]] = [schema, *schema.get("anyOf", [])]
+    return next((b for b in branches if b.get("type") in ("number", "integer")), schema)
 
 
 def _range_text(schema: dict[str, Any]) -> str:

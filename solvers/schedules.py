@@ -119,8 +119,8 @@ def _u(steps: int) -> Tensor:
 @_register("polynomial", "Karras et al. (EDM) polynomial spacing in sigma, rho=7 by default", PolynomialParams)
 def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
     lo, hi = _range(params, sigma_min, sigma_max)
-    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow)
-    # float ** float is typed Any (it may be complex); the base is positive here.
+    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow);
+    # float ** float is typed Any (it may be complex): the base is positive here.
     ratio: float = (lo / hi) ** (1.0 / params.rho)
     sigmas = hi * (1.0 + _u(steps) * (ratio - 1.0)) ** params.rho
     sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power

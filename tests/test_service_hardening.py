@@ -285,3 +285,34 @@ def test_a_bug_is_internal_for_that_request_only(server: RunningServer, caplog: 
     (failure,) = [r for r in caplog.records if r.exc_info]
     assert getattr(failure, "request_id", None) == "bug-1"
     assert server.stub.Plan(request()).nfe == 4
+
+
+# -- 11: the client command line -----------------------------------------------------------------------
+
+
+def test_client_flags_after_the_command_defaults_shown_errors_once(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from sampler_service import client
+
+    target = f"127.0.0.1:{server.port}"
+    assert client.main(["server-info", "--target", target, "--timeout", "30"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["minGuidance"] == 0.0  # proto3 JSON drops zeros and false unless asked
+    assert info["authRequired"] is False
+    assert client.main(["list-models", "--target", target]) == 0
+    (model,) = json.loads(capsys.readouterr().out)
+    assert model["ready"] is True
+    assert client.main(["plan", "--solver", "heun", "--nfe", "9", "--target", target]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is not reachable") == 1, err
+    assert client.main(["--target", target, "plan", "--solver", "euler", "--steps", "2", "--seeds", "5,5"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 2
+    with pytest.raises(SystemExit):
+        client.main(["--help"])
+    usage = capsys.readouterr().out
+    for name in ("list-models", "list-solvers", "server-info"):
+        line = next(line for line in usage.splitlines() if line.strip().startswith(name))
+        assert len(line.split()) > 1, f"{name} has no help text"
