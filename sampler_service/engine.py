@@ -39,7 +39,7 @@ from google.rpc import error_details_pb2
 import solvers
 from solvers import StepInfo
 
-from .errors import QueueFull, SampleFailed, ServiceError, from_domain
+from .errors import Internal, QueueFull, SampleFailed, ServiceError, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .imaging import encode, preview
 from .jobs import Job, ServedModel, conditioning
@@ -232,10 +232,10 @@ class Engine:
             self.last_batch_requests[name] = len({id(item.ticket) for item in items})
             try:
                 await loop.run_in_executor(self.executors[name], self._run_batch, items)
-            except Exception as error:  # a bug in the isolation itself must not kill the dispatcher
+            except Exception:  # a bug in the isolation itself must not kill the dispatcher
                 log.exception("batch failed")
-                for item in items:
-                    item.ticket.post(item.ticket._fail, SampleFailed(f"internal error: {error}", "BATCH_FAILED"))
+                for ticket in {id(item.ticket): item.ticket for item in items}.values():
+                    ticket.post(ticket._fail, Internal(ticket.job.request_id))
             self.free_since[name] = time.perf_counter()
             # company for the next batch: this batch's requests (their clients may send the next
             # one as soon as a result is out, before this coroutine resumes: those are not counted
@@ -308,8 +308,10 @@ class Engine:
         samples, which then fail alone with OUT_OF_MEMORY): smaller batches may fit. On any other
         error of the model or the solver the batch is split in halves by request and each half
         re-run until the failing request runs alone; that request fails (a domain error with its
-        own status, anything else MODEL_ERROR) and every other request gets its samples. A batch
-        of n requests with one failing costs about 2 log2(n) extra runs. The server stays SERVING.
+        own status, anything else MODEL_ERROR) and every other request gets its samples. With one
+        failing request among n, the others are re-run once each, in log2(n) smaller batches (n/2,
+        n/4, ... requests); the halves holding the failing one fail at their first network call
+        when the fault is tied to that request. The server stays SERVING.
         """
         try:
             self._sample_batch(items)
