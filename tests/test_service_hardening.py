@@ -225,12 +225,16 @@ METHODS = [
     ("/sampler.v1.SamplerService/GetServerInfo", False),
     ("/grpc.health.v1.Health/Check", False),
     ("/grpc.health.v1.Health/Watch", True),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "both"),
 ]
 GARBAGE = [b"\xff\xff\xff\xff\x0f", b"\x0a\x05mni", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
 
 
-def raw_call(channel: grpc.Channel, method: str, streaming: bool, data: bytes, **kwargs: Any) -> grpc.RpcError:
+def raw_call(channel: grpc.Channel, method: str, streaming: Any, data: bytes, **kwargs: Any) -> grpc.RpcError:
+    """`streaming`: False (unary), True (server streaming) or "both" (bidirectional)."""
     identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    if streaming == "both":
+        return rpc_error(lambda: list(channel.stream_stream(method, **identity)(iter([data]), timeout=10, **kwargs)))
     if streaming:
         return rpc_error(lambda: list(channel.unary_stream(method, **identity)(data, timeout=10, **kwargs)))
     return rpc_error(lambda: channel.unary_unary(method, **identity)(data, timeout=10, **kwargs))
