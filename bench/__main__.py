@@ -24,6 +24,7 @@ from . import (
     model_speed,
     report,
     serve_load,
+    serve_startup,
     solver_overhead,
     step_error,
 )
@@ -43,6 +44,7 @@ COMMANDS = (
     step_error,
     report,
     serve_load,
+    serve_startup,
     batch_invariance,
     amed_ablation,
     fuzz,

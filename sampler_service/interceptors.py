@@ -45,8 +45,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     UNIMPLEMENTED as usual.
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_rejected: Callable[[str], None] | None = None) -> None:
         self.expected = f"Bearer {token}".encode()
+        self.on_rejected = on_rejected  # (method) for metrics; no log line: anyone can send these
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -58,6 +59,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         given_bytes = given.encode() if isinstance(given, str) else bytes(given)
         if hmac.compare_digest(given_bytes, self.expected):
             return await continuation(details)
+        if self.on_rejected is not None:
+            self.on_rejected(details.method)
         return rejecting(Unauthenticated("missing bearer token" if not given else "wrong bearer token"))
 
 

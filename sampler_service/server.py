@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,12 @@ log = logging.getLogger("sampler_service")
 
 API_VERSION = "sampler.v1"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SamplerService"].full_name
+# Full method path -> the metrics label of every method this server answers.
+SERVED_METHODS = {
+    f"/{service.full_name}/{method.name}": method.name
+    for service in (pb.DESCRIPTOR.services_by_name["SamplerService"], health_pb2.DESCRIPTOR.services_by_name["Health"])
+    for method in service.methods
+}
 DRAINING = "the server is shutting down: send new requests to another replica or retry later"
 DESCRIPTIONS = {name: builtin.description for name, builtin in models.BUILTINS.items()}
 
@@ -372,11 +378,19 @@ async def create_server(
         served = load_served(settings)
     limit = max_message_bytes(settings, served)
     metrics = Metrics(settings.metrics_port, settings.metrics_host)
-    decoding = DecodingInterceptor(
-        lambda method: metrics.request(method.rsplit("/", 1)[-1], grpc.StatusCode.INVALID_ARGUMENT, 0.0)
-    )
-    interceptors: list[grpc.aio.ServerInterceptor] = [TokenInterceptor(token)] if token is not None else []
-    interceptors.append(decoding)
+
+    def refused(code: grpc.StatusCode) -> Callable[[str], None]:
+        """Counts a call refused before its method ran; any name not served is "unknown" (bounded labels)."""
+
+        def count(method: str) -> None:
+            metrics.request(SERVED_METHODS.get(method, "unknown"), code, 0.0)
+
+        return count
+
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if token is not None:
+        interceptors.append(TokenInterceptor(token, refused(grpc.StatusCode.UNAUTHENTICATED)))
+    interceptors.append(DecodingInterceptor(refused(grpc.StatusCode.INVALID_ARGUMENT)))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

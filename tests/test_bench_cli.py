@@ -141,3 +141,10 @@ def test_docs_results_sections_are_current(monkeypatch):
     makes of the committed bench/results."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the links and paths are relative to the root
     assert main(["report", "--check"]) == 0, "run `python -m bench report` and commit docs/"
+
+
+@pytest.mark.slow
+def test_serve_startup_times_a_real_server(tmp_path):
+    assert main(["serve-startup", "--runs", "1", "--no-warmup", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "serve-startup.json").read_text())["rows"]
+    assert 0 < row["reported_s"] < row["process_to_serving_s"]  # the server's clock starts after the interpreter

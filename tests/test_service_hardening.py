@@ -225,12 +225,16 @@ METHODS = [
     ("/sampler.v1.SamplerService/GetServerInfo", False),
     ("/grpc.health.v1.Health/Check", False),
     ("/grpc.health.v1.Health/Watch", True),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "both"),
 ]
 GARBAGE = [b"\xff\xff\xff\xff\x0f", b"\x0a\x05mni", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
 
 
-def raw_call(channel: grpc.Channel, method: str, streaming: bool, data: bytes, **kwargs: Any) -> grpc.RpcError:
+def raw_call(channel: grpc.Channel, method: str, streaming: Any, data: bytes, **kwargs: Any) -> grpc.RpcError:
+    """`streaming`: False (unary), True (server streaming) or "both" (bidirectional)."""
     identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    if streaming == "both":
+        return rpc_error(lambda: list(channel.stream_stream(method, **identity)(iter([data]), timeout=10, **kwargs)))
     if streaming:
         return rpc_error(lambda: list(channel.unary_stream(method, **identity)(data, timeout=10, **kwargs)))
     return rpc_error(lambda: channel.unary_unary(method, **identity)(data, timeout=10, **kwargs))
@@ -252,7 +256,9 @@ def test_malformed_bytes_are_invalid_arguments_with_one_log_line(
 
 
 def test_unknown_methods_with_and_without_auth(caplog: pytest.LogCaptureFixture) -> None:
-    running = RunningServer(auth_token="s3cret-token", warmup=False)
+    from tests.test_service import wait_until
+
+    running = RunningServer(auth_token="s3cret-token", metrics_port=0, warmup=False)
     good = (("authorization", "Bearer s3cret-token"),)
     try:
         with caplog.at_level("INFO"):
@@ -266,6 +272,12 @@ def test_unknown_methods_with_and_without_auth(caplog: pytest.LogCaptureFixture)
             error = raw_call(running.channel, "/sampler.v1.SamplerService/Plan", False, GARBAGE[0], metadata=good)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+        counted = (  # refused before any method ran, still counted; unknown names under one label
+            'sampler_requests_total{code="UNAUTHENTICATED",method="unknown"} 2.0',
+            'sampler_requests_total{code="UNAUTHENTICATED",method="Plan"} 1.0',
+            'sampler_requests_total{code="INVALID_ARGUMENT",method="Plan"} 1.0',
+        )
+        wait_until(lambda: all(line in scrape(running) for line in counted), timeout=10)
     finally:
         running.stop()
 
