@@ -861,6 +861,8 @@ def judge(outcomes: list[Outcome], failing: list[dict[str, Any]] | None = None) 
             fail("INVALID_ARGUMENT without a field violation naming the field", outcome)
         if case.expect == "unauthenticated" and code != "UNAUTHENTICATED":
             fail("a call without the right token not answered UNAUTHENTICATED", outcome)
+        if code == "UNAUTHENTICATED" and case.expect != "unauthenticated":
+            fail("UNAUTHENTICATED for a call with the right token (or on a server without auth)", outcome)
         if case.expect == "unimplemented" and code != "UNIMPLEMENTED":
             fail("an unknown method not answered UNIMPLEMENTED", outcome)
         if outcome.message_chars > MAX_MESSAGE_CHARS:
