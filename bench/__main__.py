@@ -19,6 +19,7 @@ from . import (
     amed_ablation,
     batch_invariance,
     fd_vs_nfe,
+    fuzz,
     model_card,
     model_speed,
     report,
@@ -46,6 +47,7 @@ COMMANDS = (
     serve_startup,
     batch_invariance,
     amed_ablation,
+    fuzz,
 )
 
 

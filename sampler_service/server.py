@@ -405,6 +405,7 @@ async def create_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     engine = Engine(settings, served)
     engine.on_batch = metrics.batch
+    engine.on_failure = metrics.failed
     metrics.queue_depth.set_function(lambda: engine.admitted)
     service = Service(settings, served, engine, health_servicer, metrics)
     pb_grpc.add_SamplerServiceServicer_to_server(SamplerServicer(service), server)
