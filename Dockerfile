@@ -38,7 +38,7 @@ COPY protos protos
 # TORCH_SPEC is pinned above (hadolint cannot see through the build argument).
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir "${TORCH_SPEC}" \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir ".[text]"
 
 USER 10001:10001
 EXPOSE 50051 9100

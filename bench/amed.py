@@ -86,7 +86,7 @@ def train(args: argparse.Namespace) -> int:
     # at the start: the code and tree this run executes
     meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
     try:
-        model = models.load(args.model, device=args.device)
+        model = models.class_conditional(models.load(args.model, device=args.device))
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     model.unet.requires_grad_(False)
@@ -227,7 +227,7 @@ def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
         try:
-            model = models.load(args.model, device="cpu")
+            model = models.class_conditional(models.load(args.model, device="cpu"))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
         folders.append(predictor_folder(model, args.model))

@@ -353,7 +353,7 @@ def load_served(settings: Settings) -> dict[str, ServedModel]:
         for problem in store.problems:
             log.warning("skipping an AMED predictor: %s", problem)
         description = DESCRIPTIONS.get(model.source, f"diffusers model from {model.source}")
-        served[name] = ServedModel(name, model, description, predictors=store)
+        served[name] = ServedModel(name, models.class_conditional(model), description, predictors=store)
     return served
 
 

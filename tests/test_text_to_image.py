@@ -1,0 +1,307 @@
+"""Text-to-image pipelines through `models.load`: tiny random Stable Diffusion and SDXL folders
+saved with save_pretrained, loaded as a user's folder would be. What the model exposes (kind, sizes,
+latents), how it conditions (passes, per-sample guidance, the prompt cache, truncation), the VAE
+round trip, and every load error naming its file. The numerical agreement with diffusers' own
+pipelines is tests/test_text_to_image_crosscheck.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTokenizer
+
+import models
+from models.prompts import PromptCache
+from models.text_to_image import SizeLimits
+from solvers import make_noise, sample
+from solvers.contract import CountingDenoiser
+
+SIZE = 32
+PROMPTS = ["a red fox in the snow", "a city at night"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_pipelines: dict[str, Path]) -> dict[str, models.TextToImageModel]:
+    result = {}
+    for kind, folder in tiny_pipelines.items():
+        model = models.load(folder, device="cpu", name=kind)
+        assert isinstance(model, models.TextToImageModel)
+        result[kind] = model
+    return result
+
+
+def copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+@pytest.mark.parametrize(
+    ("kind", "pipeline"), [("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")]
+)
+def test_model_attributes(loaded: dict[str, models.TextToImageModel], kind: str, pipeline: str) -> None:
+    model = loaded[kind]
+
+    assert model.kind == "text-to-image"
+    assert model.pipeline_class == pipeline
+    assert model.default_size == (32, 32)
+    assert model.sample_shape == (4, 8, 8)
+    assert model.latent_shape(64, 48) == (4, 16, 12)
+    assert model.prediction_type == "epsilon"
+    assert model.sigma_levels is not None
+    assert model.sigma_levels.shape == (1000,)
+    assert model.sigma_max == pytest.approx(14.6146, rel=1e-4)  # SD's trained range
+    assert model.force_zeros_for_empty_prompt is (kind == "sdxl")
+    assert len(model.fingerprint) == 64
+    assert models.load("mnist").kind == "class-conditional"
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "message"),
+    [
+        (30, 32, r"height=30 .*multiple of 4 in 32\.\.2048"),
+        (32, 2052, r"width=2052 .*multiple of 4"),
+        (16, 32, r"height=16 .*in 32\.\.2048"),
+        (2048, 2048, r"height x width='2048 x 2048' .*at most 1000000 pixels"),
+    ],
+)
+def test_sizes_are_validated(tiny_pipelines: dict[str, Path], height: int, width: int, message: str) -> None:
+    model = models.load(tiny_pipelines["sd"], device="cpu", size_limits=SizeLimits(max_pixels=1_000_000))
+    assert isinstance(model, models.TextToImageModel)
+    with pytest.raises(models.InvalidConditioningError, match=message):
+        model.latent_shape(height, width)
+    with pytest.raises(models.InvalidConditioningError, match=message):
+        model.conditioned(["a"], height=height, width=width)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_passes_follow_guidance(loaded: dict[str, models.TextToImageModel], kind: str) -> None:
+    model = loaded[kind]
+    for guidance, per_call in ((1.0, 1), (0.0, 1), (7.5, 2), (torch.tensor([1.0, 0.0]), 2)):
+        counted = CountingDenoiser(model.conditioned(PROMPTS, None, guidance, height=SIZE, width=SIZE))
+        with torch.no_grad():
+            result = sample(counted, make_noise([0, 1], model.sample_shape), solver="heun", steps=3)
+        assert counted.evals_per_call == per_call
+        assert result.network_evals == per_call * result.nfe
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_per_sample_guidance_in_one_batch_equals_separate_runs(
+    loaded: dict[str, models.TextToImageModel], kind: str
+) -> None:
+    model = loaded[kind]
+    x = 3.0 * make_noise([4, 5, 6], model.sample_shape)
+    sigma = torch.tensor([3.0, 1.0, 0.5])
+    prompts, negatives, guidance = [*PROMPTS, "a cat"], ["blurry", "", "text"], [7.5, 1.0, 0.0]
+    with torch.no_grad():
+        batched = model.conditioned(prompts, negatives, torch.tensor(guidance), height=SIZE, width=SIZE)(x, sigma)
+        alone = [
+            model.conditioned([p], [n], w, height=SIZE, width=SIZE)(x[k : k + 1], sigma[k : k + 1])
+            for k, (p, n, w) in enumerate(zip(prompts, negatives, guidance, strict=True))
+        ]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_combines_the_two_halves(loaded: dict[str, models.TextToImageModel]) -> None:
+    model = loaded["sdxl"]
+    x = 2.0 * make_noise([1, 2], model.sample_shape)
+    sigma = torch.tensor([2.0, 0.7])
+    with torch.no_grad():
+        conditional = model.conditioned(PROMPTS, None, 1.0)(x, sigma)
+        unconditional = model.conditioned(PROMPTS, None, 0.0)(x, sigma)
+        guided = model.conditioned(PROMPTS, None, 3.0)(x, sigma)
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-4, atol=1e-4)
+    assert float((conditional - unconditional).abs().max()) > 1e-3  # the prompt matters
+
+
+def test_prompts_are_encoded_once_and_cached(tiny_pipelines: dict[str, Path]) -> None:
+    cache = PromptCache(size=3)
+    model = models.load(tiny_pipelines["sd"], device="cpu", prompt_cache=cache)
+    assert isinstance(model, models.TextToImageModel)
+    model.conditioned(["a", "b", "a"], None, 5.0)  # a, b and the empty negative: 3 encodings
+    assert (cache.misses, cache.hits, len(cache)) == (3, 0, 3)
+    first = cache.get(model.prompts.fingerprint, "a")
+    model.conditioned(["a", "b"], ["", ""], 5.0)
+    assert cache.hits == 1 + 3  # the get above, then a, b and ""
+    model.conditioned(["c"], None, 1.0)  # evicts the least recently used entry ("a" was read first)
+    assert len(cache) == 3
+    assert cache.get(model.prompts.fingerprint, "a") is None
+    assert first is not None
+    # A second model with the same encoders shares the entries; the key is the encoder's fingerprint.
+    other = models.load(tiny_pipelines["sd"], device="cpu", prompt_cache=cache)
+    assert isinstance(other, models.TextToImageModel)
+    assert other.prompts.fingerprint == model.prompts.fingerprint
+    sdxl = models.load(tiny_pipelines["sdxl"], device="cpu", prompt_cache=cache)
+    assert isinstance(sdxl, models.TextToImageModel)
+    assert sdxl.prompts.fingerprint != model.prompts.fingerprint
+    with pytest.raises(models.InvalidConditioningError, match=r"prompt_cache_size=-1"):
+        PromptCache(size=-1)
+
+
+def test_cached_encoding_equals_a_fresh_one(tiny_pipelines: dict[str, Path]) -> None:
+    model = models.load(tiny_pipelines["sdxl"], device="cpu", prompt_cache=PromptCache(size=0))
+    assert isinstance(model, models.TextToImageModel)
+    fresh = model.prompts.encode(["a red fox", "a cat"])
+    again = model.prompts.encode(["a cat", "a red fox"])
+    assert fresh.pooled is not None
+    assert again.pooled is not None
+    torch.testing.assert_close(fresh.hidden[0], again.hidden[1])
+    torch.testing.assert_close(fresh.pooled[1], again.pooled[0])
+    assert fresh.hidden.shape == (2, 77, 64)  # both encoders' states side by side
+    assert fresh.pooled.shape == (2, 32)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_truncation_as_diffusers_does_it(
+    loaded: dict[str, models.TextToImageModel], tiny_pipelines: dict[str, Path], kind: str
+) -> None:
+    model = loaded[kind]
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_pipelines[kind] / "tokenizer"))
+    long = " ".join(["astronaut"] * 40)
+    untruncated = tokenizer(long).input_ids  # with start and end tokens
+
+    assert model.dropped_tokens([long, "a cat"]) == [len(untruncated) - 77, 0]
+    # What is cut changes nothing: the long prompt and its first 75 tokens encode alike.
+    kept = tokenizer.decode(untruncated[1:76])
+    same = model.prompts.encode([long, kept])
+    torch.testing.assert_close(same.hidden[0], same.hidden[1])
+
+
+def test_vae_round_trip_and_scaling(
+    loaded: dict[str, models.TextToImageModel], tiny_pipelines: dict[str, Path]
+) -> None:
+    model = loaded["sd"]
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = model.encode(images)
+    vae = AutoencoderKL.from_pretrained(str(tiny_pipelines["sd"] / "vae"))
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    assert latents.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(latents, expected)
+    out = model.decode(latents)
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 3, SIZE, SIZE)
+    assert float(out.min()) >= -1.0
+    assert float(out.max()) <= 1.0
+    torch.testing.assert_close(out, decoded)
+    with pytest.raises(models.InvalidConditioningError, match=r"height=30"):
+        model.encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_dtype_and_devices_per_component(tiny_pipelines: dict[str, Path]) -> None:
+    model = models.load(tiny_pipelines["sdxl"], device="cpu", dtype="bfloat16", text_encoder_device="cpu")
+    assert isinstance(model, models.TextToImageModel)
+    assert model.dtype == torch.bfloat16
+    assert model.codec.dtype == torch.bfloat16  # force_upcast applies to float16 only, as in diffusers
+    half = models.load(tiny_pipelines["sdxl"], device="cpu", dtype="float16")
+    assert isinstance(half, models.TextToImageModel)
+    assert half.dtype == torch.float16
+    assert half.codec.dtype == torch.float32  # force_upcast: the VAE stays in float32
+    assert {p.dtype for e in half.prompts.encoders for p in e.parameters()} == {torch.float16}  # type: ignore[attr-defined]
+    with pytest.raises(models.InvalidDeviceError, match=r"device='gpu'"):
+        models.load(tiny_pipelines["sd"], device="cpu", text_encoder_device="gpu")
+
+
+def test_conditioning_errors_name_the_argument(loaded: dict[str, models.TextToImageModel]) -> None:
+    model = loaded["sd"]
+    with pytest.raises(models.InvalidConditioningError, match=r"^prompts="):
+        model.conditioned([])
+    with pytest.raises(models.InvalidConditioningError, match=r"^prompts="):
+        model.conditioned("a cat")  # type: ignore[arg-type]
+    with pytest.raises(models.InvalidConditioningError, match=r"negative_prompts='1 texts' .*2, one per prompt"):
+        model.conditioned(PROMPTS, ["x"], 2.0)
+    with pytest.raises(models.InvalidConditioningError, match=r"guidance=.*shape \(2,\)"):
+        model.conditioned(PROMPTS, None, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(models.InvalidConditioningError, match=r"guidance=nan"):
+        model.conditioned(PROMPTS, None, float("nan"))
+    with pytest.raises(models.InvalidConditioningError, match=r"null_class=3 .*None for a text-to-image"):
+        models.load(Path(model.source), device="cpu", null_class=3)
+
+
+# ---- load errors: each names its file --------------------------------------------------------
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_other_pipeline_classes_are_refused(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sd"], tmp_path)
+    _edit_json(folder / "model_index.json", _class_name="KandinskyPipeline")
+    with pytest.raises(
+        models.UnsupportedModelError,
+        match=r"model_index.json: _class_name='KandinskyPipeline' .*StableDiffusionPipeline, StableDiffusionXLPipeline",
+    ):
+        models.load(folder, device="cpu")
+
+
+def test_pickle_text_encoder_is_refused(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sd"], tmp_path)
+    (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(
+        models.ModelLoadError, match=r"text_encoder/pytorch_model.bin: pickle-format weights are refused"
+    ):
+        models.load(folder, device="cpu")
+
+
+def test_corrupt_vae_weights(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sdxl"], tmp_path)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(
+        models.ModelLoadError, match=r"vae/diffusion_pytorch_model.safetensors: not a valid safetensors"
+    ):
+        models.load(folder, device="cpu")
+
+
+def test_missing_component(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sdxl"], tmp_path)
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(models.ModelLoadError, match=r"text_encoder_2: missing"):
+        models.load(folder, device="cpu")
+    _edit_json(folder / "model_index.json", text_encoder_2=None)
+    with pytest.raises(models.ModelLoadError, match=r"model_index.json: has no 'text_encoder_2' component"):
+        models.load(folder, device="cpu")
+
+
+def test_missing_config_key(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sd"], tmp_path)
+    _edit_json(folder / "vae" / "config.json", scaling_factor=None)
+    with pytest.raises(models.ModelLoadError, match=r"vae/config.json: has no 'scaling_factor'"):
+        models.load(folder, device="cpu")
+
+
+def test_unsupported_scheduler_names_the_file(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy(tiny_pipelines["sd"], tmp_path)
+    _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="flow_prediction")
+    with pytest.raises(models.UnsupportedSchedulerError, match=r"scheduler_config.json: prediction_type='flow"):
+        models.load(folder, device="cpu")
+
+
+def test_v_prediction_pipeline(tmp_path: Path) -> None:
+    from models.tiny_pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sd", tmp_path / "v", prediction_type="v_prediction")
+    model = models.load(folder, device="cpu")
+    assert model.prediction_type == "v_prediction"
+
+
+def test_without_the_text_extra_the_error_names_it(
+    tiny_pipelines: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(models.ModelLoadError, match=r"transformers: not installed.*diffusion-sampler-service\[text\]"):
+        models.load(tiny_pipelines["sd"], device="cpu")
