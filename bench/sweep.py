@@ -63,7 +63,7 @@ from .fid import FidExtractor, FidUnavailable
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import MnistScorer, quantise
 
-# The shared result schema (the AMED issue and the README use it too); never rename these.
+# The shared result schema (the AMED issue and docs/ use it too); never rename these.
 COLUMNS = (
     "model",
     "model_fingerprint",

@@ -42,3 +42,15 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
     return {kind: save_tiny_pipeline(kind, root / kind) for kind in TINY_KINDS}
+
+
+@pytest.fixture
+def report_docs(tmp_path):
+    """A docs folder whose generated sections are empty, for `bench report --docs` on test results."""
+    from bench import report
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for section in (report.SWEEP, report.ABLATIONS):
+        (folder / section.file).write_text(f"{section.start}\n{section.end}\n")
+    return folder

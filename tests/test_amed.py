@@ -248,7 +248,7 @@ def test_neutral_plugin_is_its_base_on_the_merged_grid(gmm, base, plain, params,
     torch.testing.assert_close(plugin.images, reference.images, atol=1e-10, rtol=0)
 
 
-def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_path: Path, capsys):
+def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_path: Path, capsys, report_docs: Path):
     """`sampler-amed train` on the shipped model (a tiny configuration) writes weights and a card;
     the store finds it by key, and a sweep row with amed_plugin uses it (and records its cost)."""
     from bench.__main__ import main as bench_main
@@ -278,14 +278,12 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert (row["solver"], row["base"]) == ("amed_plugin", "ipndm")
     assert row["rmse_ref"] > 0
 
-    # the README report puts the row among the other settings, with its predictor's training cost
+    # the report puts the row among the other settings, with its predictor's training cost
     results = tmp_path / "results" / "fd-vs-nfe-amed"
     results.mkdir(parents=True)
     (results / "results.json").write_text((tmp_path / "sweep" / "results.json").read_text())
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
-    assert bench_main(["report", "--results", str(results.parent), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert bench_main(["report", "--results", str(results.parent), "--docs", str(report_docs)]) == 0
+    text = (report_docs / "benchmarks.md").read_text()
     assert "| amed_plugin (ipndm, order 4), polynomial, AFS |" in text
     assert "| amed_plugin (ipndm, order 4), polynomial, AFS, NFE 3 | 8 |" in text
 
@@ -310,7 +308,7 @@ def test_train_command_refuses_the_trajectory_objective_for_single_step_students
     assert not list(tmp_path.iterdir())
 
 
-def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path):
+def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path, report_docs: Path):
     """`bench amed-ablation` (tiny): a trained variant and a training-free one become rows with the
     sweep's schema plus variant, question and final loss; the report renders them as a table."""
     from bench.__main__ import main as bench_main
@@ -346,11 +344,9 @@ def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path)
     assert "plugin-v2" in (out / "results.csv").read_text()
     assert bench_main(["amed-ablation", "--variants", "nope", "--out", str(out)]) == 2
 
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
     (tmp_path / "results" / "fd-vs-nfe-tiny").mkdir()
     (tmp_path / "results" / "fd-vs-nfe-tiny" / "results.json").write_text((out / "results.json").read_text())
-    assert bench_main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert bench_main(["report", "--results", str(tmp_path / "results"), "--docs", str(report_docs)]) == 0
+    text = (report_docs / "amed.md").read_text()
     assert "| plugin-v2 | base: variable-step iPNDM order 2 | 5 |" in text
     assert "| ipndm2 | training-free: iPNDM order 2 | 5 |" in text

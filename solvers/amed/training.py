@@ -14,7 +14,7 @@ No data set is involved: for each batch of seeded noises,
    Non-finite gradients are zeroed. An alternative for multistep students, `objective=
    "trajectory"`, sums the intervals' losses and back-propagates through the state and history
    from interval to interval, with one Adam step per batch (it lets a moved intermediate point
-   answer for what it does to later extrapolations; measured on mnist in the README).
+   answer for what it does to later extrapolations; measured on mnist in docs/amed.md).
 
 The denoiser is any `FeatureDenoiser` (or any `Denoiser` for a table-mode predictor); the caller
 freezes its network (`requires_grad_(False)`) and must not hold inference mode. This module knows
