@@ -29,6 +29,7 @@ import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -37,7 +38,7 @@ from torch import Tensor
 import models
 from models.diffusers_unet import VPDiscreteSchedule
 from models.tiny_pipelines import save_tiny_pipeline
-from solvers import make_noise, sample
+from solvers import make_noise, sample, start_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -224,3 +225,63 @@ def test_the_crosscheck_catches_a_wrong_vae_scaling_factor(
 
         assert relative_difference(latents, ref_latents) <= REL_TOL  # sampling does not read the VAE
         assert relative_difference(images, ref_images) > 10 * REL_TOL
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [0.5, 0.75, 1.0])
+def test_img2img_matches_the_diffusers_img2img_pipeline(
+    ours: dict[str, models.TextToImageModel], folders: dict[str, Path], solver: str, strength: float
+) -> None:
+    model = ours["sd"]
+    init_images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    init = model.encode(init_images)
+    noise = make_noise([3, 4], model.latent_shape(SIZE, SIZE))
+    start = start_step(STEPS, strength)
+    denoiser = model.conditioned(PROMPTS, NEGATIVE, 7.5, height=SIZE, width=SIZE)
+    params = {"lower_order_final": False} if solver == "dpmpp_2m" else None
+    with torch.no_grad():
+        result = sample(
+            denoiser,
+            noise,
+            solver=solver,
+            steps=STEPS,
+            schedule="discrete",
+            schedule_params={"spacing": "linspace"},
+            solver_params=params,
+            init=init,
+            start=start,
+        )
+    assert result.nfe == result.steps == int(STEPS * strength)  # the steps actually run
+    latents = result.images
+    if solver == "dpmpp_2m":
+        latents = latents / math.sqrt(1.0 + result.sigmas[-1].item() ** 2)
+
+    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(str(folders["sd"]), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    if solver == "euler":
+        pipeline.scheduler = EulerDiscreteScheduler.from_config(
+            pipeline.scheduler.config, timestep_spacing="linspace", final_sigmas_type="sigma_min"
+        )
+    else:
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipeline.scheduler.config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=False,
+            final_sigmas_type="sigma_min",
+        )
+    with torch.no_grad():
+        reference = pipeline(
+            prompt=PROMPTS,
+            negative_prompt=NEGATIVE,
+            image=init,  # latents (4 channels) are taken as the encoded image, as they are
+            strength=strength,
+            guidance_scale=7.5,
+            timesteps=linspace_timesteps(1000, STEPS)[:-1],
+            generator=[torch.Generator().manual_seed(seed) for seed in (3, 4)],  # one per sample, as make_noise
+            output_type="latent",
+        ).images
+
+    assert relative_difference(latents, reference) <= REL_TOL
+    assert relative_difference(latents, init) > 0.01  # it did move
