@@ -210,7 +210,7 @@ class TextToImageModel:
     def conditioned(
         self,
         prompts: Sequence[str],
-        negative_prompts: Sequence[str] | None = None,
+        negative_prompts: Sequence[str | None] | None = None,
         guidance: float | Tensor = 1.0,
         *,
         height: int | None = None,
@@ -220,8 +220,8 @@ class TextToImageModel:
 
         Args:
             prompts: one text per sample (B).
-            negative_prompts: one per sample, the unconditional pass's texts; None: the empty prompt,
-                or zeros where force_zeros_for_empty_prompt.
+            negative_prompts: one per sample, the unconditional pass's texts; None (for all, or for
+                one sample): the empty prompt, or zeros where force_zeros_for_empty_prompt.
             guidance: w, a float or a tensor (B,): D = D_u + w (D_c - D_u); 1 = conditional only,
                 0 = unconditional only (one network evaluation per call), else both halves in one
                 forward (evals_per_call 2).
@@ -234,8 +234,11 @@ class TextToImageModel:
         self.check_size(height, width)
         texts = _texts("prompts", prompts)
         batch = len(texts)
+        negatives: list[str | None] = [None] * batch
         if negative_prompts is not None:
-            negatives = _texts("negative_prompts", negative_prompts)
+            if isinstance(negative_prompts, str) or not all(t is None or isinstance(t, str) for t in negative_prompts):
+                raise InvalidConditioningError("negative_prompts", negative_prompts, "a list of strings (or None)")
+            negatives = list(negative_prompts)
             if len(negatives) != batch:
                 raise InvalidConditioningError(
                     "negative_prompts", f"{len(negatives)} texts", f"{batch}, one per prompt"
@@ -248,13 +251,34 @@ class TextToImageModel:
         cond = self.prompts.encode(texts) if bool((w != 0).any()) else None
         uncond = None
         if bool((w != 1).any()):
-            if negative_prompts is not None:
-                uncond = self.prompts.encode(negatives)
-            elif self.force_zeros_for_empty_prompt:
-                uncond = (cond if cond is not None else self.prompts.encode(texts)).zeros_like()
-            else:
-                uncond = self.prompts.encode([""] * batch)
+            uncond = self._unconditional(texts, negatives, cond)
         return self.backbone.denoiser(_to(cond, self.device), _to(uncond, self.device), w, height, width)
+
+    def _unconditional(self, texts: list[str], negatives: list[str | None], cond: PromptBatch | None) -> PromptBatch:
+        """The unconditional pass's embeddings: the negative prompt where given, else the empty
+        prompt's, or zeros where the pipeline says force_zeros_for_empty_prompt."""
+        if not self.force_zeros_for_empty_prompt:
+            return self.prompts.encode([n if n is not None else "" for n in negatives])
+        given = [n for n in negatives if n is not None]
+        encoded = self.prompts.encode(given) if given else None
+        if len(given) == len(negatives) and encoded is not None:
+            return encoded
+        shape = cond if cond is not None else self.prompts.encode(texts[:1])
+        zero = PromptBatch(
+            torch.zeros_like(shape.hidden[0]), None if shape.pooled is None else torch.zeros_like(shape.pooled[0])
+        )
+        hidden, pooled, k = [], [], 0
+        for negative in negatives:
+            if negative is None:
+                hidden.append(zero.hidden)
+                pooled.append(zero.pooled)
+            else:
+                assert encoded is not None
+                hidden.append(encoded.hidden[k])
+                pooled.append(None if encoded.pooled is None else encoded.pooled[k])
+                k += 1
+        rows = [p for p in pooled if p is not None]
+        return PromptBatch(torch.stack(hidden), torch.stack(rows) if len(rows) == len(pooled) else None)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1], float32, from latents (B, C, h, w)."""
