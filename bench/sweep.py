@@ -54,8 +54,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
 
 from .errors import BenchError

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 
 from .diffusers_unet import VPDiscreteSchedule
 from .errors import ModelLoadError, UnsupportedModelError, UnsupportedSchedulerError
@@ -273,17 +274,21 @@ def _tokenizer(transformers: dict[str, Any], folder: Path) -> Any:
 
 
 def _diffusers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    return _finish(_from_pretrained(cls, folder, DIFFUSERS_WEIGHTS, torch_dtype=dtype), device)
+    # accelerate is not a runtime dependency: tell diffusers whether to load into empty modules.
+    loaded = _from_pretrained(
+        cls, folder, DIFFUSERS_WEIGHTS, torch_dtype=dtype, low_cpu_mem_usage=is_accelerate_available()
+    )
+    return _finish(loaded, device)
 
 
 def _transformers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
     return _finish(_from_pretrained(cls, folder, TRANSFORMERS_WEIGHTS, dtype=dtype), device)
 
 
-def _from_pretrained(cls: Any, folder: Path, names: WeightNames, **dtype: torch.dtype) -> Any:
+def _from_pretrained(cls: Any, folder: Path, names: WeightNames, **options: Any) -> Any:
     try:
         module, info = cls.from_pretrained(
-            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True, **dtype
+            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True, **options
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         message = " ".join(str(error).split())[:400]

@@ -29,8 +29,8 @@ from .settings import Limits
 from .text_inputs import TextInputs, check_class_request, text_inputs
 
 DEFAULT_SCHEDULE = "polynomial"
-MAX_REQUEST_ID = 128
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# Answers (a plan, the solver list) show a solver's reachable NFE up to this many values.
 REACHABLE_SHOWN = 64
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: pb.OUTPUT_FORMAT_PNG,
@@ -330,9 +330,7 @@ def build_job(
         nfe=nfe,
         network_evals=nfe * (int(conditional) + int(unconditional)),
         sigmas=tuple(sigmas[start:].tolist()),
-        reachable_nfe=tuple(
-            spec.reachable_nfe(afs, solver_params, limit=spec.nfe(limits.max_steps, afs))[:REACHABLE_SHOWN]
-        ),
+        reachable_nfe=tuple(reachable_shown(spec, afs, solver_params, limits.max_steps)),
         needs_predictor=spec.needs_predictor,
         predictor_available=wanted is not None and served.predictors.has(wanted),
         predictor_key=key_text,
@@ -563,6 +561,11 @@ def init_latents(
         latents = model.encode(image) if image is not None else torch.zeros(1, *shape, device=model.device)
         blocks.append(latents.to(model.device).expand(stop - start, *shape))
     return torch.cat(blocks)
+
+
+def reachable_shown(spec: SolverSpec[Any], afs: bool, params: Params, max_steps: int) -> list[int]:
+    """The NFE `spec` spends exactly with `params` in at most `max_steps` steps: the first REACHABLE_SHOWN."""
+    return spec.reachable_nfe(afs, params, limit=spec.nfe(max_steps, afs))[:REACHABLE_SHOWN]
 
 
 def check_request_id(value: str) -> str | None:

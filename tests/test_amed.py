@@ -15,12 +15,12 @@ import solvers
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers import MissingPredictorError
 from solvers.amed import (
+    IntervalUpdate,
     PredictorCard,
     PredictorConfig,
     PredictorLoadError,
     PredictorStore,
     TrainingSettings,
-    Variant,
     load_predictor,
     new_predictor,
     save_predictor,
@@ -98,7 +98,7 @@ def test_trained_plugin_beats_its_base_on_the_exact_model(base, max_order, teach
     base_params = {"max_order": max_order} if base.startswith("ipndm") else {}
     summary = train_predictor(
         predictor,
-        variant=Variant(base, max_order or 1),
+        update=IntervalUpdate(base, max_order or 1),
         sigmas=_sigmas(model, steps),
         teacher_sigmas=_sigmas(model, (substeps + 1) * steps),
         afs=True,
@@ -130,10 +130,10 @@ def test_trajectory_objective_trains_through_the_history():
     model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
     steps = 3
 
-    def train(variant: Variant, trajectories: int):
+    def train(update: IntervalUpdate, trajectories: int):
         return train_predictor(
             new_predictor(PredictorConfig(), seed=0).double(),
-            variant=variant,
+            update=update,
             sigmas=_sigmas(model, steps),
             teacher_sigmas=_sigmas(model, 3 * steps),
             afs=True,
@@ -143,11 +143,11 @@ def test_trajectory_objective_trains_through_the_history():
             ),
         )
 
-    summary = train(Variant("ipndm", 2), 500)
+    summary = train(IntervalUpdate("ipndm", 2), 500)
     assert summary.batches == 10
     assert sum(summary.final_loss) < 0.9 * sum(summary.first_loss)
     with pytest.raises(ValueError, match="multistep"):
-        train(Variant("euler"), 50)
+        train(IntervalUpdate("euler"), 50)
 
 
 def _card(predictor_config: PredictorConfig, **overrides) -> PredictorCard:
