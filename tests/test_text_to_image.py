@@ -305,3 +305,46 @@ def test_without_the_text_extra_the_error_names_it(
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     with pytest.raises(models.ModelLoadError, match=r"transformers: not installed.*diffusion-sampler-service\[text\]"):
         models.load(tiny_pipelines["sd"], device="cpu")
+
+
+# ---- AMED on a text pipeline -----------------------------------------------------------------
+
+
+def test_bottleneck_feature_is_the_mid_block_channel_mean(loaded: dict[str, models.TextToImageModel]) -> None:
+    model = loaded["sdxl"]
+    denoiser = model.conditioned(PROMPTS, None, 4.0)
+    x = 2.0 * make_noise([1, 2], model.sample_shape)
+    sigma = torch.tensor([3.0, 0.5])
+    captured: list[torch.Tensor] = []
+    unet = model.backbone.unet
+    assert unet.mid_block is not None
+    handle = unet.mid_block.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        with torch.no_grad():
+            denoised, feature = denoiser.denoise_with_feature(x, sigma)
+    finally:
+        handle.remove()
+    assert feature.shape == (2, 4, 4)  # 8 x 8 latents, one downsampling
+    torch.testing.assert_close(feature, captured[0][:2].mean(dim=1))  # the conditional half
+    with torch.no_grad():
+        torch.testing.assert_close(denoised, denoiser(x, sigma))
+
+
+def test_amed_trains_on_a_text_pipeline(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    from bench.amed import main as amed_main
+    from solvers.amed import PredictorCard
+
+    out = tmp_path / "predictors"
+    args = ["train", "--model", str(tiny_pipelines["sd"]), "--solver", "amed_plugin", "--nfe", "5", "--guidance", "4"]
+    args += ["--prompt", "a red fox in the snow", "--prompt", "a city at night", "--trajectories", "48"]
+    args += ["--batch-size", "4", "--lr", "2e-2", "--device", "cpu", "--threads", "1", "--out", str(out), "--quiet"]
+    assert amed_main(args) == 0
+    (card_path,) = out.glob("*.json")
+    card = PredictorCard.model_validate_json(card_path.read_text())
+    assert card.config.feature_shape == (4, 4)
+    first = sum(card.training["first_batch_loss_per_interval"])
+    final = card.training["final_loss"]
+    assert final < 0.8 * first, (first, final)
+    model = models.load(tiny_pipelines["sd"], device="cpu")
+    assert card.model_fingerprint == model.fingerprint
+    assert amed_main([*args[:3], "--nfe", "5", "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no --prompt
