@@ -25,6 +25,7 @@ from . import (
     serve_load,
     solver_overhead,
     step_error,
+    t2i_speed,
 )
 from .errors import BenchError
 
@@ -44,6 +45,7 @@ COMMANDS = (
     serve_load,
     batch_invariance,
     amed_ablation,
+    t2i_speed,
 )
 
 

@@ -113,11 +113,13 @@ class PromptEncoder(Protocol):
         fingerprint: identifies the encoders and tokenizers (cache key).
         max_tokens: the tokenizers' context length, special tokens included.
         device: where the encoders run.
+        cache: where encoded texts are kept.
     """
 
     fingerprint: str
     max_tokens: int
     device: torch.device
+    cache: PromptCache
 
     def dropped_tokens(self, text: str) -> int:
         """How many of the text's tokens do not fit the context and are cut (0 when it fits)."""

@@ -1,0 +1,190 @@
+"""`t2i-speed`: what a text-to-image request costs, part by part, on tiny random SD / SDXL pipelines.
+
+    python -m bench t2i-speed                       # both tiny pipelines, on this host's CPU
+    python -m bench t2i-speed --model /path/to/sd15 --height 512 --width 512 --device cuda
+
+For each model the same request (--batch prompts, guidance --guidance, so both halves run) is
+measured in --rounds paired rounds; each round times, back to back:
+- one denoiser forward at this batch and size, NFE times (the loop's unavoidable work);
+- the whole sampling run (`solvers.sample`, --solver, --steps) on the same denoiser;
+- text encoding of the batch's prompts with an empty prompt cache (what a new prompt costs);
+- VAE decoding of the batch's latents.
+The goal is sampling time / (NFE x one forward) <= 1.05: the solver adds no more than 5% to the
+network. Text encoding and decoding are reported on their own (per request, not per step). Medians
+over rounds; the ratio is the median of the per-round ratios.
+
+Tiny pipelines are built in a temporary folder (models/tiny_pipelines.py) and loaded through
+`models.load`, as the service loads a real folder. Writes bench/results/t2i-speed.csv and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+import provenance
+import solvers
+from models.tiny_pipelines import TINY_KINDS, save_tiny_pipeline
+
+from .arguments import options_of, positive_int
+from .errors import BenchError
+
+NAME = "t2i-speed"
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor of mountains at sunrise", "a red fox")
+COLUMNS = (
+    "model",
+    "pipeline",
+    "batch",
+    "height",
+    "width",
+    "latent_shape",
+    "solver",
+    "steps",
+    "nfe",
+    "guidance",
+    "forward_ms",
+    "sampling_ms",
+    "sampling_over_nfe_forwards",
+    "goal",
+    "text_encoding_ms",
+    "vae_decoding_ms",
+    "rounds",
+    "device",
+    "dtype",
+    "torch_threads",
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="text-to-image cost: sampling vs NFE forwards, text encoding, VAE decoding",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", action="append", default=[], help="a pipeline source (repeat); default: the tiny sd and sdxl"
+    )
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--height", type=int, default=0, help="pixels; 0 = the model's default")
+    parser.add_argument("--width", type=int, default=0, help="pixels; 0 = the model's default")
+    parser.add_argument("--solver", default="dpmpp_2m")
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.set_defaults(handler=run)
+
+
+def _timed(action: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    began = time.perf_counter()
+    action()
+    _sync(device)
+    return time.perf_counter() - began
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: models.TextToImageModel, args: argparse.Namespace) -> dict[str, Any]:
+    height = args.height or model.default_size[0]
+    width = args.width or model.default_size[1]
+    shape = model.latent_shape(height, width)
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(args.batch)]
+    seeds = list(range(args.batch))
+    denoiser = model.conditioned(prompts, None, args.guidance, height=height, width=width)
+    noise = solvers.make_noise(seeds, shape, device=model.device)
+    nfe = solvers.nfe_of(args.solver, args.steps)
+    sigma = torch.full((args.batch,), model.sigma_max / 3, device=model.device)
+    x = noise * model.sigma_max / 3
+    fresh = models.PromptCache(0)
+    encoder = model.prompts
+    forwards, runs, ratios, encodes, decodes = [], [], [], [], []
+    latents = None
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up: allocator, kernels, lazy inits
+            denoiser(x, sigma)
+            latents = solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps).images
+            model.decode(latents)
+        assert latents is not None
+        for _ in range(args.rounds):
+            forward = statistics.median(_timed(lambda: denoiser(x, sigma), model.device) for _ in range(nfe))
+            run = _timed(lambda: solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps), model.device)
+            cached, encoder.cache = encoder.cache, fresh  # every text is new to an empty cache
+            try:
+                encodes.append(_timed(lambda: encoder.encode(prompts), model.device))
+            finally:
+                encoder.cache = cached
+            decodes.append(_timed(lambda: model.decode(latents), model.device))
+            forwards.append(forward)
+            runs.append(run)
+            ratios.append(run / (nfe * forward))
+    return {
+        "batch": args.batch,
+        "height": height,
+        "width": width,
+        "latent_shape": "x".join(str(n) for n in shape),
+        "solver": args.solver,
+        "steps": args.steps,
+        "nfe": nfe,
+        "guidance": args.guidance,
+        "forward_ms": 1e3 * statistics.median(forwards),
+        "sampling_ms": 1e3 * statistics.median(runs),
+        "sampling_over_nfe_forwards": statistics.median(ratios),
+        "goal": "<= 1.05",
+        "text_encoding_ms": 1e3 * statistics.median(encodes),
+        "vae_decoding_ms": 1e3 * statistics.median(decodes),
+        "rounds": args.rounds,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        sources = list(args.model) or [str(save_tiny_pipeline(kind, Path(folder) / kind)) for kind in TINY_KINDS]
+        names = list(args.model) or [f"tiny-{kind}" for kind in TINY_KINDS]
+        for name, source in zip(names, sources, strict=True):
+            try:
+                model = models.load(source, name=name, device=args.device, dtype=args.dtype)
+            except models.ModelError as error:
+                raise BenchError(f"--model {source}: {error}") from None
+            if not isinstance(model, models.TextToImageModel):
+                raise BenchError(f"--model {source}: expected a text-to-image pipeline, found a {model.kind} model")
+            try:
+                row = {"model": name, "pipeline": model.pipeline_class, **measure(model, args)}
+            except models.ModelError as error:
+                raise BenchError(str(error)) from None
+            rows.append(row)
+            print(
+                f"{name}: sampling / (NFE x forward) {row['sampling_over_nfe_forwards']:.3f} (goal <= 1.05); "
+                f"forward {row['forward_ms']:.2f} ms, sampling {row['sampling_ms']:.1f} ms at NFE {row['nfe']}, "
+                f"text encoding {row['text_encoding_ms']:.2f} ms, VAE decoding {row['vae_decoding_ms']:.2f} ms "
+                f"(batch {row['batch']}, {row['height']}x{row['width']})"
+            )
+    provenance.write_csv(args.out / f"{NAME}.csv", rows, COLUMNS)
+    provenance.write_json(args.out / f"{NAME}.json", meta, rows)
+    return 0
+
+
+__all__ = ["add_parser", "measure", "run"]
