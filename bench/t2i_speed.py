@@ -5,7 +5,8 @@
 
 For each model the same request (--batch prompts, guidance --guidance, so both halves run) is
 measured in --rounds paired rounds; each round times, back to back:
-- one denoiser forward at this batch and size, NFE times (the loop's unavoidable work);
+- NFE denoiser forwards at this batch and size, back to back (the loop's unavoidable work; timed
+  as one block, so that a slow call under load weighs in both measurements alike);
 - the whole sampling run (`solvers.sample`, --solver, --steps) on the same denoiser;
 - text encoding of the batch's prompts with an empty prompt cache (what a new prompt costs);
 - VAE decoding of the batch's latents.
@@ -123,7 +124,7 @@ def measure(model: models.TextToImageModel, args: argparse.Namespace) -> dict[st
             model.decode(latents)
         assert latents is not None
         for _ in range(args.rounds):
-            forward = statistics.median(_timed(lambda: denoiser(x, sigma), model.device) for _ in range(nfe))
+            forward = _timed(lambda: [denoiser(x, sigma) for _ in range(nfe)], model.device) / nfe
             run = _timed(lambda: solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps), model.device)
             cached, encoder.cache = encoder.cache, fresh  # every text is new to an empty cache
             try:
