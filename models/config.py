@@ -102,13 +102,20 @@ def _describe(error: ErrorDetails) -> str:
 
 
 def load_models(
-    config: ModelsConfig, *, prompt_cache: PromptCache | None = None, size_limits: SizeLimits | None = None
+    config: ModelsConfig,
+    *,
+    prompt_cache: PromptCache | None = None,
+    size_limits: SizeLimits | None = None,
+    failures: list[ModelsConfigError] | None = None,
 ) -> dict[str, Model]:
     """Load every model of the config, by name (in file order). Text pipelines share `prompt_cache`
     (entries are keyed by encoder fingerprint) and accept `size_limits`.
 
+    Args:
+        failures: when given, a model that fails to load is recorded here (its error names the
+            model and the file) and skipped, so the others can still be served.
     Raises:
-        ModelError: the first model that fails, with its name in the message.
+        ModelError: the first model that fails (when `failures` is None), with its name in the message.
     """
     cache = prompt_cache if prompt_cache is not None else PromptCache()
     loaded: dict[str, Model] = {}
@@ -126,7 +133,10 @@ def load_models(
                 size_limits=size_limits,
             )
         except ModelError as error:
-            raise ModelsConfigError(f"model {entry.name!r} ({entry.source}): {error}") from error
+            failure = ModelsConfigError(f"model {entry.name!r} ({entry.source}): {error}")
+            if failures is None:
+                raise failure from error
+            failures.append(failure)
     return loaded
 
 

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 import models
 import solvers
-from models.config import ModelEntry, ModelsConfig, load_models, read_models_config
+from models.config import ModelEntry, ModelsConfig, ModelsConfigError, load_models, read_models_config
 from solvers.amed import PredictorStore
 
 from .engine import Engine, Ticket
@@ -382,7 +382,14 @@ def load_served(settings: Settings) -> dict[str, ServedModel]:
             models=[ModelEntry(name="mnist", source="mnist", device=settings.device, dtype=settings.dtype)]
         )
     cache = models.PromptCache(settings.prompt_cache_size)
-    loaded = load_models(config, prompt_cache=cache, size_limits=settings.limits.size_limits())
+    failures: list[ModelsConfigError] = []
+    loaded = load_models(config, prompt_cache=cache, size_limits=settings.limits.size_limits(), failures=failures)
+    # A model whose files are refused (pickle-only, corrupt, an unsupported pipeline) is left out and
+    # named in the log; the others are served. With none left there is nothing to serve.
+    for failure in failures:
+        log.error("not serving a model: %s", failure)
+    if not loaded:
+        raise failures[0]
     served = {}
     for name, model in loaded.items():
         folders = [*settings.predictor_dirs, models.loading.find_files(model.source).root / "amed"]  # yours win

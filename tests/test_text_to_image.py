@@ -348,3 +348,38 @@ def test_amed_trains_on_a_text_pipeline(tiny_pipelines: dict[str, Path], tmp_pat
     model = models.load(tiny_pipelines["sd"], device="cpu")
     assert card.model_fingerprint == model.fingerprint
     assert amed_main([*args[:3], "--nfe", "5", "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no --prompt
+
+
+def test_hub_id_of_a_pipeline_resolves_from_the_local_cache(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    repo = tmp_path / "hub" / "models--sampler-tests--tiny-sdxl"
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    shutil.copytree(tiny_pipelines["sdxl"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    model = models.load("sampler-tests/tiny-sdxl", device="cpu", hub_cache=tmp_path / "hub")
+    assert isinstance(model, models.TextToImageModel)
+    assert model.name == "sampler-tests/tiny-sdxl"
+    assert model.fingerprint == models.load(tiny_pipelines["sdxl"], device="cpu").fingerprint
+
+
+def test_a_refused_model_leaves_the_others_served(
+    tiny_pipelines: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sampler_service.server import load_served
+    from sampler_service.settings import load_settings
+
+    pickled = copy(tiny_pipelines["sd"], tmp_path)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    (tmp_path / "models.toml").write_text(
+        '[[models]]\nname = "mnist"\nsource = "mnist"\ndevice = "cpu"\n\n'
+        f'[[models]]\nname = "pickled"\nsource = "{pickled}"\ndevice = "cpu"\n'
+    )
+    with caplog.at_level("ERROR", logger="sampler_service"):
+        served = load_served(load_settings(None, models_config=tmp_path / "models.toml"))
+    assert list(served) == ["mnist"]
+    (record,) = [r for r in caplog.records if "not serving" in r.getMessage()]
+    assert "unet/diffusion_pytorch_model.bin: pickle-format weights are refused" in record.getMessage()
+    assert record.exc_info is None  # a user's file problem: one line, no traceback
+    (tmp_path / "models.toml").write_text(f'[[models]]\nname = "pickled"\nsource = "{pickled}"\ndevice = "cpu"\n')
+    with pytest.raises(models.ModelError, match=r"model 'pickled'.*pickle-format"):
+        load_served(load_settings(None, models_config=tmp_path / "models.toml"))
