@@ -61,11 +61,6 @@ class PromptBatch:
             torch.stack(pooled) if len(pooled) == len(items) else None,
         )
 
-    def zeros_like(self) -> PromptBatch:
-        return PromptBatch(
-            torch.zeros_like(self.hidden), None if self.pooled is None else torch.zeros_like(self.pooled)
-        )
-
 
 class PromptCache:
     """A thread-safe LRU map (encoder fingerprint, text) -> PromptEmbedding.
