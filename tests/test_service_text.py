@@ -254,3 +254,12 @@ def test_client_cli_writes_pngs_with_prompt_negative_prompt_and_init_image(
 
     assert client.main([*target, *common, "--width", "30", "--out", str(out)]) == 2
     assert "width" in capsys.readouterr().err
+
+
+def test_previews_are_decoded_images(server: RunningServer) -> None:
+    events = list(server.stub.Generate(text_request(seeds=[0, 1], steps=4, preview_every=2, width=48)))
+    previews = [e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.previews]
+    assert [p.step for p in previews] == [2, 4]
+    for image in previews[0].previews:
+        assert image.channels == 3  # RGB from the VAE, not the 4 latent channels
+        assert decode_png(image.data).shape == (16, 24, 3)  # 32 x 48 halved

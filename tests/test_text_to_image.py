@@ -383,3 +383,27 @@ def test_a_refused_model_leaves_the_others_served(
     (tmp_path / "models.toml").write_text(f'[[models]]\nname = "pickled"\nsource = "{pickled}"\ndevice = "cpu"\n')
     with pytest.raises(models.ModelError, match=r"model 'pickled'.*pickle-format"):
         load_served(load_settings(None, models_config=tmp_path / "models.toml"))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_default_and_given_negative_prompts_mix_in_one_batch(
+    loaded: dict[str, models.TextToImageModel], kind: str
+) -> None:
+    """Rows of different requests share a batch: one row's default unconditional pass (the empty
+    prompt, or SDXL's zeros) and another's negative prompt are bound per row."""
+    model = loaded[kind]
+    x = 3.0 * make_noise([7, 8, 9], model.sample_shape)
+    sigma = torch.tensor([2.0, 1.0, 0.3])
+    negatives: list[str | None] = [None, "blurry", None]
+    with torch.no_grad():
+        batched = model.conditioned([*PROMPTS, "a cat"], negatives, 6.0)(x, sigma)
+        alone = [
+            model.conditioned([p], None if n is None else [n], 6.0)(x[k : k + 1], sigma[k : k + 1])
+            for k, (p, n) in enumerate(zip([*PROMPTS, "a cat"], negatives, strict=True))
+        ]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    # and the default is what the pipeline says: zeros for SDXL, the empty prompt for SD
+    with torch.no_grad():
+        empty = model.conditioned(["a cat"], [""], 0.0)(x[:1], sigma[:1])
+        default = model.conditioned(["a cat"], None, 0.0)(x[:1], sigma[:1])
+    assert torch.allclose(empty, default) is (kind == "sd")
