@@ -161,13 +161,18 @@ class ClipPromptEncoder:
         first = next(iter(self.encoders[0].parameters()))
         self.device = first.device
         self._lock = threading.Lock()  # one encoder call at a time (the modules are shared)
+        # A fast tokenizer switches its padding / truncation state on every call: two threads in it
+        # at once fail ("Already borrowed"). Validation counts tokens on the event loop while a
+        # worker encodes, so every tokenizer call takes this short lock (not the encoders' one).
+        self._tokenizer_lock = threading.Lock()
 
     def dropped_tokens(self, text: str) -> int:
         dropped = 0
         for tokenizer in self.tokenizers:
             # What tokenizer(truncation=True, max_length=model_max_length) cuts: the text's tokens
             # past the room left by the start and end tokens.
-            count = len(tokenizer(text, add_special_tokens=False).input_ids)
+            with self._tokenizer_lock:
+                count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
             dropped = max(dropped, count - (int(tokenizer.model_max_length) - 2))
         return dropped
 
@@ -187,18 +192,22 @@ class ClipPromptEncoder:
         return PromptBatch.stack([found[text] for text in texts])
 
     def _run(self, texts: list[str]) -> list[PromptEmbedding]:
-        states: list[Tensor] = []
-        pooled: Tensor | None = None
-        with self._lock, torch.no_grad():
-            for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
-                ids = tokenizer(
+        with self._tokenizer_lock:
+            ids = [
+                tokenizer(
                     texts,
                     padding="max_length",
                     max_length=tokenizer.model_max_length,
                     truncation=True,
                     return_tensors="pt",
-                ).input_ids.to(self.device)
-                output = encoder(ids, output_hidden_states=self.layer == "penultimate")
+                ).input_ids
+                for tokenizer in self.tokenizers
+            ]
+        states: list[Tensor] = []
+        pooled: Tensor | None = None
+        with self._lock, torch.no_grad():
+            for token_ids, encoder in zip(ids, self.encoders, strict=True):
+                output = encoder(token_ids.to(self.device), output_hidden_states=self.layer == "penultimate")
                 if self.layer == "last":
                     states.append(output[0])
                 else:

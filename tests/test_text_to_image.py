@@ -407,3 +407,36 @@ def test_default_and_given_negative_prompts_mix_in_one_batch(
         empty = model.conditioned(["a cat"], [""], 0.0)(x[:1], sigma[:1])
         default = model.conditioned(["a cat"], None, 0.0)(x[:1], sigma[:1])
     assert torch.allclose(empty, default) is (kind == "sd")
+
+
+def test_token_counting_and_encoding_from_two_threads(tiny_pipelines: dict[str, Path]) -> None:
+    """Validation counts tokens on the event loop while a worker encodes: a fast tokenizer switches
+    padding / truncation per call, so unguarded calls from two threads fail or mis-pad (seen here
+    as 'Unable to create tensor' within a few hundred calls)."""
+    import threading
+
+    model = models.load(tiny_pipelines["sdxl"], device="cpu", prompt_cache=PromptCache(0))
+    assert isinstance(model, models.TextToImageModel)
+    reference = model.prompts.encode(["city 0", "b"]).hidden
+    errors: list[str] = []
+
+    def count() -> None:
+        try:
+            for i in range(400):
+                assert model.dropped_tokens([f"a red fox number {i} " * 3]) == [0]
+        except Exception as error:  # reported below: a failure in a thread would otherwise vanish
+            errors.append(repr(error))
+
+    def encode() -> None:
+        try:
+            for _ in range(40):
+                torch.testing.assert_close(model.prompts.encode(["city 0", "b"]).hidden, reference)
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=target) for target in (count, encode, count, encode)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
