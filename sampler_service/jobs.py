@@ -281,6 +281,17 @@ def build_job(
                         "init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid"
                     )
                 )
+        if text is not None and spec.needs_predictor and (text.height, text.width) != model.default_size:
+            # Predictors read the UNet's bottleneck at the size they were trained at (sampler-amed
+            # train samples the model's default size).
+            height, width = model.default_size
+            violations.append(
+                Violation(
+                    "width" if text.width != width else "height",
+                    f"{text.width} x {text.height}: solver {spec.name!r} samples at its predictor's training "
+                    f"size, {width} x {height}",
+                )
+            )
     else:
         check_class_request(request, served.name, violations)
         for name, value in (("width", request.width), ("height", request.height)):
@@ -322,6 +333,8 @@ def build_job(
         wanted = _predictor_key(served, spec, solver_params, nfe, schedule, schedule_params, sigmas, afs, guidance)
     key_text = wanted.describe() if wanted is not None else ""
     command = train_command(wanted, served.name) if wanted is not None else ""
+    if command and text is not None:
+        command += ' --prompt "<a training prompt>" (repeat --prompt for more)'
     plan = Plan(
         model=served.name,
         solver=spec.name,

@@ -24,7 +24,13 @@ from tests.test_service import RunningServer, details, rpc_error
 
 @pytest.fixture(scope="module")
 def server(tiny_pipelines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    from bench.amed import main as amed_main
+
     folder = tmp_path_factory.mktemp("served")
+    # An AMED predictor for the tiny SD (a few trajectories: this is about serving it, not its quality).
+    train = ["train", "--model", str(tiny_pipelines["sd"]), "--solver", "amed_plugin", "--nfe", "5", "--guidance", "4"]
+    train += ["--prompt", "a red fox", "--trajectories", "4", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    assert amed_main([*train, "--out", str(folder / "amed")]) == 0
     (folder / "models.toml").write_text(
         '[[models]]\nname = "mnist"\nsource = "mnist"\ndevice = "cpu"\n\n'
         f'[[models]]\nname = "sd"\nsource = "{tiny_pipelines["sd"]}"\ndevice = "cpu"\n\n'
@@ -35,6 +41,7 @@ def server(tiny_pipelines: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         models_config=folder / "models.toml",
         batching={"max_batch_size": 16, "max_queue_delay_ms": 5.0},
         limits={"max_image_pixels": 96 * 96, "max_image_side": 128, "max_prompt_chars": 300},
+        predictor_dirs=[folder / "amed"],
         warmup=True,
     )
     yield running
@@ -190,6 +197,7 @@ INVALID = [
     ({"prompt": ["x" * 301]}, "prompt[0]", "at most 300"),
     ({"prompt": ["a cat", "x" * 1_000_000], "num_samples": 2}, "prompt[1]", "at most 300"),
     ({"labels": [3]}, "labels", "give prompt, not labels"),
+    ({"solver": "amed_plugin", "nfe": 5, "afs": True, "width": 48}, "width", "predictor's training size, 32 x 32"),
 ]
 
 
@@ -263,3 +271,19 @@ def test_previews_are_decoded_images(server: RunningServer) -> None:
     for image in previews[0].previews:
         assert image.channels == 3  # RGB from the VAE, not the 4 latent channels
         assert decode_png(image.data).shape == (16, 24, 3)  # 32 x 48 halved
+
+
+def test_amed_on_a_text_model(server: RunningServer) -> None:
+    request = text_request(solver="amed_plugin", nfe=5, afs=True, guidance=[4.0], seeds=[0, 1], prompt=["a", "b"])
+    events = list(server.stub.Generate(request))
+    assert events[0].accepted.predictor.available
+    results = [e.result for e in events if e.WhichOneof("event") == "result"]
+    assert [(r.nfe, r.network_evals) for r in results] == [(5, 10), (5, 10)]
+    # another NFE has no predictor: the plan says how to train one, Generate refuses
+    plan = server.stub.Plan(text_request(solver="amed_plugin", nfe=3, afs=True, guidance=[4.0]))
+    assert plan.predictor.required
+    assert not plan.predictor.available
+    assert plan.predictor.train_command.startswith("sampler-amed train --model sd --solver amed_plugin")
+    assert "--guidance 4 --afs --prompt" in plan.predictor.train_command
+    error = rpc_error(lambda: list(server.stub.Generate(text_request(solver="amed_plugin", nfe=3, afs=True))))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
