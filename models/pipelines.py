@@ -6,8 +6,8 @@ how they are read; the class-conditional and unconditional pipelines of a bare U
 the supported list.
 
 Each component is read once, from safetensors only (pickle files are refused, naming the file),
-with its config checked for the keys that change results when missing (a VAE without a
-scaling_factor would silently take SD 1.x's). Needs the `text` extra (transformers, tokenizers)
+with its config checked for the keys the adapter sizes things by (a UNet's sample size and
+cross-attention width, a VAE's latent channels and blocks). Needs the `text` extra (transformers, tokenizers)
 for the text encoders; without it the error names the extra. Depends on files.py, the model parts
 and diffusers / transformers; never on the service or the benchmarks.
 """
@@ -109,10 +109,12 @@ TEXT_PIPELINES: dict[str, PipelineSpec] = {
     ),
 }
 SUPPORTED_PIPELINES = (*TEXT_PIPELINES, *UNET_PIPELINES)
-# Config keys whose absence diffusers would fill with a default that is wrong for some models.
+# Config keys the adapter reads to size things (diffusers would silently default them). A VAE config
+# without scaling_factor is allowed: SD 1.x folders saved by diffusers 0.6 lack it, and its default,
+# 0.18215, is theirs (SD 2 and SDXL state theirs).
 REQUIRED_KEYS = {
     "unet": ("in_channels", "out_channels", "sample_size", "cross_attention_dim"),
-    "vae": ("scaling_factor", "latent_channels", "block_out_channels"),
+    "vae": ("latent_channels", "block_out_channels"),
 }
 
 

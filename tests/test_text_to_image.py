@@ -279,9 +279,22 @@ def test_missing_component(tiny_pipelines: dict[str, Path], tmp_path: Path) -> N
 
 def test_missing_config_key(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
     folder = copy(tiny_pipelines["sd"], tmp_path)
-    _edit_json(folder / "vae" / "config.json", scaling_factor=None)
-    with pytest.raises(models.ModelLoadError, match=r"vae/config.json: has no 'scaling_factor'"):
+    _edit_json(folder / "vae" / "config.json", latent_channels=None)
+    with pytest.raises(models.ModelLoadError, match=r"vae/config.json: has no 'latent_channels'"):
         models.load(folder, device="cpu")
+    _edit_json(folder / "vae" / "config.json", latent_channels=4)
+    _edit_json(folder / "unet" / "config.json", cross_attention_dim=None)
+    with pytest.raises(models.ModelLoadError, match=r"unet/config.json: has no 'cross_attention_dim'"):
+        models.load(folder, device="cpu")
+
+
+def test_a_vae_config_without_scaling_factor_is_sd1s(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
+    """SD 1.x folders saved by diffusers 0.6 have no scaling_factor; diffusers' default is theirs."""
+    folder = copy(tiny_pipelines["sd"], tmp_path)
+    _edit_json(folder / "vae" / "config.json", scaling_factor=None)
+    model = models.load(folder, device="cpu")
+    assert isinstance(model, models.TextToImageModel)
+    assert model.codec.scaling_factor == pytest.approx(0.18215)
 
 
 def test_unsupported_scheduler_names_the_file(tiny_pipelines: dict[str, Path], tmp_path: Path) -> None:
