@@ -197,10 +197,14 @@ def load_text_pipeline(
     upcast = bool(configs["vae"].get("force_upcast", True)) and dtype == torch.float16
     vae = _diffusers_model(AutoencoderKL, folders["vae"], torch.float32 if upcast else dtype, device)
     tokenizers, encoders = [], []
+    # Half precision on a CPU is slow and not every kernel has it: text encoders placed on the CPU
+    # run in float32 (their output is cast to the UNet's dtype when it is bound).
+    half = dtype in (torch.float16, torch.bfloat16)
+    encoder_dtype = torch.float32 if text_encoder_device.type == "cpu" and half else dtype
     for tokenizer_name, encoder_name in spec.text_encoders:
         tokenizers.append(_tokenizer(transformers, folders[tokenizer_name]))
         encoder_class = transformers[index[encoder_name][1]]
-        encoders.append(_transformers_model(encoder_class, folders[encoder_name], dtype, text_encoder_device))
+        encoders.append(_transformers_model(encoder_class, folders[encoder_name], encoder_dtype, text_encoder_device))
     prompts = ClipPromptEncoder(
         tokenizers,
         encoders,
