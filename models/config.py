@@ -9,6 +9,7 @@
     channels_last = false
     # null_class = 1000            # the unconditional label of a class-conditional hub model
     # text_encoder_device = "cpu"  # a text pipeline's text encoders elsewhere than its UNet
+    # variant = "fp16"             # a text pipeline's *.fp16.safetensors instead of the full files
 
 Parsed with tomllib and validated with pydantic; every problem is a `ModelsConfigError` that names
 the file and the field (`models[1].dtype`), the bad value and what is allowed.
@@ -45,6 +46,7 @@ class ModelEntry(BaseModel):
     channels_last: bool = False
     null_class: int | None = Field(default=None, ge=0)
     text_encoder_device: str | None = Field(default=None, pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,32}$", description="e.g. fp16")
 
 
 class ModelsConfig(BaseModel):
@@ -129,6 +131,7 @@ def load_models(
                 channels_last=entry.channels_last,
                 null_class=entry.null_class,
                 text_encoder_device=entry.text_encoder_device,
+                variant=entry.variant,
                 prompt_cache=cache,
                 size_limits=size_limits,
             )

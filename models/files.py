@@ -28,6 +28,15 @@ class WeightNames:
     index: str
     library: str
 
+    def variant(self, name: str | None) -> WeightNames:
+        """The names of a precision variant, as diffusers and transformers save them
+        (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`); itself for None."""
+        if name is None:
+            return self
+        stem, _, suffix = self.single.rpartition(".")
+        index_stem, _, index_suffix = self.index.rpartition(".")
+        return WeightNames(f"{stem}.{name}.{suffix}", f"{index_stem}.{name}.{index_suffix}", self.library)
+
 
 DIFFUSERS_WEIGHTS = WeightNames(
     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json", "diffusers"
@@ -48,13 +57,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def weight_files(folder: Path, names: WeightNames = DIFFUSERS_WEIGHTS, what: str = "UNet") -> list[Path]:
-    """A component's safetensors files (one, or the shards of an index), each checked to be readable.
+def weight_files(
+    folder: Path, names: WeightNames = DIFFUSERS_WEIGHTS, what: str = "UNet", variant: str | None = None
+) -> list[Path]:
+    """A component's safetensors files (one, or the shards of an index), each checked to be readable;
+    those of a precision variant ("fp16") when `variant` is given.
 
     Raises:
         ModelLoadError: no safetensors weights (pickle-only weights are named and refused), a shard
             index naming missing files, or a file that is not valid safetensors.
     """
+    names = names.variant(variant)
     single, index = folder / names.single, folder / names.index
     if single.is_file():
         files = [single]

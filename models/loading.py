@@ -381,6 +381,7 @@ def load(
     text_encoder_device: str | None = None,
     prompt_cache: PromptCache | None = None,
     size_limits: SizeLimits | None = None,
+    variant: str | None = None,
 ) -> Model:
     """Load a diffusion model (see the module docstring for the sources).
 
@@ -401,6 +402,8 @@ def load(
             "cpu" to leave the accelerator's memory to the UNet and VAE.
         prompt_cache: the LRU cache of encoded prompts (default: a new one of DEFAULT_CACHE_SIZE).
         size_limits: the image sizes a text pipeline accepts (default: SizeLimits()).
+        variant: read a precision variant's weight files (e.g. "fp16": `*.fp16.safetensors`) of a
+            text pipeline; None: the plain ones. `dtype` still decides the precision it runs in.
     Returns:
         a DiffusionModel (kind "class-conditional": a UNet, optionally with labels) or a
         TextToImageModel (kind "text-to-image": a StableDiffusion / SDXL pipeline folder).
@@ -424,7 +427,10 @@ def load(
             text_encoder_device=torch_device if text_encoder_device is None else resolve_device(text_encoder_device),
             cache=prompt_cache if prompt_cache is not None else PromptCache(DEFAULT_CACHE_SIZE),
             limits=size_limits or SizeLimits(),
+            variant=variant,
         )
+    if variant is not None:
+        raise UnsupportedModelError("variant", variant, "None for a bare UNet model (variants are read for pipelines)")
     return _load_unet(source, root, kind, torch_device, torch_dtype, channels_last, null_class, name)
 
 

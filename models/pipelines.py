@@ -145,6 +145,7 @@ def load_text_pipeline(
     text_encoder_device: torch.device,
     cache: PromptCache,
     limits: SizeLimits,
+    variant: str | None = None,
 ) -> TextToImageModel:
     """Load a text-to-image pipeline folder (see the module docstring).
 
@@ -179,13 +180,13 @@ def load_text_pipeline(
     transformers = _transformers()
 
     weights: list[Path] = []
-    unet_weights = weight_files(folders["unet"], DIFFUSERS_WEIGHTS, "UNet")
-    vae_weights = weight_files(folders["vae"], DIFFUSERS_WEIGHTS, "VAE")
+    unet_weights = weight_files(folders["unet"], DIFFUSERS_WEIGHTS, "UNet", variant)
+    vae_weights = weight_files(folders["vae"], DIFFUSERS_WEIGHTS, "VAE", variant)
     encoder_weights: list[Path] = []
     encoder_configs: list[Path] = []
     tokenizer_files: list[Path] = []
     for tokenizer_name, encoder_name in spec.text_encoders:
-        encoder_weights += weight_files(folders[encoder_name], TRANSFORMERS_WEIGHTS, "text encoder")
+        encoder_weights += weight_files(folders[encoder_name], TRANSFORMERS_WEIGHTS, "text encoder", variant)
         encoder_configs.append(folders[encoder_name] / "config.json")
         tokenizer_files += sorted(p for p in folders[tokenizer_name].iterdir() if p.is_file())
     weights = unet_weights + vae_weights + encoder_weights
@@ -193,9 +194,9 @@ def load_text_pipeline(
     fingerprint = digest(weights, [index_path, *component_configs, scheduler_path], raw=tokenizer_files)
     encoder_fingerprint = digest(encoder_weights, encoder_configs, raw=tokenizer_files)
 
-    unet = _diffusers_model(UNet2DConditionModel, folders["unet"], dtype, device)
+    unet = _diffusers_model(UNet2DConditionModel, folders["unet"], dtype, device, variant)
     upcast = bool(configs["vae"].get("force_upcast", True)) and dtype == torch.float16
-    vae = _diffusers_model(AutoencoderKL, folders["vae"], torch.float32 if upcast else dtype, device)
+    vae = _diffusers_model(AutoencoderKL, folders["vae"], torch.float32 if upcast else dtype, device, variant)
     tokenizers, encoders = [], []
     # Half precision on a CPU is slow and not every kernel has it: text encoders placed on the CPU
     # run in float32 (their output is cast to the UNet's dtype when it is bound).
@@ -204,7 +205,9 @@ def load_text_pipeline(
     for tokenizer_name, encoder_name in spec.text_encoders:
         tokenizers.append(_tokenizer(transformers, folders[tokenizer_name]))
         encoder_class = transformers[index[encoder_name][1]]
-        encoders.append(_transformers_model(encoder_class, folders[encoder_name], encoder_dtype, text_encoder_device))
+        encoders.append(
+            _transformers_model(encoder_class, folders[encoder_name], encoder_dtype, text_encoder_device, variant)
+        )
     prompts = ClipPromptEncoder(
         tokenizers,
         encoders,
@@ -279,16 +282,23 @@ def _tokenizer(transformers: dict[str, Any], folder: Path) -> Any:
     return tokenizer
 
 
-def _diffusers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
+def _diffusers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None) -> Any:
     # accelerate is not a runtime dependency: tell diffusers whether to load into empty modules.
     loaded = _from_pretrained(
-        cls, folder, DIFFUSERS_WEIGHTS, torch_dtype=dtype, low_cpu_mem_usage=is_accelerate_available()
+        cls,
+        folder,
+        DIFFUSERS_WEIGHTS.variant(variant),
+        torch_dtype=dtype,
+        low_cpu_mem_usage=is_accelerate_available(),
+        variant=variant,
     )
     return _finish(loaded, device)
 
 
-def _transformers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    return _finish(_from_pretrained(cls, folder, TRANSFORMERS_WEIGHTS, dtype=dtype), device)
+def _transformers_model(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None) -> Any:
+    return _finish(
+        _from_pretrained(cls, folder, TRANSFORMERS_WEIGHTS.variant(variant), dtype=dtype, variant=variant), device
+    )
 
 
 def _from_pretrained(cls: Any, folder: Path, names: WeightNames, **options: Any) -> Any:

@@ -459,3 +459,23 @@ def test_token_counting_and_encoding_from_two_threads(tiny_pipelines: dict[str, 
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_a_precision_variant_is_read_when_asked_for(tmp_path: Path) -> None:
+    from models.tiny_pipelines import build_tiny_pipeline
+
+    folder = tmp_path / "variant"
+    build_tiny_pipeline("sdxl").save_pretrained(str(folder), safe_serialization=True, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (folder / "text_encoder_2" / "model.fp16.safetensors").is_file()
+    model = models.load(folder, device="cpu", variant="fp16")
+    assert isinstance(model, models.TextToImageModel)
+    with torch.no_grad():
+        assert model.conditioned(["a"], None, 2.0)(torch.zeros(1, 4, 8, 8), torch.ones(1)).shape == (1, 4, 8, 8)
+    with pytest.raises(models.ModelLoadError, match=r"unet/diffusion_pytorch_model.safetensors: missing"):
+        models.load(folder, device="cpu")
+    (folder / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(models.ModelLoadError, match=r"vae/diffusion_pytorch_model.fp16.safetensors: missing"):
+        models.load(folder, device="cpu", variant="fp16")
+    with pytest.raises(models.UnsupportedModelError, match=r"variant='fp16' .*bare UNet"):
+        models.load("mnist", variant="fp16")
