@@ -14,6 +14,12 @@ The goal is sampling time / (NFE x one forward) <= 1.05: the solver adds no more
 network. Text encoding and decoding are reported on their own (per request, not per step). Medians
 over rounds; the ratio is the median of the per-round ratios.
 
+With --compare-diffusers each round also runs diffusers' own pipeline on the same folder, with the
+matching scheduler (EulerDiscreteScheduler for euler, DPMSolverMultistepScheduler for dpmpp_2m),
+the same steps, guidance and latents and precomputed prompt embeddings (`output_type="latent"`), and
+ours (binding the cached prompts, then sampling) back to back: ours / diffusers' loop, the median of
+the paired rounds (goal <= 1.0 on a GPU).
+
 Tiny pipelines are built in a temporary folder (models/tiny_pipelines.py) and loaded through
 `models.load`, as the service loads a real folder. Writes bench/results/t2i-speed.csv and .json.
 """
@@ -58,6 +64,9 @@ COLUMNS = (
     "goal",
     "text_encoding_ms",
     "vae_decoding_ms",
+    "ours_loop_ms",
+    "diffusers_loop_ms",
+    "ours_over_diffusers_loop",
     "rounds",
     "device",
     "dtype",
@@ -85,6 +94,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' pipeline loop")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
 
@@ -135,7 +145,9 @@ def measure(model: models.TextToImageModel, args: argparse.Namespace) -> dict[st
             forwards.append(forward)
             runs.append(run)
             ratios.append(run / (nfe * forward))
+    compared = _compare_diffusers(model, args, prompts, noise, height, width) if args.compare_diffusers else {}
     return {
+        **compared,
         "batch": args.batch,
         "height": height,
         "width": width,
@@ -154,6 +166,78 @@ def measure(model: models.TextToImageModel, args: argparse.Namespace) -> dict[st
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _compare_diffusers(
+    model: models.TextToImageModel,
+    args: argparse.Namespace,
+    prompts: list[str],
+    noise: torch.Tensor,
+    height: int,
+    width: int,
+) -> dict[str, Any]:
+    """Paired rounds of our loop and diffusers' pipeline loop (see the module docstring)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    pipelines = {
+        "StableDiffusionPipeline": StableDiffusionPipeline,
+        "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    }
+    schedulers: dict[str, Callable[[Any], Any]] = {
+        "euler": lambda config: EulerDiscreteScheduler.from_config(config),
+        "dpmpp_2m": lambda config: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2
+        ),
+    }
+    if args.solver not in schedulers:
+        raise BenchError(f"--solver {args.solver}: --compare-diffusers knows {', '.join(schedulers)}")
+    pipeline = (
+        pipelines[model.pipeline_class]
+        .from_pretrained(model.source, local_files_only=True, torch_dtype=model.dtype)
+        .to(model.device)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = schedulers[args.solver](pipeline.scheduler.config)
+    with torch.inference_mode():
+        encoded = pipeline.encode_prompt(
+            prompts, device=model.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+    names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    embeddings = dict(zip(names, encoded, strict=False))
+    start = noise.to(model.dtype)
+
+    def theirs() -> object:
+        return pipeline(
+            **embeddings,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            height=height,
+            width=width,
+            latents=start.clone(),
+            output_type="latent",
+        ).images
+
+    def ours() -> object:
+        denoiser = model.conditioned(prompts, None, args.guidance, height=height, width=width)
+        return solvers.sample(denoiser, noise, solver=args.solver, steps=args.steps).images
+
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    with torch.inference_mode():
+        theirs(), ours()  # warm-up
+        for _ in range(args.rounds):
+            times["ours"].append(_timed(ours, model.device))
+            times["theirs"].append(_timed(theirs, model.device))
+    ratios = [a / b for a, b in zip(times["ours"], times["theirs"], strict=True)]
+    return {
+        "ours_loop_ms": 1e3 * statistics.median(times["ours"]),
+        "diffusers_loop_ms": 1e3 * statistics.median(times["theirs"]),
+        "ours_over_diffusers_loop": statistics.median(ratios),
     }
 
 
@@ -177,6 +261,11 @@ def run(args: argparse.Namespace) -> int:
             except models.ModelError as error:
                 raise BenchError(str(error)) from None
             rows.append(row)
+            if "ours_over_diffusers_loop" in row:
+                print(
+                    f"{name}: ours / diffusers' pipeline loop {row['ours_over_diffusers_loop']:.3f} "
+                    f"({row['ours_loop_ms']:.1f} vs {row['diffusers_loop_ms']:.1f} ms)"
+                )
             print(
                 f"{name}: sampling / (NFE x forward) {row['sampling_over_nfe_forwards']:.3f} (goal <= 1.05); "
                 f"forward {row['forward_ms']:.2f} ms, sampling {row['sampling_ms']:.1f} ms at NFE {row['nfe']}, "
