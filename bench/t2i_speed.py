@@ -2,6 +2,8 @@
 
     python -m bench t2i-speed                       # both tiny pipelines, on this host's CPU
     python -m bench t2i-speed --model /path/to/sd15 --height 512 --width 512 --device cuda
+    python -m bench t2i-speed --full-size sd15 --full-size sdxl --device cuda --dtype float16 \
+        --batch 8 --compare-diffusers --name t2i-speed-gpu-b8   # random weights, real architectures
 
 For each model the same request (--batch prompts, guidance --guidance, so both halves run) is
 measured in --rounds paired rounds; each round times, back to back:
@@ -39,6 +41,7 @@ import torch
 import models
 import provenance
 import solvers
+from models.full_size_pipelines import FULL_SIZE_KINDS, save_full_size_pipeline
 from models.tiny_pipelines import TINY_KINDS, save_tiny_pipeline
 
 from .arguments import options_of, positive_int
@@ -84,6 +87,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--model", action="append", default=[], help="a pipeline source (repeat); default: the tiny sd and sdxl"
     )
+    parser.add_argument(
+        "--full-size",
+        action="append",
+        default=[],
+        choices=FULL_SIZE_KINDS,
+        help="a random-weight pipeline with the real SD 1.5 / SDXL architecture (repeat; built in a temporary folder)",
+    )
+    parser.add_argument("--name", default=NAME, help="results file stem (default t2i-speed)")
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--height", type=int, default=0, help="pixels; 0 = the model's default")
     parser.add_argument("--width", type=int, default=0, help="pixels; 0 = the model's default")
@@ -247,8 +258,14 @@ def run(args: argparse.Namespace) -> int:
     meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        sources = list(args.model) or [str(save_tiny_pipeline(kind, Path(folder) / kind)) for kind in TINY_KINDS]
-        names = list(args.model) or [f"tiny-{kind}" for kind in TINY_KINDS]
+        sources, names = list(args.model), list(args.model)
+        for kind in args.full_size:  # saved in the run's dtype: the files are what a user would have
+            dtype = models.loading.resolve_dtype(args.dtype)
+            sources.append(str(save_full_size_pipeline(kind, Path(folder) / kind, dtype=dtype)))
+            names.append(f"random-{kind}")
+        if not sources:
+            sources = [str(save_tiny_pipeline(kind, Path(folder) / kind)) for kind in TINY_KINDS]
+            names = [f"tiny-{kind}" for kind in TINY_KINDS]
         for name, source in zip(names, sources, strict=True):
             try:
                 model = models.load(source, name=name, device=args.device, dtype=args.dtype)
@@ -272,8 +289,8 @@ def run(args: argparse.Namespace) -> int:
                 f"text encoding {row['text_encoding_ms']:.2f} ms, VAE decoding {row['vae_decoding_ms']:.2f} ms "
                 f"(batch {row['batch']}, {row['height']}x{row['width']})"
             )
-    provenance.write_csv(args.out / f"{NAME}.csv", rows, COLUMNS)
-    provenance.write_json(args.out / f"{NAME}.json", meta, rows)
+    provenance.write_csv(args.out / f"{args.name}.csv", rows, COLUMNS)
+    provenance.write_json(args.out / f"{args.name}.json", meta, rows)
     return 0
 
 

@@ -479,3 +479,24 @@ def test_a_precision_variant_is_read_when_asked_for(tmp_path: Path) -> None:
         models.load(folder, device="cpu", variant="fp16")
     with pytest.raises(models.UnsupportedModelError, match=r"variant='fp16' .*bare UNet"):
         models.load("mnist", variant="fp16")
+
+
+def test_full_size_configs_have_the_published_parameter_counts() -> None:
+    """The random-weight benchmark pipelines have SD 1.5's and SDXL's architectures (built on the
+    meta device: no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from models.full_size_pipelines import _clip, unet_config
+    from models.tiny_pipelines import make_tokenizer
+
+    tokenizer = make_tokenizer()
+
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
+
+    with torch.device("meta"):
+        assert millions(UNet2DConditionModel(**unet_config("sd15"))) == 859.52
+        assert millions(UNet2DConditionModel(**unet_config("sdxl"))) == 2567.46
+        assert millions(CLIPTextModel(_clip(tokenizer, big=False))) == 123.06
+        assert millions(CLIPTextModelWithProjection(_clip(tokenizer, big=True))) == 694.66
