@@ -210,7 +210,7 @@ def _compare_diffusers(
         raise BenchError(f"--solver {args.solver}: --compare-diffusers knows {', '.join(schedulers)}")
     pipeline = (
         pipelines[model.pipeline_class]
-        .from_pretrained(model.source, local_files_only=True, torch_dtype=model.dtype)
+        .from_pretrained(model.source, local_files_only=True, dtype=model.dtype)
         .to(model.device)
     )
     pipeline.set_progress_bar_config(disable=True)
