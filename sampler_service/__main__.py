@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,7 +25,6 @@ from pydantic import ValidationError
 from models.errors import ModelError
 
 from . import IMPORTED_AT
-from .server import StartupError, create_server, shutdown
 from .settings import describe_error, load_settings
 
 log = logging.getLogger("sampler_service")
@@ -56,6 +56,8 @@ def setup_logging() -> None:
 
 
 async def serve(overrides: dict[str, object], config: Path | None) -> int:
+    from .server import create_server, shutdown  # after main() has set GRPC_VERBOSITY
+
     settings = load_settings(config, **overrides)
     began = time.perf_counter()
     server, port, service = await create_server(settings)
@@ -93,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--no-reflection", dest="reflection", action="store_false", default=None)
     args = parser.parse_args(argv)
     setup_logging()
+    # grpc's C core prints plain-text lines of its own, e.g. an INFO line for every failed TLS
+    # handshake (anyone can cause those: a log flood outside the JSON log). It reads this once,
+    # when grpc loads, so before the server module is imported: errors only, unless set otherwise.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from .server import StartupError
+
     names = ("host", "port", "models_config", "device", "dtype", "metrics_port", "reflection")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:

@@ -195,3 +195,36 @@ def test_sigterm_drains_visibly_and_exits_zero() -> None:
     assert any(m.startswith("draining") for m in messages)
     assert messages[-1] == "stopped"
     assert not [r for r in found if r["level"] == "ERROR"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_failed_tls_handshakes_leave_no_plain_lines(tmp_path: Path) -> None:
+    """grpc's core logs a plain line per failed TLS handshake unless told otherwise; anyone can cause them."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    process = serve("--port", "0", SAMPLER_TLS_CERT=str(cert), SAMPLER_TLS_KEY=str(key))
+    lines: list[str] = []
+    try:
+        port = _listening_port(process, lines)
+        for attempt in range(3):  # plain-text gRPC and raw bytes at a TLS port
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(os.urandom(2000 + attempt))
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    records("".join(lines) + rest)  # every line is JSON
+    assert "Handshake" not in rest
