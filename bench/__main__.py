@@ -27,6 +27,7 @@ from . import (
     serve_startup,
     solver_overhead,
     step_error,
+    t2i_speed,
 )
 from .errors import BenchError
 
@@ -48,6 +49,7 @@ COMMANDS = (
     batch_invariance,
     amed_ablation,
     fuzz,
+    t2i_speed,
 )
 
 

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for dtype in args.dtypes:
         try:
-            model = models.load(args.model, device=args.device, dtype=dtype)
+            model = models.class_conditional(models.load(args.model, device=args.device, dtype=dtype))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
         for solver in args.solvers:

@@ -6,6 +6,8 @@
             ...
 
     sampler-client generate --model mnist --solver dpmpp_2m --steps 20 --labels 0,1,2 --seed 0 --out out/
+    sampler-client generate --model sd15 --solver dpmpp_2m --steps 25 --prompt "a red fox" --guidance 7.5 \
+        --negative-prompt "blurry" --width 512 --height 512 --seed 0 --out out/
     sampler-client plan --model mnist --solver heun --nfe 10
     sampler-client list-models | list-solvers | server-info | health
     sampler-client plan --solver euler --steps 4 --target 10.0.0.5:50051   # flags before or after
@@ -104,6 +106,12 @@ def build_request(
     output_format: str = "png",
     request_id: str = "",
     preview_every: int = 0,
+    prompts: Sequence[str] = (),
+    negative_prompts: Sequence[str] = (),
+    width: int = 0,
+    height: int = 0,
+    init_image: bytes = b"",
+    strength: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from plain values (exactly one of steps / nfe)."""
     request = pb.GenerateRequest(
@@ -118,7 +126,14 @@ def build_request(
         request_id=request_id,
         preview_every=preview_every,
         output_format=pb.OUTPUT_FORMAT_RAW_FLOAT32 if output_format == "raw" else pb.OUTPUT_FORMAT_PNG,
+        prompt=list(prompts),
+        negative_prompt=list(negative_prompts),
+        width=width,
+        height=height,
+        init_image=init_image,
     )
+    if strength is not None:
+        request.strength = strength
     if steps is not None:
         request.steps = steps
     if nfe is not None:
@@ -236,6 +251,13 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="base seed: samples use seed, seed + 1, ...")
     parser.add_argument("--guidance", type=_floats, default=[], help="one for all, or one per sample")
     parser.add_argument("--request-id", default="")
+    text = parser.add_argument_group("text-to-image models")
+    text.add_argument("--prompt", action="append", default=[], help="repeat for one per sample; one = for all")
+    text.add_argument("--negative-prompt", action="append", default=[], help="repeat for one per sample")
+    text.add_argument("--width", type=int, default=0, help="pixels; 0 = the model's default")
+    text.add_argument("--height", type=int, default=0, help="pixels; 0 = the model's default")
+    text.add_argument("--init-image", type=argparse.FileType("rb"), default=None, help="PNG to start from (img2img)")
+    text.add_argument("--strength", type=float, default=None, help="with --init-image: (0, 1], default 0.8")
 
 
 def _request_from(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -255,6 +277,12 @@ def _request_from(args: argparse.Namespace) -> pb.GenerateRequest:
         guidance=args.guidance,
         output_format=getattr(args, "format", "png"),
         request_id=args.request_id,
+        prompts=args.prompt,
+        negative_prompts=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        init_image=args.init_image.read() if args.init_image is not None else b"",
+        strength=args.strength,
     )
 
 
@@ -299,6 +327,7 @@ def _generate(client: SamplerClient, args: argparse.Namespace) -> int:
             "label": r.label,
             "nfe": r.nfe,
             "network_evals": r.network_evals,
+            "dropped_tokens": r.dropped_tokens,
             "seconds": round(r.timing.total_seconds, 3),
             "file": str(p),
         }

@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 import torch
 from google.rpc import error_details_pb2
 
+import models
 import solvers
 from solvers import StepInfo
 
 from .errors import Internal, QueueFull, SampleFailed, ServiceError, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .imaging import encode, preview
-from .jobs import Job, ServedModel, conditioning
+from .jobs import Job, ServedModel, conditioning, init_latents, text_batch
 from .settings import Settings
 
 log = logging.getLogger("sampler_service.engine")
@@ -362,9 +363,20 @@ class Engine:
         if self.on_batch is not None:
             self.on_batch(rows, self.settings.batching.max_batch_size)
         seeds = [seed for item in items for seed in item.ticket.job.seeds[item.start : item.stop]]
-        labels, guidance = conditioning([(i.ticket.job, i.start, i.stop) for i in items], model.device)
-        denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
-        noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+        rows_of = [(i.ticket.job, i.start, i.stop) for i in items]
+        init = None
+        if isinstance(model, models.TextToImageModel):
+            text = text_batch(rows_of)
+            denoiser: solvers.Denoiser = model.conditioned(
+                text.prompts, text.negatives, text.guidance, height=text.height, width=text.width
+            )
+            shape = text.latent_shape
+            init = init_latents(model, rows_of, shape)
+        else:
+            labels, guidance = conditioning(rows_of, model.device)
+            denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
+            shape = model.sample_shape
+        noise = solvers.make_noise(seeds, shape, device=model.device)
         predictor = None
         if job.predictor is not None:
             predictor = job.served.predictors.find(job.predictor, job.served.name, device=model.device)
@@ -380,7 +392,10 @@ class Engine:
                     progress = pb.Progress(step=info.step, total=info.total, sigma=info.sigma)
                     every = ticket.job.preview_every
                     if every and info.step % every == 0:
-                        progress.previews.extend(preview(info.denoised[offset : offset + count]))
+                        rows = info.denoised[offset : offset + count]
+                        if isinstance(model, models.TextToImageModel):
+                            rows = model.decode(rows)
+                        progress.previews.extend(preview(rows))
                     ticket.post(ticket._set_progress, progress)
                 offset += count
             return False
@@ -398,7 +413,13 @@ class Engine:
                     afs=job.afs,
                     predictor=predictor,
                     callback=callback,
+                    init=init,
+                    start=job.key.start_step,
                 )
+                # A text model's latents become images here (the VAE, batched); a pixel model's
+                # samples are sent as they are.
+                text_model = isinstance(model, models.TextToImageModel)
+                images = (model.decode(result.images) if text_model else result.images.float()).cpu()
         except solvers.SamplingCancelled as stopped:
             self.batches_stopped += 1
             log.info(
@@ -409,7 +430,6 @@ class Engine:
             return
         sampling_seconds = time.perf_counter() - began
         self.sampled_at[job.served.name] = began + sampling_seconds  # before any result is posted
-        images = result.images.float().cpu()
         offset = 0
         for item in items:
             ticket, count = item.ticket, item.stop - item.start
@@ -443,6 +463,7 @@ class Engine:
                         timing=timing,
                         image=encode(block[k], ticket.job.output_format),
                         request_id=ticket.job.request_id,
+                        dropped_tokens=ticket.job.text.dropped_tokens[index] if ticket.job.text is not None else 0,
                     )
                 )
             ticket.post(ticket._add_results, results)

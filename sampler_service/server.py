@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import models
 import solvers
-from models.config import ModelEntry, ModelsConfig, load_models, read_models_config
+from models.config import ModelEntry, ModelsConfig, ModelsConfigError, load_models, read_models_config
 from solvers.amed import PredictorStore
 from solvers.errors import shorten
 
@@ -58,9 +58,29 @@ DESCRIPTIONS = {name: builtin.description for name, builtin in models.BUILTINS.i
 def max_message_bytes(settings: Settings, served: dict[str, ServedModel]) -> int:
     """Fits the largest response: every sample as raw float32, plus per-sample overhead (sigmas,
     timing) and a margin."""
-    largest = max((int(torch.Size(s.model.sample_shape).numel()) for s in served.values()), default=0)
-    per_sample = largest * 4 + 16 * (settings.limits.max_steps + 1) + 1024
-    return max(4 * 2**20, settings.limits.max_samples_per_request * per_sample + 2**20)
+    limits = settings.limits
+    largest = 0
+    for s in served.values():
+        if isinstance(s.model, models.TextToImageModel):
+            largest = max(largest, 3 * limits.max_image_pixels)  # RGB at the largest size (also the init image)
+        else:
+            largest = max(largest, int(torch.Size(s.model.sample_shape).numel()))
+    per_sample = largest * 4 + 16 * (limits.max_steps + 1) + 1024
+    # gRPC's limit is a signed 32-bit length; a request larger than that must be split by the client.
+    return min(2**31 - 1, max(4 * 2**20, limits.max_samples_per_request * per_sample + 2**20))
+
+
+def max_request_bytes(settings: Settings, served: dict[str, ServedModel]) -> int:
+    """Fits the largest valid request: prompts and negative prompts at their longest (4 bytes a
+    character in UTF-8 at most) and, for text-to-image models, an init PNG of the largest size
+    (incompressible pixels plus a margin). A larger request cannot be valid, so it is refused by
+    gRPC before it is read; one just under it gets INVALID_ARGUMENT naming the field."""
+    limits = settings.limits
+    if not any(isinstance(s.model, models.TextToImageModel) for s in served.values()):
+        return max_message_bytes(settings, served)
+    prompts = 2 * limits.max_samples_per_request * limits.max_prompt_chars * 4
+    image = int(3 * limits.max_image_pixels * 1.01) + 2**16
+    return min(max_message_bytes(settings, served), prompts + image + 2**20)
 
 
 class StartupError(Exception):
@@ -107,6 +127,12 @@ def _warm(served: ServedModel, settings: Settings) -> None:
     rows = settings.batching.max_batch_size
     samples = max(1, rows // 2)
     with torch.inference_mode():
+        if isinstance(model, models.TextToImageModel):
+            # The default size: other sizes and the text encoders' batch shapes warm on first use.
+            denoiser = model.conditioned([""] * samples, None, 2.0)
+            x = torch.zeros(samples, *model.sample_shape, device=model.device)
+            model.decode(denoiser(x, torch.full((samples,), model.sigma_max, device=model.device))[:1])
+            return
         if model.null_class is not None:
             labels = torch.zeros(samples, dtype=torch.int64)
             denoiser = model.conditioned(labels, 2.0)
@@ -200,7 +226,9 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
         infos = []
         for served in self.service.served.values():
             model = served.model
-            channels, height, width = model.sample_shape
+            text_model = isinstance(model, models.TextToImageModel)
+            channels = 3 if text_model else model.sample_shape[0]
+            height, width = model.default_size
             infos.append(
                 pb.ModelInfo(
                     name=served.name,
@@ -218,6 +246,11 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
                     device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."),
                     fingerprint=model.fingerprint,
+                    kind=pb.MODEL_KIND_TEXT_TO_IMAGE if text_model else pb.MODEL_KIND_CLASS_CONDITIONAL,
+                    latent_shape=list(model.sample_shape),
+                    size_multiple=model.codec.factor if isinstance(model, models.TextToImageModel) else 0,
+                    max_prompt_tokens=model.prompts.max_tokens if isinstance(model, models.TextToImageModel) else 0,
+                    pipeline_class=model.pipeline_class if isinstance(model, models.TextToImageModel) else "",
                 )
             )
         return pb.ListModelsResponse(models=infos)
@@ -282,6 +315,10 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
             max_queue_delay_ms=batching.max_queue_delay_ms,
             max_queued_requests=limits.max_queued_requests,
             auth_required=settings.token() is not None,
+            max_prompt_chars=limits.max_prompt_chars,
+            min_image_side=limits.min_image_side,
+            max_image_side=limits.max_image_side,
+            max_image_pixels=limits.max_image_pixels,
         )
 
 
@@ -350,7 +387,15 @@ def load_served(settings: Settings) -> dict[str, ServedModel]:
         config = ModelsConfig(
             models=[ModelEntry(name="mnist", source="mnist", device=settings.device, dtype=settings.dtype)]
         )
-    loaded = load_models(config)
+    cache = models.PromptCache(settings.prompt_cache_size)
+    failures: list[ModelsConfigError] = []
+    loaded = load_models(config, prompt_cache=cache, size_limits=settings.limits.size_limits(), failures=failures)
+    # A model whose files are refused (pickle-only, corrupt, an unsupported pipeline) is left out and
+    # named in the log; the others are served. With none left there is nothing to serve.
+    for failure in failures:
+        log.error("not serving a model: %s", failure)
+    if not loaded:
+        raise failures[0]
     served = {}
     for name, model in loaded.items():
         folders = [*settings.predictor_dirs, models.loading.find_files(model.source).root / "amed"]  # yours win
@@ -395,7 +440,7 @@ async def create_server(
         interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_receive_message_length", min(limit, max_request_bytes(settings, served))),
             ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
         ],

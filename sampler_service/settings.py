@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from models import SizeLimits
 from solvers import MAX_STEPS
 from solvers.errors import quote
 
@@ -32,12 +33,24 @@ class Limits(BaseModel):
     max_queued_requests: int = Field(64, ge=1, le=100_000, description="admitted (queued or running) requests")
     max_concurrent_streams: int = Field(128, ge=1, le=100_000)
     retry_after_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="RetryInfo delay when the queue is full")
+    max_prompt_chars: int = Field(4000, ge=1, le=1_000_000, description="longest prompt or negative prompt")
+    min_image_side: int = Field(32, ge=8, le=16_384, description="text-to-image: smallest width or height")
+    max_image_side: int = Field(2048, ge=8, le=16_384, description="text-to-image: largest width or height")
+    max_image_pixels: int = Field(
+        2048 * 2048, ge=64, le=2**28, description="text-to-image: largest width x height (memory grows with it)"
+    )
 
     @model_validator(mode="after")
     def _guidance_range(self) -> Limits:
         if self.min_guidance > self.max_guidance:
             raise ValueError(f"min_guidance={self.min_guidance} is above max_guidance={self.max_guidance}")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(f"min_image_side={self.min_image_side} is above max_image_side={self.max_image_side}")
         return self
+
+    def size_limits(self) -> SizeLimits:
+        """The image sizes text-to-image models accept."""
+        return SizeLimits(self.min_image_side, self.max_image_side, self.max_image_pixels)
 
 
 class Batching(BaseModel):
@@ -80,6 +93,9 @@ class Settings(BaseSettings):
     reflection: bool = True
     grace_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="drain period on SIGTERM/SIGINT")
     warmup: bool = Field(True, description="run the largest batch shape once before reporting SERVING")
+    prompt_cache_size: int = Field(
+        256, ge=0, le=1_000_000, description="encoded prompts kept (LRU, shared by the text-to-image models)"
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
