@@ -2,6 +2,8 @@
 
     sampler-amed train --model mnist --solver amed_plugin --base ipndm --nfe 5 --schedule polynomial --afs
     sampler-amed train --model mnist --solver amed --nfe 5 --schedule time_uniform --afs
+    sampler-amed train-schedule --method gits --model mnist --solver ipndm --solver-params '{"max_order": 2}' --nfe 5
+    sampler-amed train-schedule --method ld3 --model mnist --solver unipc --nfe 4 --afs
     sampler-amed list --model mnist
 
 Recipes (the paper's): AMED-Solver with a Heun teacher and M = 1 substep between student points;
@@ -14,6 +16,15 @@ Artifacts go to `--out` (default: the model's own `amed/` folder for built-in mo
 service reads): `<name>.safetensors` and `<name>.json` (the card: model and fingerprint, solver,
 base, NFE, schedule with its parameters and sigma range, AFS, guidance, training settings, loss
 per interval, wall time, device, provenance).
+
+`train-schedule` learns a `learned` schedule's grid (solvers/learned): GITS or LD3 for one
+solver with its parameters, NFE, AFS and guidance. Its noises are disjoint from the predictors'
+and every benchmark's: training trajectory k uses seed `2**41 + seed * 1000003 + k`, held-out
+selection (which GITS coefficient, which LD3 epoch) `2**42 + seed * 1000003 + k`. It writes
+`grid-<method>-<solver>...json` (the sigmas and a card: command, revision, teacher, seeds,
+losses, cost) beside the predictors. An AMED plugin's grid is learned with the untrained
+(neutral, r = 1/2) predictor; train its predictor on the grid afterwards with
+`train --schedule learned --schedule-params '{"method": "gits"}'`.
 """
 
 from __future__ import annotations
@@ -45,6 +56,10 @@ from solvers.amed import (
     save_predictor,
     train_predictor,
 )
+from solvers.learned import GRID_SELECTION_SEED_BASE, GRID_TRAINING_SEED_BASE, GridCard, grid_key, save_grid
+from solvers.learned.gits import GITSSettings, train_gits
+from solvers.learned.ld3 import LD3Settings, train_ld3
+from solvers.learned.student import Student, Teacher
 
 from .errors import BenchError
 
@@ -116,7 +131,23 @@ def train(args: argparse.Namespace) -> int:
             params=schedule_params,
         )
 
-    sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
+    if schedule_spec.needs_grid:  # a learned coarse grid: the teacher subdivides each interval geometrically
+        store = PredictorStore([*args.grid_dir, predictor_folder(model, args.model)])
+        sigmas = store.find_grid(
+            grid_key(
+                model_fingerprint=model.fingerprint,
+                solver=args.solver,
+                solver_params=params.model_dump(),
+                method=schedule_params.model_dump()["method"],
+                nfe=args.nfe,
+                afs=args.afs,
+                guidance=args.guidance,
+            ),
+            args.model,
+        )
+        teacher_sigmas = subdivide(sigmas, substeps + 1)
+    else:
+        sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
     classes = model.null_class if model.null_class is not None else model.num_class_embeds
 
     def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
@@ -223,6 +254,122 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def subdivide(sigmas: torch.Tensor, parts: int) -> torch.Tensor:
+    """Each interval of `sigmas` cut into `parts` equal steps in log sigma (the end points kept)."""
+    log = sigmas.log()
+    pieces = [
+        torch.exp(log[i] + (log[i + 1] - log[i]) * torch.arange(parts, dtype=torch.float64) / parts)
+        for i in range(len(sigmas) - 1)
+    ]
+    out = torch.cat([*pieces, sigmas[-1:]])
+    out[::parts] = sigmas
+    return out
+
+
+def train_schedule(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    model.unet.requires_grad_(False)
+    spec = solvers.SOLVERS.get(args.solver)
+    params = spec.parse_params(args.solver_params)
+    predictor = None
+    if spec.needs_predictor:  # the plugin's grid is learned with the neutral predictor (r = 1/2, c = a = 1)
+        predictor = new_predictor(PredictorConfig(), args.seed).to(model.device)
+    student = Student(spec, params, args.afs, predictor)
+    steps = student.steps_for(args.nfe)
+    classes = model.null_class if model.null_class is not None else model.num_class_embeds
+
+    def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
+        if classes is None:
+            denoiser = model.conditioned()
+        else:
+            labels = torch.tensor([seed % classes for seed in seeds], device=model.device)
+            denoiser = model.conditioned(labels, args.guidance)
+        return denoiser, solvers.make_noise(seeds, model.sample_shape, device=model.device)
+
+    offset = args.seed * 1_000_003
+    first_train, first_select = GRID_TRAINING_SEED_BASE + offset, GRID_SELECTION_SEED_BASE + offset
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"[{args.method} {args.solver} NFE {args.nfe}] {text}", file=sys.stderr)
+
+    settings: GITSSettings | LD3Settings
+    if args.method == "gits":
+        settings = GITSSettings(
+            candidates=args.candidates,
+            trajectories=args.trajectories or 32,
+            substeps=args.teacher_substeps if args.teacher_substeps is not None else 1,
+            teacher=args.teacher or "heun",
+            selection=args.selection,
+        )
+        result: Any = train_gits(
+            student,
+            args.nfe,
+            make_batch,
+            settings=settings,
+            training_seeds=range(first_train, first_train + settings.trajectories),
+            selection_seeds=range(first_select, first_select + settings.selection),
+            on_progress=say,
+        )
+    else:
+        settings = LD3Settings(
+            trajectories=args.trajectories or 100,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            radius=args.radius,
+            teacher=Teacher(solver=args.teacher or "heun", steps=args.teacher_steps),
+            selection=args.selection,
+        )
+        result = train_ld3(
+            student,
+            args.nfe,
+            make_batch,
+            settings=settings,
+            training_seeds=range(first_train, first_train + settings.trajectories),
+            selection_seeds=range(first_select, first_select + settings.selection),
+            on_progress=say,
+        )
+    card = GridCard(
+        model=model.name,
+        model_fingerprint=model.fingerprint,
+        solver=spec.name,
+        solver_params=params.model_dump(),
+        method=args.method,
+        nfe=args.nfe,
+        steps=steps,
+        afs=args.afs,
+        guidance=args.guidance,
+        sigmas=result.sigmas.tolist(),
+        training={
+            **settings.as_dict(),
+            **result.as_dict(),
+            "seed": args.seed,
+            "first_noise_seed": first_train,
+            "selection_first_noise_seed": first_select,
+            "command": meta["command"],
+            "git": meta.get("git"),
+            "versions": meta.get("versions"),
+            "host": meta.get("device"),
+            "device": str(model.device),
+        },
+    )
+    out = args.out if args.out is not None else predictor_folder(model, args.model)
+    path = save_grid(card, out / f"{card.key().file_stem()}.json")
+    print(
+        f"learned {path.stem}: sigmas {', '.join(f'{v:.4g}' for v in card.sigmas)}; held-out rmse "
+        f"{result.as_dict()['loss']:.5f}; {result.wall_seconds:.1f} s; wrote {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
@@ -234,6 +381,8 @@ def list_predictors(args: argparse.Namespace) -> int:
     store = PredictorStore(folders)
     for key, path in store.cards.items():
         print(f"{path.stem}: {key.describe()}")
+    for grid, (path, card) in store.grids.items():
+        print(f"{path.stem}: {grid.describe()} sigmas {', '.join(f'{v:.4g}' for v in card.sigmas)}")
     for problem in store.problems:
         print(f"unusable: {problem}", file=sys.stderr)
     return 0
@@ -275,9 +424,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--grid-dir", type=Path, action="append", default=[], help="learned grids (--schedule learned)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=train)
-    listing = commands.add_parser("list", help="list the predictors in folders")
+    g = commands.add_parser(
+        "train-schedule",
+        help="learn a grid for the `learned` schedule (GITS or LD3)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("--method", choices=("gits", "ld3"), required=True)
+    g.add_argument("--model", default="mnist", help="any models.load source")
+    g.add_argument("--solver", required=True, help="any registered solver (amed_plugin: with the neutral predictor)")
+    g.add_argument("--solver-params", type=json.loads, default={}, help="JSON object")
+    g.add_argument("--nfe", type=int, required=True)
+    g.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--trajectories", type=int, default=None, help="default 32 (gits) or 100 (ld3)")
+    g.add_argument("--selection", type=int, default=64, help="held-out noises that pick the coefficient / epoch")
+    g.add_argument("--teacher", default=None, help="default heun")
+    g.add_argument("--teacher-substeps", type=int, default=None, help="gits: teacher steps per candidate interval - 1")
+    g.add_argument("--teacher-steps", type=int, default=64, help="ld3: the teacher's steps (logsnr)")
+    g.add_argument("--candidates", type=int, default=48, help="gits: intervals of the fine candidate grid")
+    g.add_argument("--epochs", type=int, default=8, help="ld3")
+    g.add_argument("--batch-size", type=int, default=20, help="ld3")
+    g.add_argument("--lr", type=float, default=0.05, help="ld3: Adam step of the logits")
+    g.add_argument("--radius", type=float, default=0.05, help="ld3: soft ball radius / (sqrt(d) sigma_max)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--out", type=Path, default=None)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(handler=train_schedule)
+    listing = commands.add_parser("list", help="list the predictors and learned grids in folders")
     listing.add_argument("--model", default=None, help="also the model's own amed/ folder")
     listing.add_argument("--dir", type=Path, action="append", default=[])
     listing.set_defaults(handler=list_predictors)

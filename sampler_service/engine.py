@@ -357,6 +357,7 @@ class Engine:
                     solver_params=job.solver_params,
                     afs=job.afs,
                     predictor=predictor,
+                    grid=job.sigmas if job.grid is not None else None,
                     callback=callback,
                 )
         except solvers.SamplingCancelled as stopped:

@@ -34,7 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import MissingGridError, MissingPredictorError, SolverError
-from ..learned.grid import GridCard, GridKey, GridLoadError, is_grid_file, read_grid, train_schedule_command
+from ..learned.grid import (
+    GRID_FILE_PREFIX,
+    GridCard,
+    GridKey,
+    GridLoadError,
+    is_grid_file,
+    read_grid,
+    train_schedule_command,
+)
 
 ARTIFACT_VERSION = 1
 
@@ -352,7 +360,10 @@ class PredictorStore:
 
 
 def _claims_grid(path: Path) -> bool:
-    """Whether the JSON file at `path` says it is a learned grid (anything else is read as a predictor card)."""
+    """Whether the JSON file at `path` is a learned grid: it says so, or (unreadable) it is named
+    like one; anything else is read as a predictor card."""
+    if path.name.startswith(GRID_FILE_PREFIX):
+        return True
     try:
         return is_grid_file(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, ValueError):

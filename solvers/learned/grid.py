@@ -26,6 +26,7 @@ from ..errors import SolverError
 
 GRID_VERSION = 1
 ARTIFACT = "learned_grid"
+GRID_FILE_PREFIX = "grid-"
 # Noise seeds of grid training start here, and those of held-out selection (picking among
 # candidate grids) at GRID_SELECTION_SEED_BASE: both far above every benchmark's seeds and apart
 # from the AMED predictors' range (2**40 + seed * 1000003 + k).
@@ -103,7 +104,7 @@ class GridKey:
         params = json.loads(self.solver_params)
         tail = "".join(f"-{k}{v}" for k, v in sorted(params.items()) if v is not None)
         afs = "afs" if self.afs else "noafs"
-        return f"grid-{self.method}-{self.solver}{tail}-nfe{self.nfe}-{afs}-w{self.guidance:g}"
+        return f"{GRID_FILE_PREFIX}{self.method}-{self.solver}{tail}-nfe{self.nfe}-{afs}-w{self.guidance:g}"
 
 
 def grid_key(
@@ -165,6 +166,7 @@ def train_schedule_command(key: GridKey, model: str) -> str:
 
 __all__ = [
     "ARTIFACT",
+    "GRID_FILE_PREFIX",
     "GRID_SELECTION_SEED_BASE",
     "GRID_TRAINING_SEED_BASE",
     "GridCard",

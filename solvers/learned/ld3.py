@@ -97,8 +97,11 @@ class LD3Result:
 
 
 def grid_of(xi: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
-    """The decreasing grid (S + 1,) float64 from logits xi (S,)."""
-    fractions = torch.cat([xi.new_zeros(1), torch.cumsum(torch.softmax(xi.to(torch.float64), 0), 0)])
+    """The decreasing grid (S + 1,) float64 from logits xi (S,). The logits are clamped to +-10 about
+    their mean, so no interval's share of log sigma underflows to zero (a repeated sigma)."""
+    centred = xi.to(torch.float64) - xi.to(torch.float64).mean()
+    weights = torch.softmax(centred.clamp(-10.0, 10.0), 0)
+    fractions = torch.cat([xi.new_zeros(1, dtype=torch.float64), torch.cumsum(weights, 0)])
     grid = torch.exp(math.log(sigma_max) + fractions * (math.log(sigma_min) - math.log(sigma_max)))
     grid[0], grid[-1] = sigma_max, sigma_min
     return grid
