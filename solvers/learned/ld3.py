@@ -43,11 +43,11 @@ from .student import Student, Teacher, rmse, squared_error
 @dataclass(frozen=True)
 class LD3Settings:
     trajectories: int = 100
-    batch_size: int = 20
-    epochs: int = 8
+    batch_size: int = 25
+    epochs: int = 4
     lr: float = 0.05
     """Adam step of the logits xi."""
-    radius: float = 0.05
+    radius: float = 0.01
     """r: the soft ball's radius relative to the noise norm sqrt(d) sigma_max (0: the hard loss)."""
     lr_perturbation: float = 0.2
     """Adam step of x' as a fraction of the ball's radius."""
