@@ -30,6 +30,7 @@ losses, cost) beside the predictors. An AMED plugin's grid is learned with the u
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import models
@@ -57,7 +59,7 @@ from solvers.amed import (
     train_predictor,
 )
 from solvers.learned import GRID_SELECTION_SEED_BASE, GRID_TRAINING_SEED_BASE, GridCard, grid_key, save_grid
-from solvers.learned.gits import GITSSettings, train_gits
+from solvers.learned.gits import GITSSettings, teacher_trajectories, train_gits
 from solvers.learned.ld3 import LD3Settings, train_ld3
 from solvers.learned.student import Student, Teacher
 
@@ -299,6 +301,26 @@ def train_schedule(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{args.method} {args.solver} NFE {args.nfe}] {text}", file=sys.stderr)
 
+    cache = args.teacher_cache
+
+    def cached(kind: str, payload: dict[str, Any], compute: Any) -> list[torch.Tensor]:
+        """Teacher solves are the same for every solver and NFE: kept in --teacher-cache by what defines them."""
+        if cache is None:
+            return list(compute())
+        name = hashlib.sha256(
+            json.dumps(
+                {"kind": kind, "model": model.fingerprint, "guidance": args.guidance, **payload}, sort_keys=True
+            ).encode()
+        ).hexdigest()[:20]
+        path = cache / f"teacher-{kind}-{name}.safetensors"
+        if path.is_file():
+            stored = load_file(str(path))
+            return [stored[str(k)].to(model.device) for k in range(len(stored))]
+        values = list(compute())
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
+        return values
+
     settings: GITSSettings | LD3Settings
     if args.method == "gits":
         settings = GITSSettings(
@@ -308,6 +330,16 @@ def train_schedule(args: argparse.Namespace) -> int:
             teacher=args.teacher or "heun",
             selection=args.selection,
         )
+        gits = settings
+
+        def trajectories(seeds: Sequence[int], fine: torch.Tensor) -> list[torch.Tensor]:
+            def compute() -> list[torch.Tensor]:
+                denoiser, unit = make_batch(list(seeds))
+                return teacher_trajectories(denoiser, unit * fine[0].item(), fine, gits.teacher, gits.substeps)
+
+            payload = {"teacher": gits.teacher, "substeps": gits.substeps, "fine": fine.tolist(), "seeds": list(seeds)}
+            return cached("trajectories", payload, compute)
+
         result: Any = train_gits(
             student,
             args.nfe,
@@ -315,6 +347,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             settings=settings,
             training_seeds=range(first_train, first_train + settings.trajectories),
             selection_seeds=range(first_select, first_select + settings.selection),
+            trajectories=trajectories,
             on_progress=say,
         )
     else:
@@ -327,6 +360,18 @@ def train_schedule(args: argparse.Namespace) -> int:
             teacher=Teacher(solver=args.teacher or "heun", steps=args.teacher_steps),
             selection=args.selection,
         )
+        teacher = settings.teacher
+
+        def finals(seeds: Sequence[int]) -> torch.Tensor:
+            def compute() -> list[torch.Tensor]:
+                parts = []
+                for start in range(0, len(seeds), 50):
+                    denoiser, unit = make_batch(list(seeds[start : start + 50]))
+                    parts.append(teacher.final(denoiser, unit * model.sigma_max))
+                return [torch.cat(parts)]
+
+            return cached("finals", {"teacher": teacher.as_dict(), "seeds": list(seeds)}, compute)[0]
+
         result = train_ld3(
             student,
             args.nfe,
@@ -334,6 +379,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             settings=settings,
             training_seeds=range(first_train, first_train + settings.trajectories),
             selection_seeds=range(first_select, first_select + settings.selection),
+            teacher_final=finals,
             on_progress=say,
         )
     card = GridCard(
@@ -451,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.05, help="ld3: Adam step of the logits")
     g.add_argument("--radius", type=float, default=0.01, help="ld3: soft ball radius / (sqrt(d) sigma_max)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--teacher-cache", type=Path, default=None, help="keep teacher solves here (shared by solvers and NFE)"
+    )
     g.add_argument("--device", default="auto")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--out", type=Path, default=None)

@@ -185,6 +185,7 @@ def train_gits(
     settings: GITSSettings,
     training_seeds: Sequence[int],
     selection_seeds: Sequence[int],
+    trajectories: Callable[[Sequence[int], Tensor], list[Tensor]] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> GITSResult:
     """Learn the grid of `student` at `nfe` (see the module docstring).
@@ -194,6 +195,8 @@ def train_gits(
             noise (B, ...) on its device.
         training_seeds: noises of the teacher trajectories (len = settings.trajectories).
         selection_seeds: held-out noises that pick the coefficient (len = settings.selection).
+        trajectories: the teacher's states at the candidate sigmas for a list of seeds (default:
+            computed here); a caller may serve them from a cache, shared by every solver and NFE.
     """
     began = time.perf_counter()
     say = on_progress or (lambda _text: None)
@@ -202,7 +205,13 @@ def train_gits(
     fine = candidate_grid(denoiser, settings)
     x = unit * fine[0].item()
     say(f"teacher: {settings.teacher} over {settings.candidates} x {settings.substeps + 1} steps")
-    states = teacher_trajectories(denoiser, x, fine, settings.teacher, settings.substeps)
+
+    def walk(chosen: Sequence[int], chosen_x: Tensor, chosen_denoiser: Denoiser) -> list[Tensor]:
+        if trajectories is not None:
+            return trajectories(chosen, fine)
+        return teacher_trajectories(chosen_denoiser, chosen_x, fine, settings.teacher, settings.substeps)
+
+    states = walk(list(training_seeds), x, denoiser)
     teacher_evals = (
         SOLVERS.get(settings.teacher).evals_per_step
         * settings.candidates
@@ -214,7 +223,7 @@ def train_gits(
     network_evals = teacher_evals + calls * len(training_seeds)
     held_denoiser, held_unit = make_batch(list(selection_seeds))
     held_x = held_unit * fine[0].item()
-    held_teacher = teacher_trajectories(held_denoiser, held_x, fine, settings.teacher, settings.substeps)[-1]
+    held_teacher = walk(list(selection_seeds), held_x, held_denoiser)[-1]
     network_evals += (
         SOLVERS.get(settings.teacher).evals_per_step
         * settings.candidates

@@ -128,6 +128,7 @@ def train_ld3(
     training_seeds: Sequence[int],
     selection_seeds: Sequence[int],
     init_sigmas: Tensor | None = None,
+    teacher_final: Callable[[Sequence[int]], Tensor] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> LD3Result:
     """Learn the grid of `student` at `nfe` (see the module docstring).
@@ -137,6 +138,9 @@ def train_ld3(
             noise (B, ...) on its device; the model's network frozen, grad mode allowed.
         training_seeds / selection_seeds: the training noises and the held-out ones that pick the epoch.
         init_sigmas: the starting grid (default: settings.init over the model's range).
+        teacher_final: the teacher's final states for a list of seeds (default: settings.teacher
+            run here); a caller may serve them from a cache, the teacher being the same for every
+            solver and NFE.
     """
     began = time.perf_counter()
     say = on_progress or (lambda _text: None)
@@ -150,10 +154,18 @@ def train_ld3(
     x = unit * hi
     teacher_evals = SOLVERS.get(settings.teacher.solver).nfe(settings.teacher.steps, False)  # per sample
     say(f"teacher: {settings.teacher.solver} {settings.teacher.steps} steps {settings.teacher.schedule}")
-    targets = torch.cat([settings.teacher.final(*_batch(make_batch, seeds, k, hi)) for k in _chunks(len(seeds))])
+
+    def solve(chosen: Sequence[int]) -> Tensor:
+        if teacher_final is not None:
+            return teacher_final(chosen)
+        return torch.cat(
+            [settings.teacher.final(*_batch(make_batch, list(chosen), k, hi)) for k in _chunks(len(chosen))]
+        )
+
+    targets = solve(seeds)
     held_denoiser, held_unit = make_batch(list(selection_seeds))
     held_x = held_unit * hi
-    held_targets = settings.teacher.final(held_denoiser, held_x)
+    held_targets = solve(list(selection_seeds))
     network_evals = teacher_evals * (len(seeds) + len(selection_seeds))
 
     def held_out(grid: Tensor) -> float:
