@@ -263,3 +263,35 @@ def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
         assert "train-schedule --method ld3" in error.details()
     finally:
         running.stop()
+
+
+def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path):
+    """AMED on a learned grid (tiny): the plugin's grid is learned with the neutral predictor, its
+    predictor is then trained on that grid (`train --schedule learned`), and a sweep row of the
+    plugin on the learned schedule finds both by key."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    out = tmp_path / "artifacts"
+    plugin = ["--solver", "amed_plugin", "--nfe", "3", "--afs", "--threads", "1", "--out", str(out), "--quiet"]
+    args = ["train-schedule", "--method", "gits", "--model", "mnist", "--solver-params", '{"base": "ipndm"}']
+    assert amed_main([*args, *plugin, "--candidates", "5", "--trajectories", "2", "--selection", "2"]) == 0
+    (grid_path,) = out.glob("grid-*.json")
+    grid = read_grid(grid_path)
+    assert (grid.solver, grid.solver_params["base"], grid.steps) == ("amed_plugin", "ipndm", 2)
+    train = ["train", "--model", "mnist", "--schedule", "learned", "--schedule-params", '{"method": "gits"}']
+    assert amed_main([*train, *plugin, "--trajectories", "4", "--batch-size", "4", "--grid-dir", str(out)]) == 0
+    store = PredictorStore([out])
+    (key,) = store.keys()
+    assert (key.schedule, key.schedule_params, key.nfe) == ("learned", '{"method":"gits"}', 3)
+    assert (key.sigma_max, key.sigma_min) == (grid.sigmas[0], grid.sigmas[-1])
+
+    sweep = ["fd-vs-nfe", "--solvers", "amed_plugin", "--nfe", "3", "--afs", "--schedule", "learned"]
+    sweep += ["--schedule-params", '{"method": "gits"}', "--num-samples", "16", "--batch-size", "16"]
+    sweep += ["--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0", "--device", "cpu", "--grid", "0"]
+    sweep += ["--predictor-dir", str(out), "--out", str(tmp_path / "sweep")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(sweep) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert (row["schedule"], row["solver"], row["predictor_trajectories"]) == ("learned", "amed_plugin", 4)
+    assert row["rmse_ref"] > 0
