@@ -6,7 +6,7 @@
 # torch comes from PyPI: its Linux x86_64 wheels are CUDA builds that bundle the CUDA runtime, so
 # a slim Python base is enough (the host needs only the NVIDIA driver). Expect an image of about
 # 6-7 GB, almost all of it torch and its CUDA libraries. The embedded `mnist` model is inside.
-# Configure with SAMPLER_* variables (see README); SIGTERM drains for SAMPLER_GRACE_SECONDS.
+# Configure with SAMPLER_* variables (see docs/service.md); SIGTERM drains for SAMPLER_GRACE_SECONDS.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"
@@ -32,13 +32,17 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY solvers solvers
 COPY models models
-COPY bench bench
+COPY provenance provenance
 COPY sampler_service sampler_service
 COPY protos protos
-# TORCH_SPEC is pinned above (hadolint cannot see through the build argument).
+# The runtime only (`pip install .`, no extras): no bench/, so the two console scripts that point
+# into it (sampler-bench, sampler-amed) are removed rather than left to fail. Train AMED predictors
+# with sampler-amed from a checkout and mount their folder. TORCH_SPEC is pinned above (hadolint
+# cannot see through the build argument).
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir "${TORCH_SPEC}" \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir . \
+    && rm "$(command -v sampler-bench)" "$(command -v sampler-amed)"
 
 USER 10001:10001
 EXPOSE 50051 9100

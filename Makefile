@@ -31,6 +31,7 @@ serve: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
@@ -58,7 +59,7 @@ model-card: $(VENV)/.installed
 	$(PY) -m bench model-card
 
 protos: $(VENV)/.installed
-	$(PY) -m sampler_service.protogen
+	$(PY) -m tools.protogen
 
 accuracy: $(VENV)/.installed
 	$(PY) -m bench accuracy

@@ -8,6 +8,7 @@ harness and of the solver core become one line on stderr and exit status 2, here
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,11 @@ from . import (
     step_error,
 )
 from .errors import BenchError
+
+# The [bench] extra's packages the commands import when they plot or solve a reference (lazily, so
+# `--help` works anywhere); a runtime-only install (`pip install .`) lacks them: say so at the start
+# rather than after a long run.
+NEEDS = ("matplotlib", "scipy")
 
 COMMANDS = (
     accuracy,
@@ -55,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"{parser.prog}: {', '.join(missing)} not installed: the bench needs the [bench] extra"
+            " (pip install 'diffusion-sampler-service[bench]', or .[bench] in a checkout)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args.handler(args))
     except (BenchError, SolverError) as exc:

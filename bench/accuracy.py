@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import provenance
 import solvers
-from models import provenance
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers.contract import CountingDenoiser
 from solvers.registry import Params, SolverSpec
@@ -93,7 +93,7 @@ ACCURACY_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Variant:
+class ConfiguredSolver:
     """One solver with one parameter set."""
 
     spec: SolverSpec[Any]
@@ -134,17 +134,17 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def variants() -> list[Variant]:
+def variants() -> list[ConfiguredSolver]:
     """Every solver that needs no predictor with default parameters, then EXTRA_VARIANTS; a
     parameter set that is already listed is not repeated."""
-    found: list[Variant] = []
+    found: list[ConfiguredSolver] = []
     seen: set[tuple[str, str]] = set()
     requests: list[tuple[str, Mapping[str, Any]]] = [
         (spec.name, {}) for spec in solvers.list_solvers() if not spec.needs_predictor
     ]
     for name, overrides in [*requests, *EXTRA_VARIANTS]:
         spec = solvers.SOLVERS.get(name)
-        variant = Variant(spec, spec.parse_params(overrides))
+        variant = ConfiguredSolver(spec, spec.parse_params(overrides))
         key = (name, variant.params_json)
         if key not in seen:
             seen.add(key)
@@ -165,7 +165,7 @@ def _log_slope(nfe_a: int, err_a: float, nfe_b: int, err_b: float) -> float | No
 
 
 def error_vs_nfe(
-    model: GaussianMixtureDenoiser, noise: Tensor, reference: Tensor, variant: Variant
+    model: GaussianMixtureDenoiser, noise: Tensor, reference: Tensor, variant: ConfiguredSolver
 ) -> list[dict[str, Any]]:
     """One row per NFE in NFES (see the module docstring)."""
     rows = []
@@ -231,7 +231,7 @@ def order_grids(model: GaussianMixtureDenoiser, x_start: Tensor, warmup: int) ->
 
 
 def final_error(
-    model: GaussianMixtureDenoiser, x_start: Tensor, grid: OrderGrid, variant: Variant, exact: bool
+    model: GaussianMixtureDenoiser, x_start: Tensor, grid: OrderGrid, variant: ConfiguredSolver, exact: bool
 ) -> float:
     """RMSE at sigmas[-1] of the solver function called directly, optionally with exact warm-up states."""
     extra = {"exact_start": grid.exact_start[: variant.warmup]} if exact and variant.warmup else {}
@@ -259,7 +259,7 @@ def _order(errors: Sequence[float]) -> float | None:
 
 
 def order_row(
-    model: GaussianMixtureDenoiser, x_start: Tensor, grids: Sequence[OrderGrid], variant: Variant, floor: float
+    model: GaussianMixtureDenoiser, x_start: Tensor, grids: Sequence[OrderGrid], variant: ConfiguredSolver, floor: float
 ) -> dict[str, Any]:
     end_to_end = [final_error(model, x_start, grid, variant, exact=False) for grid in grids]
     exact = [final_error(model, x_start, grid, variant, exact=True) for grid in grids] if variant.warmup else end_to_end

@@ -42,17 +42,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 from solvers.amed import (
     BASES,
     MULTISTEP,
     AMEDPluginParams,
+    IntervalUpdate,
     PredictorCard,
     PredictorConfig,
     PredictorStore,
     TrainingSettings,
-    Variant,
     new_predictor,
     predictor_key,
     save_predictor,
@@ -193,7 +193,7 @@ def train(args: argparse.Namespace) -> int:
     try:
         summary = train_predictor(
             predictor,
-            variant=Variant.of(args.solver, params),
+            update=IntervalUpdate.of(args.solver, params),
             sigmas=sigmas,
             teacher_sigmas=teacher_sigmas,
             afs=args.afs,

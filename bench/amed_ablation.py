@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models import provenance
+import provenance
 
 from . import amed
 from .errors import BenchError
@@ -35,7 +35,7 @@ NAME = "amed-ablation"
 
 
 @dataclass(frozen=True)
-class Variant:
+class AblationVariant:
     """One row: a predictor trained with `train` (None: a training-free row) and scored at `nfe`."""
 
     name: str
@@ -49,15 +49,17 @@ class Variant:
     afs: bool = True
 
 
-def _plugin(name: str, question: str, *extra: str, base: str = "ipndm", order: int = 2) -> Variant:
+def _plugin(name: str, question: str, *extra: str, base: str = "ipndm", order: int = 2) -> AblationVariant:
     train = ("--solver", "amed_plugin", "--base", base, "--base-max-order", str(order), *extra)
-    return Variant(name, question, "amed_plugin", 5, train, {"base": base, "max_order": order})
+    return AblationVariant(name, question, "amed_plugin", 5, train, {"base": base, "max_order": order})
 
 
-def _amed3(name: str, question: str, *extra: str, rho: float | None = None, schedule: str = "polynomial") -> Variant:
+def _amed3(
+    name: str, question: str, *extra: str, rho: float | None = None, schedule: str = "polynomial"
+) -> AblationVariant:
     params = {} if rho is None else {"rho": rho}
     train = ("--solver", "amed", *extra, *(("--schedule-params", json.dumps(params)) if params else ()))
-    return Variant(name, question, "amed", 3, train, schedule=schedule, schedule_params=params)
+    return AblationVariant(name, question, "amed", 3, train, schedule=schedule, schedule_params=params)
 
 
 VARIANTS = (
@@ -77,16 +79,16 @@ VARIANTS = (
     _plugin("plugin-order4", "base: iPNDM order 4 (the paper's)", order=4),
     _plugin("plugin-v2", "base: variable-step iPNDM order 2", base="ipndm_v"),
     _plugin("plugin-v4", "base: variable-step iPNDM order 4", base="ipndm_v", order=4),
-    Variant("ipndm2", "training-free: iPNDM order 2", "ipndm", 5, None, {"max_order": 2}),
-    Variant("unipc", "training-free: UniPC", "unipc", 5, None),
+    AblationVariant("ipndm2", "training-free: iPNDM order 2", "ipndm", 5, None, {"max_order": 2}),
+    AblationVariant("unipc", "training-free: UniPC", "unipc", 5, None),
     # AMED-Solver at NFE 3 (2 intervals, AFS): where its one midpoint evaluation falls short
     _amed3("amed3", "recipe: Heun teacher, M = 1, polynomial rho 7"),
     _amed3("amed3-teacher-m3", "teacher: Heun, M = 3", "--teacher-substeps", "3"),
     _amed3("amed3-rho5", "schedule: polynomial rho 5", rho=5.0),
     _amed3("amed3-rho10", "schedule: polynomial rho 10", rho=10.0),
     _amed3("amed3-time-uniform", "schedule: time_uniform (the paper's)", schedule="time_uniform"),
-    Variant("ipndm2-nfe3", "training-free: iPNDM order 2, rho 7", "ipndm", 3, None, {"max_order": 2}),
-    Variant(
+    AblationVariant("ipndm2-nfe3", "training-free: iPNDM order 2, rho 7", "ipndm", 3, None, {"max_order": 2}),
+    AblationVariant(
         "ipndm2-nfe3-rho5",
         "training-free: iPNDM order 2, rho 5",
         "ipndm",
@@ -95,7 +97,7 @@ VARIANTS = (
         {"max_order": 2},
         schedule_params={"rho": 5.0},
     ),
-    Variant(
+    AblationVariant(
         "ipndm2-nfe3-rho10",
         "training-free: iPNDM order 2, rho 10",
         "ipndm",
@@ -138,7 +140,7 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _train(variant: Variant, args: argparse.Namespace, folder: Path) -> None:
+def _train(variant: AblationVariant, args: argparse.Namespace, folder: Path) -> None:
     assert variant.train is not None
     if args.reuse and any(folder.glob("*.json")):
         return

@@ -1,19 +1,16 @@
-"""argparse value types shared by the commands (validation at the CLI boundary)."""
+"""argparse value types shared by the bench commands (validation at the CLI boundary).
+
+The value types are sampler_service.arguments' (one definition, shared with `sampler-client`, which
+may not import bench/); this module adds what only the bench needs.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from sampler_service.arguments import int_list, positive_int, positive_int_list
 
-def positive_int(text: str) -> int:
-    """An integer >= 1, for argparse `type=`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: expected an integer >= 1")
-    return value
+__all__ = ["int_list", "options_of", "positive_int", "positive_int_list"]
 
 
 def options_of(args: argparse.Namespace) -> dict[str, object]:

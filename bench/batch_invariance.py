@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import models
+import provenance
 import solvers
-from models import provenance
 
 from .arguments import options_of, positive_int
 from .errors import BenchError

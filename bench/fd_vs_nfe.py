@@ -33,17 +33,11 @@ import models
 import solvers
 
 from . import fid
+from .arguments import positive_int_list
 from .errors import BenchError
 from .sweep import SweepConfig, run_sweep
 
 NAME = "fd-vs-nfe"
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def add_parser(subparsers: Any) -> None:
@@ -55,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--model", default="mnist", help="any models.load source")
     parser.add_argument("--solvers", default="all", help="comma-separated names, or all (the training-free ones)")
-    parser.add_argument("--nfe", type=_ints, default=[3, 4, 5, 6, 7, 8, 9, 10, 15, 20])
+    parser.add_argument("--nfe", type=positive_int_list, default=[3, 4, 5, 6, 7, 8, 9, 10, 15, 20])
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument(
         "--solver-params",

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 import models
+import provenance
 import solvers
-from models import provenance
 from models.mnist.architecture import NUM_CLASSES
 from models.mnist.card import write_diffusion_card
 from models.mnist.classifier import DEFAULT_CLASSIFIER, load_classifier

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from models import provenance
+import provenance
 
 from .arguments import options_of
 from .errors import BenchError

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from models import provenance
+import provenance
 
 from .arguments import options_of
 from .errors import BenchError

@@ -30,10 +30,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 
-from .arguments import options_of, positive_int
+from .arguments import options_of, positive_int, positive_int_list
 from .errors import BenchError
 
 NAME = "step-error"
@@ -58,16 +58,6 @@ COLUMNS = (
 )
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NFE values >= 1")
-    return values
-
-
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         NAME,
@@ -77,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--model", default="mnist", help="any models.load source")
     parser.add_argument("--solvers", default="all", help="comma-separated names, or all (the training-free ones)")
-    parser.add_argument("--nfe", type=_ints, default=[5, 10])
+    parser.add_argument("--nfe", type=positive_int_list, default=[5, 10])
     parser.add_argument("--num-samples", type=positive_int, default=64)
     parser.add_argument("--schedule", default="polynomial")
     parser.add_argument("--afs", action="store_true")

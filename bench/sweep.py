@@ -54,8 +54,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import models
+import provenance
 import solvers
-from models import provenance
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
 from solvers.learned import grid_key
 
@@ -64,7 +64,7 @@ from .fid import FidExtractor, FidUnavailable
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import MnistScorer, quantise
 
-# The shared result schema (the AMED issue and the README use it too); never rename these.
+# The shared result schema (the AMED issue and docs/ use it too); never rename these.
 COLUMNS = (
     "model",
     "model_fingerprint",

@@ -105,7 +105,7 @@ def reference_solution(
         the states at each of sigma_ends, float64, shape of x_start.
     """
     import numpy as np
-    from scipy.integrate import solve_ivp
+    from scipy.integrate import solve_ivp  # the [bench] extra's: only tests and benchmarks solve references
 
     ends = [sigma_ends] if isinstance(sigma_ends, (int, float)) else list(sigma_ends)
     shape = x_start.shape

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers.models import UNet2DConditionModel, UNet2DModel
+from diffusers.utils import is_accelerate_available
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -460,7 +461,14 @@ def _build_unet(
 ) -> UNet2DModel | UNet2DConditionModel:
     try:
         loaded: Any = cls.from_pretrained(
-            str(unet_dir), use_safetensors=True, local_files_only=True, torch_dtype=dtype, output_loading_info=True
+            str(unet_dir),
+            use_safetensors=True,
+            local_files_only=True,
+            torch_dtype=dtype,
+            output_loading_info=True,
+            # accelerate (not a runtime dependency) loads weights straight into empty modules; without
+            # it diffusers copies them into built ones (the same model) and says so: tell it instead.
+            low_cpu_mem_usage=is_accelerate_available(),
         )
         unet, info = loaded
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:

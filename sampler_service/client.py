@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from .arguments import int_list
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
 
@@ -195,13 +196,6 @@ class SamplerClient:
 # ---- the command line ----------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def _floats(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -230,8 +224,8 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule-params", type=_json_object, default=None)
     parser.add_argument("--afs", action="store_true")
     parser.add_argument("--num-samples", type=int, default=0)
-    parser.add_argument("--labels", type=_ints, default=[], help="comma-separated, one per sample or one for all")
-    parser.add_argument("--seeds", type=_ints, default=[], help="comma-separated, one per sample")
+    parser.add_argument("--labels", type=int_list, default=[], help="comma-separated, one per sample or one for all")
+    parser.add_argument("--seeds", type=int_list, default=[], help="comma-separated, one per sample")
     parser.add_argument("--seed", type=int, default=None, help="base seed: samples use seed, seed + 1, ...")
     parser.add_argument("--guidance", type=_floats, default=[], help="one for all, or one per sample")
     parser.add_argument("--request-id", default="")

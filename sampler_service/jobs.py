@@ -29,8 +29,8 @@ from .gen.sampler.v1 import sampler_pb2 as pb
 from .settings import Limits
 
 DEFAULT_SCHEDULE = "polynomial"
-MAX_REQUEST_ID = 128
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# Answers (a plan, the solver list) show a solver's reachable NFE up to this many values.
 REACHABLE_SHOWN = 64
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: pb.OUTPUT_FORMAT_PNG,
@@ -333,9 +333,7 @@ def build_job(
         nfe=nfe,
         network_evals=nfe * (int(conditional) + int(unconditional)),
         sigmas=tuple(sigmas.tolist()),
-        reachable_nfe=tuple(
-            spec.reachable_nfe(afs, solver_params, limit=spec.nfe(limits.max_steps, afs))[:REACHABLE_SHOWN]
-        ),
+        reachable_nfe=tuple(reachable_shown(spec, afs, solver_params, limits.max_steps)),
         needs_predictor=spec.needs_predictor or wanted_grid is not None,
         predictor_available=available,
         predictor_key=key_text,
@@ -519,6 +517,11 @@ def conditioning(jobs_rows: list[tuple[Job, int, int]], device: torch.device) ->
         guidance.extend(job.guidance[start:stop])
     label_tensor = torch.tensor(labels, dtype=torch.int64, device=device) if labels else None
     return label_tensor, torch.tensor(guidance, dtype=torch.float64)
+
+
+def reachable_shown(spec: SolverSpec[Any], afs: bool, params: Params, max_steps: int) -> list[int]:
+    """The NFE `spec` spends exactly with `params` in at most `max_steps` steps: the first REACHABLE_SHOWN."""
+    return spec.reachable_nfe(afs, params, limit=spec.nfe(max_steps, afs))[:REACHABLE_SHOWN]
 
 
 def check_request_id(value: str) -> str | None:

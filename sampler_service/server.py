@@ -33,7 +33,7 @@ from .engine import Engine, Ticket
 from .errors import NotReady, ServiceError, Unauthenticated
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
-from .jobs import Job, ServedModel, build_job, check_request_id, require_predictor
+from .jobs import Job, ServedModel, build_job, check_request_id, reachable_shown, require_predictor
 from .metrics import Metrics
 from .settings import Settings
 
@@ -235,8 +235,8 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
                     parameter_schema_json=json.dumps(spec.parameter_schema(), sort_keys=True),
                     evals_per_step=spec.evals_per_step,
                     min_steps=spec.min_steps_of(params),
-                    reachable_nfe=spec.reachable_nfe(False, params, limit=spec.nfe(max_steps, False))[:64],
-                    reachable_nfe_afs=spec.reachable_nfe(True, params, limit=spec.nfe(max_steps, True))[:64],
+                    reachable_nfe=reachable_shown(spec, False, params, max_steps),
+                    reachable_nfe_afs=reachable_shown(spec, True, params, max_steps),
                     needs_predictor=spec.needs_predictor,
                     predictors=self._predictors_of(spec.name) if spec.needs_predictor else [],
                 )

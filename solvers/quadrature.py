@@ -57,4 +57,5 @@ def lagrange_integrals(
         wu = wu * weight(u)
     # An elementwise sum, not a matrix product: BLAS would start its thread pool for this tiny
     # product and fight the torch threads (measured 800 vs 280 µs per DEIS step on 2 cores).
-    return (lagrange_basis(nodes, u) * wu).sum(axis=1).tolist()
+    weights: list[float] = (lagrange_basis(nodes, u) * wu).sum(axis=1).tolist()
+    return weights

@@ -22,7 +22,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import torch
@@ -88,11 +88,14 @@ class ScheduleSpec:
 
 SCHEDULES: Registry[ScheduleSpec] = Registry("schedule", UnknownScheduleError)
 
+# The decorator hands the schedule function back unchanged, signature included.
+ScheduleFn = TypeVar("ScheduleFn", bound=Callable[..., Tensor])
+
 
 def _register(
     name: str, description: str, params: type[Params], *, needs_levels: bool = False, needs_grid: bool = False
-):
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+) -> Callable[[ScheduleFn], ScheduleFn]:
+    def wrap(fn: ScheduleFn) -> ScheduleFn:
         SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels, needs_grid))
         return fn
 
@@ -118,7 +121,10 @@ def _u(steps: int) -> Tensor:
 def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
     lo, hi = _range(params, sigma_min, sigma_max)
     inv = 1.0 / params.rho
-    sigmas = (hi**inv + _u(steps) * (lo**inv - hi**inv)) ** params.rho
+    # float ** float is typed Any (it may be complex); both bases are positive here.
+    hi_root: float = hi**inv
+    lo_root: float = lo**inv
+    sigmas = (hi_root + _u(steps) * (lo_root - hi_root)) ** params.rho
     sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power
     return sigmas
 

@@ -1,6 +1,6 @@
 """Pieces every solver loop shares: the progress/cancellation hook and the first evaluation (AFS).
 
-AFS (analytical first step, Dockman et al. / AMED): at sigma_0 the data prediction of any
+AFS (analytical first step, Dockhorn et al. (GENIE) / AMED): at sigma_0 the data prediction of any
 zero-mean data distribution is close to 0, so the first direction is taken as
 d_0 = x_0 / sqrt(1 + sigma_0^2) for free, saving one network evaluation. Single-step solvers
 replace only their first stage with it; multistep solvers keep it in their history.

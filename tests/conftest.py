@@ -31,3 +31,15 @@ def gmm() -> GaussianMixtureDenoiser:
 def gmm_small() -> GaussianMixtureDenoiser:
     """A 4-dimensional mixture, cheap enough for the step-by-step counting tests."""
     return GaussianMixtureDenoiser.smooth(dim=4, components=2, seed=1)
+
+
+@pytest.fixture
+def report_docs(tmp_path):
+    """A docs folder whose generated sections are empty, for `bench report --docs` on test results."""
+    from bench import report
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for section in (report.SWEEP, report.ABLATIONS):
+        (folder / section.file).write_text(f"{section.start}\n{section.end}\n")
+    return folder

@@ -15,12 +15,12 @@ import solvers
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers import MissingPredictorError
 from solvers.amed import (
+    IntervalUpdate,
     PredictorCard,
     PredictorConfig,
     PredictorLoadError,
     PredictorStore,
     TrainingSettings,
-    Variant,
     load_predictor,
     new_predictor,
     save_predictor,
@@ -98,7 +98,7 @@ def test_trained_plugin_beats_its_base_on_the_exact_model(base, max_order, teach
     base_params = {"max_order": max_order} if base.startswith("ipndm") else {}
     summary = train_predictor(
         predictor,
-        variant=Variant(base, max_order or 1),
+        update=IntervalUpdate(base, max_order or 1),
         sigmas=_sigmas(model, steps),
         teacher_sigmas=_sigmas(model, (substeps + 1) * steps),
         afs=True,
@@ -130,10 +130,10 @@ def test_trajectory_objective_trains_through_the_history():
     model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
     steps = 3
 
-    def train(variant: Variant, trajectories: int):
+    def train(update: IntervalUpdate, trajectories: int):
         return train_predictor(
             new_predictor(PredictorConfig(), seed=0).double(),
-            variant=variant,
+            update=update,
             sigmas=_sigmas(model, steps),
             teacher_sigmas=_sigmas(model, 3 * steps),
             afs=True,
@@ -143,11 +143,11 @@ def test_trajectory_objective_trains_through_the_history():
             ),
         )
 
-    summary = train(Variant("ipndm", 2), 500)
+    summary = train(IntervalUpdate("ipndm", 2), 500)
     assert summary.batches == 10
     assert sum(summary.final_loss) < 0.9 * sum(summary.first_loss)
     with pytest.raises(ValueError, match="multistep"):
-        train(Variant("euler"), 50)
+        train(IntervalUpdate("euler"), 50)
 
 
 def _card(predictor_config: PredictorConfig, **overrides) -> PredictorCard:
@@ -248,7 +248,7 @@ def test_neutral_plugin_is_its_base_on_the_merged_grid(gmm, base, plain, params,
     torch.testing.assert_close(plugin.images, reference.images, atol=1e-10, rtol=0)
 
 
-def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_path: Path, capsys):
+def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_path: Path, capsys, report_docs: Path):
     """`sampler-amed train` on the shipped model (a tiny configuration) writes weights and a card;
     the store finds it by key, and a sweep row with amed_plugin uses it (and records its cost)."""
     from bench.__main__ import main as bench_main
@@ -278,14 +278,12 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert (row["solver"], row["base"]) == ("amed_plugin", "ipndm")
     assert row["rmse_ref"] > 0
 
-    # the README report puts the row among the other settings, with its predictor's training cost
+    # the report puts the row among the other settings, with its predictor's training cost
     results = tmp_path / "results" / "fd-vs-nfe-amed"
     results.mkdir(parents=True)
     (results / "results.json").write_text((tmp_path / "sweep" / "results.json").read_text())
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
-    assert bench_main(["report", "--results", str(results.parent), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert bench_main(["report", "--results", str(results.parent), "--docs", str(report_docs)]) == 0
+    text = (report_docs / "benchmarks.md").read_text()
     assert "| amed_plugin (ipndm, order 4), polynomial, AFS |" in text
     assert "| amed_plugin (ipndm, order 4), polynomial, AFS, NFE 3 | 8 |" in text
 
@@ -310,7 +308,7 @@ def test_train_command_refuses_the_trajectory_objective_for_single_step_students
     assert not list(tmp_path.iterdir())
 
 
-def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path):
+def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path, report_docs: Path):
     """`bench amed-ablation` (tiny): a trained variant and a training-free one become rows with the
     sweep's schema plus variant, question and final loss; the report renders them as a table."""
     from bench.__main__ import main as bench_main
@@ -346,11 +344,9 @@ def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path)
     assert "plugin-v2" in (out / "results.csv").read_text()
     assert bench_main(["amed-ablation", "--variants", "nope", "--out", str(out)]) == 2
 
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
     (tmp_path / "results" / "fd-vs-nfe-tiny").mkdir()
     (tmp_path / "results" / "fd-vs-nfe-tiny" / "results.json").write_text((out / "results.json").read_text())
-    assert bench_main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    assert bench_main(["report", "--results", str(tmp_path / "results"), "--docs", str(report_docs)]) == 0
+    text = (report_docs / "amed.md").read_text()
     assert "| plugin-v2 | base: variable-step iPNDM order 2 | 5 |" in text
     assert "| ipndm2 | training-free: iPNDM order 2 | 5 |" in text

@@ -78,7 +78,7 @@ def test_reference_trajectory_passes_through_the_exact_states():
     assert (coarse.states - exact).abs().max() > 10 * (fine.states - exact).abs().max()
 
 
-def test_step_error_command_on_mnist(tmp_path, capsys):
+def test_step_error_command_on_mnist(tmp_path, capsys, report_docs):
     args = ["step-error", "--solvers", "euler,dpmpp_2m,heun", "--nfe", "3,6", "--num-samples", "4"]
     assert main([*args, "--substeps", "8", "--device", "cpu", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -105,15 +105,14 @@ def test_step_error_command_on_mnist(tmp_path, capsys):
     assert 0 < meta["reference_check_rmse"] < final("dpmpp_2m", 6) / 10
     assert all(0 < float(r["reference_check_rmse"]) <= meta["reference_check_rmse"] for r in rows)
 
-    # `bench report` redraws the plot from the JSON and links it from the README section
+    # `bench report` redraws the plot from the JSON (without sweep rows there are no tables to link it from)
     results = tmp_path / "results"
     (results / "step-error-small").mkdir(parents=True)
     (results / "step-error-small" / "step-error.json").write_text((tmp_path / "step-error.json").read_text())
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
-    assert main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    assert main(["report", "--results", str(results), "--docs", str(report_docs)]) == 0
     assert (results / "step-error-small" / "step-error.png").stat().st_size > 1000
-    assert "No sweep results" in readme.read_text()
+    assert "No sweep results" in (report_docs / "benchmarks.md").read_text()
+    assert "No AMED ablation results" in (report_docs / "amed.md").read_text()
 
 
 def test_serve_load_command_small_run(tmp_path, capsys):
@@ -137,7 +136,8 @@ def test_serve_load_command_small_run(tmp_path, capsys):
     assert meta["seconds_to_serving"] > 0
 
 
-def test_readme_results_section_is_current(monkeypatch):
-    """README.md's tables are what `python -m bench report` makes of the committed bench/results."""
+def test_docs_results_sections_are_current(monkeypatch):
+    """The generated tables of docs/benchmarks.md and docs/amed.md are what `python -m bench report`
+    makes of the committed bench/results."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the links and paths are relative to the root
-    assert main(["report", "--check"]) == 0, "run `python -m bench report` and commit README.md"
+    assert main(["report", "--check"]) == 0, "run `python -m bench report` and commit docs/"

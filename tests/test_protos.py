@@ -6,16 +6,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sampler_service import protogen
+from tools import protogen
 
 
 def test_committed_stubs_are_current(tmp_path: Path) -> None:
     generated = protogen.generate(tmp_path)
     for path, name in zip(generated, protogen.GENERATED, strict=True):
         committed = protogen.REPO_ROOT / name
-        assert committed.is_file(), f"{name} is missing: run python -m sampler_service.protogen"
+        assert committed.is_file(), f"{name} is missing: run make protos"
         assert path.read_text() == committed.read_text(), (
-            f"{name} differs from what grpcio-tools generates: run python -m sampler_service.protogen"
+            f"{name} differs from what grpcio-tools generates: run make protos"
         )
 
 

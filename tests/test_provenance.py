@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models import provenance
+import provenance
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 

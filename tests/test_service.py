@@ -100,7 +100,7 @@ def server64() -> Iterator[RunningServer]:
 
 
 # float32 convolutions pick batch-size-dependent kernels: the same seed alone and in a batch of 4
-# differed by at most 2.5e-5 (pixel range [-1, 1]) on this CPU; documented as 1e-4 in the README.
+# differed by at most 2.5e-5 (pixel range [-1, 1]) on this CPU; documented as 1e-4 in docs/service.md.
 FLOAT32_BATCH_TOLERANCE = 1e-4
 
 

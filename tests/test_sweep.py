@@ -46,7 +46,7 @@ def _row_key(cache: Path, solver: str, nfe: int) -> str:
     return plan_row(context, solver, nfe).key
 
 
-def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report_docs: Path) -> None:
     cache = tmp_path / "cache"
     rows = run_sweep(SweepConfig(solvers=["euler", "dpmpp_2m"], **TINY), tmp_path / "run", cache)
     assert [(r["solver"], r["nfe"], r["cached"]) for r in rows] == [
@@ -92,16 +92,16 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     assert [r["cached"] for r in resumed] == [True, True, True, False]
     assert resumed[3]["fd_indomain"] == pytest.approx(rows[3]["fd_indomain"], rel=1e-9)
 
-    # the README section regenerated from these results
+    # the docs section regenerated from these results
     results = tmp_path / "results"
     (results / "fd-vs-nfe-tiny").mkdir(parents=True)
     (results / "fd-vs-nfe-tiny" / "results.json").write_text((tmp_path / "run" / "results.json").read_text())
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
-    report_args = ["report", "--results", str(results), "--readme", str(readme)]
+    page = report_docs / report.SWEEP.file
+    page.write_text(f"intro\n{report.SWEEP.start}\nold\n{report.SWEEP.end}\noutro\n")
+    report_args = ["report", "--results", str(results), "--docs", str(report_docs)]
     assert bench_main([*report_args, "--check"]) == 1
     assert bench_main(report_args) == 0
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("intro\n")
     assert text.endswith("outro\n")
     assert "old" not in text
@@ -117,7 +117,7 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     (results / "fd-vs-nfe-tiny-afs" / "results.json").write_text((tmp_path / "run-afs" / "results.json").read_text())
     assert bench_main([*report_args, "--check"]) == 1
     assert bench_main(report_args) == 0
-    text = readme.read_text()
+    text = page.read_text()
     plain, afs_part = text.split("Other settings")
     assert "| euler |" in plain
     assert "| euler, polynomial, AFS |" in afs_part

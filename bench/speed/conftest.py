@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+import provenance
 from bench.speed.allocator import pin_glibc_heap
-from models import provenance
 
 
 @pytest.fixture(scope="session")

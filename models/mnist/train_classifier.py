@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from models import provenance
+import provenance
 from models.mnist import card, data
 from models.mnist.architecture import MnistClassifier, count_parameters
 from models.mnist.classifier import ARCHITECTURE, DEFAULT_CLASSIFIER, WEIGHTS_FILE

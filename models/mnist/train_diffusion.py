@@ -38,7 +38,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from models import provenance
+import provenance
 from models.mnist import card, data
 from models.mnist.architecture import NULL_CLASS, SCHEDULER_CONFIG, UNET_CONFIG, count_parameters
 

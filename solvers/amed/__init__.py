@@ -15,7 +15,7 @@ from .predictor import (
     save_predictor,
     train_command,
 )
-from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, Variant, amed_interval
+from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, IntervalUpdate, amed_interval
 from .training import (
     TRAINING_SEED_BASE,
     TrainingSettings,
@@ -33,6 +33,7 @@ __all__ = [
     "AMEDPluginParams",
     "AMEDPredictor",
     "History",
+    "IntervalUpdate",
     "Prediction",
     "PredictorCard",
     "PredictorConfig",
@@ -41,7 +42,6 @@ __all__ = [
     "PredictorStore",
     "TrainingSettings",
     "TrainingSummary",
-    "Variant",
     "amed_interval",
     "load_predictor",
     "new_predictor",

@@ -79,7 +79,7 @@ class AMEDPluginParams(Params):
 
 
 @dataclass
-class Variant:
+class IntervalUpdate:
     """Which update an interval uses: `amed`, or a plugin base with its order limit."""
 
     kind: Literal["amed", "euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"]
@@ -90,7 +90,7 @@ class Variant:
         return self.kind in MULTISTEP
 
     @classmethod
-    def of(cls, solver: str, params: AMEDParams | AMEDPluginParams) -> Variant:
+    def of(cls, solver: str, params: AMEDParams | AMEDPluginParams) -> IntervalUpdate:
         if isinstance(params, AMEDPluginParams):
             return cls(params.base, params.order_limit())
         return cls("amed")
@@ -187,7 +187,7 @@ def amed_interval(
     sigma_cur: float,
     sigma_next: float,
     *,
-    variant: Variant,
+    update: IntervalUpdate,
     history: History,
     use_afs: bool,
     predictor_grad: bool = True,
@@ -223,33 +223,33 @@ def amed_interval(
     r, c, a = prediction.r, prediction.c, prediction.a
     s = log_interpolate(sigma_cur, sigma_next, r)
     d_cur = (x - denoised) / sigma_cur
-    keep = variant.max_order
-    ab_step = _lagrange_ab_step if variant.kind == "ipndm_v" else _ab_step
-    if variant.kind in ("ipndm", "ipndm_v"):
+    keep = update.max_order
+    ab_step = _lagrange_ab_step if update.kind == "ipndm_v" else _ab_step
+    if update.kind in ("ipndm", "ipndm_v"):
         history.push(cur, d_cur, keep)
-        x_s = ab_step(x, cur, s, history, variant.max_order, 1.0)
-    elif variant.kind == "dpmpp_2m":
+        x_s = ab_step(x, cur, s, history, update.max_order, 1.0)
+    elif update.kind == "dpmpp_2m":
         history.push(cur, denoised, keep)
-        x_s = _dpmpp_step(x, cur, s, history, variant.max_order, 1.0)
+        x_s = _dpmpp_step(x, cur, s, history, update.max_order, 1.0)
     else:
         x_s = x + _column(s - sigma_cur, x) * d_cur
     denoised_s = denoiser(x_s, (a * s).to(x.dtype))
     d_s = (x_s - denoised_s) / _column(s, x)
     c_col = _column(c, x)
     h = sigma_next - sigma_cur
-    if variant.kind == "amed":
+    if update.kind == "amed":
         x_next = x + c_col * h * d_s
-    elif variant.kind == "euler":
+    elif update.kind == "euler":
         x_next = x_s + c_col * _column(nxt - s, x) * d_s
-    elif variant.kind == "dpm_solver_2":
+    elif update.kind == "dpm_solver_2":
         inv = _column(0.5 / r, x)
         x_next = x + h * ((1.0 - inv) * d_cur + c_col * inv * d_s)
-    elif variant.kind in ("ipndm", "ipndm_v"):
+    elif update.kind in ("ipndm", "ipndm_v"):
         history.push(s, d_s, keep)
-        x_next = ab_step(x_s, s, nxt, history, variant.max_order, c_col)
+        x_next = ab_step(x_s, s, nxt, history, update.max_order, c_col)
     else:
         history.push(s, denoised_s, keep)
-        x_next = _dpmpp_step(x_s, s, nxt, history, variant.max_order, c_col)
+        x_next = _dpmpp_step(x_s, s, nxt, history, update.max_order, c_col)
     return IntervalResult(x_next, denoised_s, history, r, c, a)
 
 
@@ -258,7 +258,7 @@ def _run(
     x: Tensor,
     sigmas: Tensor,
     *,
-    variant: Variant,
+    update: IntervalUpdate,
     afs: bool,
     progress: Progress,
     predictor: AMEDPredictor,
@@ -273,7 +273,7 @@ def _run(
             x,
             s[i],
             s[i + 1],
-            variant=variant,
+            update=update,
             history=history,
             use_afs=afs and i == 0,
             predictor_grad=False,
@@ -311,7 +311,7 @@ def sample_amed(
     Returns:
         the state at sigmas[-1], shape and dtype of x.
     """
-    return _run(denoiser, x, sigmas, variant=Variant("amed"), afs=afs, progress=progress, predictor=predictor)
+    return _run(denoiser, x, sigmas, update=IntervalUpdate("amed"), afs=afs, progress=progress, predictor=predictor)
 
 
 @register(
@@ -334,8 +334,8 @@ def sample_amed_plugin(
     predictor: AMEDPredictor,
 ) -> Tensor:
     """AMED-Plugin on `params.base` (shapes as in sample_amed)."""
-    variant = Variant(params.base, params.order_limit())
-    return _run(denoiser, x, sigmas, variant=variant, afs=afs, progress=progress, predictor=predictor)
+    update = IntervalUpdate(params.base, params.order_limit())
+    return _run(denoiser, x, sigmas, update=update, afs=afs, progress=progress, predictor=predictor)
 
 
 __all__ = [
@@ -345,7 +345,7 @@ __all__ = [
     "AMEDPluginParams",
     "History",
     "IntervalResult",
-    "Variant",
+    "IntervalUpdate",
     "amed_interval",
     "sample_amed",
     "sample_amed_plugin",

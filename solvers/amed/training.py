@@ -14,7 +14,7 @@ No data set is involved: for each batch of seeded noises,
    Non-finite gradients are zeroed. An alternative for multistep students, `objective=
    "trajectory"`, sums the intervals' losses and back-propagates through the state and history
    from interval to interval, with one Adam step per batch (it lets a moved intermediate point
-   answer for what it does to later extrapolations; measured on mnist in the README).
+   answer for what it does to later extrapolations; measured on mnist in docs/amed.md).
 
 The denoiser is any `FeatureDenoiser` (or any `Denoiser` for a table-mode predictor); the caller
 freezes its network (`requires_grad_(False)`) and must not hold inference mode. This module knows
@@ -36,7 +36,7 @@ from ..contract import CountingDenoiser, Denoiser, StepInfo
 from ..registry import SOLVERS
 from ..stepping import Progress
 from .predictor import AMEDPredictor, PredictorConfig
-from .solver import MULTISTEP, History, Variant, amed_interval
+from .solver import MULTISTEP, History, IntervalUpdate, amed_interval
 
 # Training noise seeds start here: far above the seeds benchmarks score with (seed_base + k, small),
 # so no predictor is ever measured on the noises it was trained on.
@@ -141,7 +141,7 @@ def teacher_states(
 def _step(optimizer: torch.optim.Optimizer, predictor: AMEDPredictor, loss: Tensor) -> None:
     """One Adam step on `loss`; non-finite gradients are zeroed."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    torch.autograd.backward(loss)  # what loss.backward() calls, but typed (Tensor.backward is not)
     for parameter in predictor.parameters():
         if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
             parameter.grad.zero_()
@@ -151,7 +151,7 @@ def _step(optimizer: torch.optim.Optimizer, predictor: AMEDPredictor, loss: Tens
 def train_predictor(
     predictor: AMEDPredictor,
     *,
-    variant: Variant,
+    update: IntervalUpdate,
     sigmas: Tensor,
     teacher_sigmas: Tensor,
     afs: bool,
@@ -180,7 +180,7 @@ def train_predictor(
     if settings.objective not in ("interval", "trajectory"):
         raise ValueError(f"objective {settings.objective!r}: choose interval or trajectory")
     whole = settings.objective == "trajectory"
-    if whole and not variant.multistep:
+    if whole and not update.multistep:
         raise ValueError(f"the trajectory objective is for multistep students ({', '.join(MULTISTEP)} bases)")
     if len(teacher_sigmas) != every * intervals + 1:
         raise ValueError(f"teacher grid of {len(teacher_sigmas)} points for {intervals} intervals x {every}")
@@ -208,14 +208,14 @@ def train_predictor(
         total = None
         with torch.enable_grad():
             for i in range(intervals):
-                start_state = x if variant.multistep else targets[i]
+                start_state = x if update.multistep else targets[i]
                 result = amed_interval(
                     counter,
                     predictor,
                     start_state,
                     s[i],
                     s[i + 1],
-                    variant=variant,
+                    update=update,
                     history=history,
                     use_afs=afs and i == 0,
                 )

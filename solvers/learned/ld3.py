@@ -242,10 +242,11 @@ def train_ld3(
 def _adam_rows(delta: Tensor, grad: Tensor, rows: list[int], state: dict[str, Any], lr: float) -> Tensor:
     """One Adam step (betas 0.9, 0.999) on the rows of x' in this minibatch, per-row moments."""
     state["t"] += 1
-    m, v = state["m"], state["v"]
+    m: Tensor = state["m"]
+    v: Tensor = state["v"]
     m[rows] = 0.9 * m[rows] + 0.1 * grad
     v[rows] = 0.999 * v[rows] + 0.001 * grad * grad
-    t = state["t"]
+    t = int(state["t"])
     step = (m[rows] / (1 - 0.9**t)) / ((v[rows] / (1 - 0.999**t)).sqrt() + 1e-12)
     return delta[rows] - lr * step / math.sqrt(step[0].numel())
 

@@ -39,7 +39,7 @@ class Student:
     def run(self, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, afs: bool | None = None) -> Tensor:
         """The solver's state at sigmas[-1] from `x` at sigmas[0] (x already scaled to sigmas[0])."""
         extra = {"predictor": self.predictor} if self.spec.needs_predictor else {}
-        return self.spec.fn(
+        out: Tensor = self.spec.fn(
             CountingDenoiser(denoiser),
             x,
             sigmas,
@@ -48,6 +48,7 @@ class Student:
             progress=Progress(None, len(sigmas) - 1),
             **extra,
         )
+        return out
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Teacher:
         """The teacher's state at sigma_min from `x` at sigma_max (no AFS, no grad)."""
         spec = SOLVERS.get(self.solver)
         with torch.no_grad():
-            return spec.fn(
+            out: Tensor = spec.fn(
                 CountingDenoiser(denoiser),
                 x,
                 self.sigmas(denoiser),
@@ -80,6 +81,7 @@ class Teacher:
                 afs=False,
                 progress=Progress(None, self.steps),
             )
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,1 +1,1 @@
-"""Generated gRPC and protobuf code (python -m sampler_service.protogen); never edited by hand."""
+"""Generated gRPC and protobuf code (make protos: tools/protogen.py); never edited by hand."""

@@ -5,7 +5,10 @@ revision and whether the tree was dirty, a UTC timestamp, the device (CPU model 
 device if any) and the versions of Python and the numeric libraries. Results are written as CSV
 (a header row, then one row per record) and as JSON {"meta": ..., "rows": [...]}.
 
-Only the standard library at import time; torch is imported inside `collect()` for the device.
+A top-level package of its own: the bench, the training scripts in models/ and the speed benchmarks
+all record runs with it, and it depends on none of our packages (nor they on it at run time: the
+service never imports it). Only the standard library at import time; torch is imported inside
+`collect()` for the device.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Generate the Python code of the gRPC contract: `python -m sampler_service.protogen`.
+"""Generate the Python code of the gRPC contract: `make protos` (= `python -m tools.protogen`).
 
 protos/sampler/v1/sampler.proto -> sampler_service/gen/sampler/v1/sampler_pb2{.py,.pyi,_grpc.py},
-with the pinned grpcio-tools (dev extra). The proto root is mapped to sampler_service/gen so the
-generated imports are absolute (`from sampler_service.gen.sampler.v1 import sampler_pb2`). The
-generated files are committed and never edited; tests/test_protos.py regenerates into a
-temporary folder and fails when the committed ones differ.
+with the pinned grpcio-tools (dev extra). A developer tool, outside the runtime packages and never
+installed. The proto root is mapped to sampler_service/gen so the generated imports are absolute
+(`from sampler_service.gen.sampler.v1 import sampler_pb2`). The generated files are committed and
+never edited; tests/test_protos.py regenerates into a temporary folder and fails when the committed
+ones differ.
 """
 
 from __future__ import annotations
