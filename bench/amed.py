@@ -61,7 +61,7 @@ from solvers.amed import (
 from solvers.learned import GRID_SELECTION_SEED_BASE, GRID_TRAINING_SEED_BASE, GridCard, grid_key, save_grid
 from solvers.learned.gits import GITSSettings, teacher_trajectories, train_gits
 from solvers.learned.ld3 import LD3Settings, train_ld3
-from solvers.learned.student import Student, Teacher
+from solvers.learned.student import Student, Teacher, rmse
 
 from .errors import BenchError
 
@@ -416,6 +416,80 @@ def train_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+HAND_DESIGNED = ("polynomial", "logsnr", "time_uniform")
+
+
+def compare_schedules(args: argparse.Namespace) -> int:
+    """RMSE against the LD3 teacher (Heun, 64 logsnr steps) of each solver on the hand-designed
+    schedules and on every learned grid found for it, on noises disjoint from the grids' training and
+    selection and from every benchmark (2**42 + 1000 + k by default): which method moved the number."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    store = PredictorStore([*args.dir, predictor_folder(model, args.model)])
+    classes = model.null_class if model.null_class is not None else model.num_class_embeds
+    seeds = list(
+        range(GRID_SELECTION_SEED_BASE + args.seed_offset, GRID_SELECTION_SEED_BASE + args.seed_offset + args.num)
+    )
+    labels = None if classes is None else torch.tensor([seed % classes for seed in seeds], device=model.device)
+    denoiser = model.conditioned() if labels is None else model.conditioned(labels, args.guidance)
+    noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+    teacher = Teacher(steps=args.teacher_steps)
+    with torch.no_grad():
+        target = teacher.final(denoiser, noise * model.sigma_max)
+    rows = []
+    for name in args.solvers.split(","):
+        solver, _, raw = name.partition(":")
+        spec = solvers.SOLVERS.get(solver)
+        params = spec.parse_params(json.loads(raw) if raw else {})
+        student = Student(spec, params, args.afs)
+        for nfe in args.nfe:
+            steps = spec.steps_for_nfe(nfe, args.afs, params)
+            if steps is None:
+                continue
+            grids = {
+                schedule: solvers.build_sigmas(
+                    schedule, steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max, sigma_levels=None
+                )
+                for schedule in HAND_DESIGNED
+            }
+            for method in ("gits", "ld3"):
+                key = grid_key(
+                    model_fingerprint=model.fingerprint,
+                    solver=solver,
+                    solver_params=params.model_dump(),
+                    method=method,
+                    nfe=nfe,
+                    afs=args.afs,
+                    guidance=args.guidance,
+                )
+                if store.has_grid(key):
+                    grids[f"learned-{method}"] = store.find_grid(key, args.model)
+            for schedule, sigmas in grids.items():
+                with torch.no_grad():
+                    score = rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target)
+                rows.append(
+                    {
+                        "solver": solver,
+                        "solver_params": json.dumps(params.model_dump(), sort_keys=True),
+                        "nfe": nfe,
+                        "afs": args.afs,
+                        "schedule": schedule,
+                        "rmse_teacher": score,
+                        "sigmas": " ".join(f"{v:.4g}" for v in sigmas.tolist()),
+                    }
+                )
+                print(f"{solver} {raw} NFE {nfe} {schedule:>14}: rmse {score:.4f}", file=sys.stderr)
+    meta = {**meta, "teacher": teacher.as_dict(), "seeds": [seeds[0], len(seeds)], "guidance": args.guidance}
+    provenance.write_csv(args.out / "results.csv", rows)
+    provenance.write_json(args.out / "results.json", meta, rows)
+    return 0
+
+
 def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
@@ -505,6 +579,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None)
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(handler=train_schedule)
+    c = commands.add_parser(
+        "compare-schedules",
+        help="held-out RMSE against a teacher: hand-designed schedules against the learned grids found",
+    )
+    c.add_argument("--model", default="mnist")
+    c.add_argument("--solvers", required=True, help='comma-separated solver[:JSON params], e.g. ipndm:{"max_order":2}')
+    c.add_argument("--nfe", type=lambda text: [int(v) for v in text.split(",")], required=True)
+    c.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
+    c.add_argument("--guidance", type=float, default=1.0)
+    c.add_argument("--num", type=int, default=64, help="held-out noises (the grids' selection range)")
+    c.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)")
+    c.add_argument("--teacher-steps", type=int, default=64)
+    c.add_argument("--dir", type=Path, action="append", default=[])
+    c.add_argument("--device", default="auto")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(handler=compare_schedules)
     listing = commands.add_parser("list", help="list the predictors and learned grids in folders")
     listing.add_argument("--model", default=None, help="also the model's own amed/ folder")
     listing.add_argument("--dir", type=Path, action="append", default=[])
