@@ -19,12 +19,15 @@ from . import (
     amed_ablation,
     batch_invariance,
     fd_vs_nfe,
+    fuzz,
     model_card,
     model_speed,
     report,
     serve_load,
+    serve_startup,
     solver_overhead,
     step_error,
+    t2i_speed,
 )
 from .errors import BenchError
 
@@ -42,8 +45,11 @@ COMMANDS = (
     step_error,
     report,
     serve_load,
+    serve_startup,
     batch_invariance,
     amed_ablation,
+    fuzz,
+    t2i_speed,
 )
 
 

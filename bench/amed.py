@@ -33,7 +33,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ from .errors import BenchError
 DEFAULT_TEACHER = {base: base for base in BASES}  # the plugin's recipe: its own base as teacher
 
 
-def predictor_folder(model: models.DiffusionModel, source: str) -> Path:
+def predictor_folder(model: models.Model, source: str) -> Path:
     """Where a model's predictors live by default: `<model folder>/amed/`."""
     return models.loading.find_files(source).root / "amed"
 
@@ -93,6 +93,26 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
     return name, params, args.teacher_substeps if args.teacher_substeps is not None else substeps
 
 
+def _conditioning(
+    model: models.Model, prompts: Sequence[str], guidance: float
+) -> Callable[[Sequence[int]], solvers.Denoiser]:
+    """The training denoiser of a batch of seeds: seed % classes as the label of a class-conditional
+    model (the null class excluded), prompts[seed % len(prompts)] for a text-to-image one."""
+    if isinstance(model, models.TextToImageModel):
+        return lambda seeds: model.conditioned([prompts[seed % len(prompts)] for seed in seeds], None, guidance)
+    class_model = model
+    class_model.unet.requires_grad_(False)
+    classes = class_model.null_class if class_model.null_class is not None else class_model.num_class_embeds
+
+    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
+        if classes is None:
+            return class_model.conditioned()
+        labels = torch.tensor([seed % classes for seed in seeds], device=class_model.device)
+        return class_model.conditioned(labels, guidance)
+
+    return conditioned
+
+
 def train(args: argparse.Namespace) -> int:
     if args.trajectories < 0:
         raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
@@ -106,7 +126,11 @@ def train(args: argparse.Namespace) -> int:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    model.unet.requires_grad_(False)
+    if isinstance(model, models.TextToImageModel):
+        if not args.prompt:
+            raise BenchError(f"--model {args.model} is text-to-image: give training prompts with --prompt (repeatable)")
+    elif args.prompt:
+        raise BenchError(f"--prompt: model {args.model} is class-conditional (it trains on its labels)")
     spec = solvers.SOLVERS.get(args.solver)
     if not spec.needs_predictor:
         raise BenchError(f"--solver {args.solver}: expected amed or amed_plugin")
@@ -150,13 +174,7 @@ def train(args: argparse.Namespace) -> int:
         teacher_sigmas = subdivide(sigmas, substeps + 1)
     else:
         sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
-    classes = model.null_class if model.null_class is not None else model.num_class_embeds
-
-    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
-        if classes is None:
-            return model.conditioned()
-        labels = torch.tensor([seed % classes for seed in seeds], device=model.device)
-        return model.conditioned(labels, args.guidance)
+    conditioned = _conditioning(model, args.prompt, args.guidance)
 
     feature_shape = None
     if not args.table:
@@ -276,7 +294,7 @@ def train_schedule(args: argparse.Namespace) -> int:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    model.unet.requires_grad_(False)
+    conditioned = _conditioning(model, args.prompt, args.guidance)
     spec = solvers.SOLVERS.get(args.solver)
     params = spec.parse_params(args.solver_params)
     predictor = None
@@ -284,15 +302,9 @@ def train_schedule(args: argparse.Namespace) -> int:
         predictor = new_predictor(PredictorConfig(), args.seed).to(model.device)
     student = Student(spec, params, args.afs, predictor)
     steps = student.steps_for(args.nfe)
-    classes = model.null_class if model.null_class is not None else model.num_class_embeds
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
-        if classes is None:
-            denoiser = model.conditioned()
-        else:
-            labels = torch.tensor([seed % classes for seed in seeds], device=model.device)
-            denoiser = model.conditioned(labels, args.guidance)
-        return denoiser, solvers.make_noise(seeds, model.sample_shape, device=model.device)
+        return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
 
     offset = args.seed * 1_000_003
     first_train, first_select = GRID_TRAINING_SEED_BASE + offset, GRID_SELECTION_SEED_BASE + offset
@@ -431,12 +443,10 @@ def compare_schedules(args: argparse.Namespace) -> int:
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     store = PredictorStore([*args.dir, predictor_folder(model, args.model)])
-    classes = model.null_class if model.null_class is not None else model.num_class_embeds
     seeds = list(
         range(GRID_SELECTION_SEED_BASE + args.seed_offset, GRID_SELECTION_SEED_BASE + args.seed_offset + args.num)
     )
-    labels = None if classes is None else torch.tensor([seed % classes for seed in seeds], device=model.device)
-    denoiser = model.conditioned() if labels is None else model.conditioned(labels, args.guidance)
+    denoiser = _conditioning(model, args.prompt, args.guidance)(seeds)
     noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
     teacher = Teacher(steps=args.teacher_steps)
     with torch.no_grad():
@@ -494,7 +504,7 @@ def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
         try:
-            model = models.load(args.model, device="cpu")
+            model = models.class_conditional(models.load(args.model, device="cpu"))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
         folders.append(predictor_folder(model, args.model))
@@ -525,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
+    t.add_argument(
+        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
+    )
     t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-3)
@@ -560,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nfe", type=int, required=True)
     g.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--prompt", action="append", default=[], help="text-to-image models: training prompts")
     g.add_argument("--trajectories", type=int, default=None, help="default 32 (gits) or 100 (ld3)")
     g.add_argument("--selection", type=int, default=64, help="held-out noises that pick the coefficient / epoch")
     g.add_argument("--teacher", default=None, help="default heun")
@@ -588,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nfe", type=lambda text: [int(v) for v in text.split(",")], required=True)
     c.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
     c.add_argument("--guidance", type=float, default=1.0)
+    c.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
     c.add_argument("--num", type=int, default=64, help="held-out noises (the grids' selection range)")
     c.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)")
     c.add_argument("--teacher-steps", type=int, default=64)
