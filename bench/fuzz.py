@@ -52,7 +52,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fuzz-cpu"
 SERVICE = "/sampler.v1.SamplerService/"
 UNARY_METHODS = ("GenerateUnary", "Plan", "ListModels", "ListSolvers", "GetServerInfo")
 METHODS = ("Generate", *UNARY_METHODS)
+TOKEN = "fuzz-token-0123456789"  # --auth: the server's bearer token (loopback only)
 MAX_MESSAGE_CHARS = 4096  # a status message longer than this quotes input it should have cut short
 REQUEST_TIMEOUT = 120.0  # seconds; only a hang reaches it
 CHEAP_COST = 8  # steps x samples x passes above which a valid mutation goes to Plan only
@@ -100,6 +101,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=positive_int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="serve with a bearer token: calls carry it, except about 10%% that carry none or a wrong one "
+        "and must be UNAUTHENTICATED",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
 
@@ -588,6 +595,24 @@ def build_cases(seed: int, count: int, limits: Limits) -> list[Case]:
     return [rng.choices(makers, weights=weights)[0]() for _ in range(count)]
 
 
+def with_token(cases: list[Case], token: str, seed: int) -> list[Case]:
+    """The cases as a client of a server with auth sends them: with `authorization: Bearer token`,
+    except about 10% (not cancels or deadlines) that carry none or a wrong one and must be
+    answered UNAUTHENTICATED, whatever else is wrong with them."""
+    rng = random.Random(seed)
+    signed = []
+    for case in cases:
+        header = ("authorization", f"Bearer {token}")
+        expect = case.expect
+        if case.kind not in ("cancel", "deadline") and rng.random() < 0.1:
+            header = rng.choice(
+                [("authorization", f"Bearer {token}x"), ("authorization", "Basic Zm9v"), ("x-none", "")]
+            )
+            expect = "unauthenticated"
+        signed.append(replace(case, metadata=(*case.metadata, header), expect=expect))
+    return signed
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -692,7 +717,7 @@ class HealthProbe(threading.Thread):
                     self.bad.append(name)
 
 
-def published_limits(port: int) -> Limits:
+def published_limits(port: int, metadata: tuple[tuple[str, str], ...] = ()) -> Limits:
     """Bounds as the server publishes them (ServerInfo, ListModels, ListSolvers) plus the schedule
     parameter schemas from the registry (the API does not list schedules)."""
     import grpc
@@ -703,9 +728,9 @@ def published_limits(port: int) -> Limits:
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SamplerServiceStub(channel)
-        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
-        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
-        solver_list = stub.ListSolvers(pb.ListSolversRequest(), timeout=30)
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30, metadata=metadata)
+        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=metadata)
+        solver_list = stub.ListSolvers(pb.ListSolversRequest(), timeout=30, metadata=metadata)
     mnist = next((m for m in listed.models if m.name == "mnist"), None)
     if mnist is None:
         raise BenchError("the server does not serve the mnist model")
@@ -834,6 +859,10 @@ def judge(outcomes: list[Outcome], failing: list[dict[str, Any]] | None = None) 
             fail("OK for a request that breaks the published schema or limits", outcome)
         if code == "INVALID_ARGUMENT" and case.kind in ("mutation", "valid") and not outcome.fields:
             fail("INVALID_ARGUMENT without a field violation naming the field", outcome)
+        if case.expect == "unauthenticated" and code != "UNAUTHENTICATED":
+            fail("a call without the right token not answered UNAUTHENTICATED", outcome)
+        if code == "UNAUTHENTICATED" and case.expect != "unauthenticated":
+            fail("UNAUTHENTICATED for a call with the right token (or on a server without auth)", outcome)
         if case.expect == "unimplemented" and code != "UNIMPLEMENTED":
             fail("an unknown method not answered UNIMPLEMENTED", outcome)
         if outcome.message_chars > MAX_MESSAGE_CHARS:
@@ -901,6 +930,7 @@ def run(args: argparse.Namespace) -> int:
         "SAMPLER_HOST": "127.0.0.1",
         "SAMPLER_DEVICE": args.device,
         "SAMPLER_METRICS_PORT": str(metrics_port),
+        **({"SAMPLER_AUTH_TOKEN": TOKEN} if args.auth else {}),
         "HF_HUB_OFFLINE": "1",
     }
     log_file = Path(tempfile.mkstemp(prefix="fuzz-server-", suffix=".log")[1])
@@ -914,9 +944,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         _wait_serving(port, server)
         seconds_to_serving = time.perf_counter() - started
-        limits = published_limits(port)
+        token = (("authorization", f"Bearer {TOKEN}"),) if args.auth else ()
+        limits = published_limits(port, token)
         cases = build_cases(args.seed, args.requests, limits)
         warm = [c for c in build_cases(args.seed + 1, 200, limits) if c.kind == "valid"][:8]
+        if args.auth:
+            cases, warm = with_token(cases, TOKEN, args.seed), [replace(c, metadata=token) for c in warm]
         warmed = asyncio.run(_run_cases(port, warm, 4, lambda done: None))  # first calls of each kind
         rss_before = _rss_kib(server.pid)
         probe = HealthProbe(port)

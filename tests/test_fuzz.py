@@ -110,3 +110,15 @@ def test_judge_fails_unknown_internal_and_accepted_invalid() -> None:
         "OK for a request that breaks the published schema or limits",
         "INVALID_ARGUMENT without a field violation naming the field",
     ]
+
+
+def test_with_token_signs_every_call_but_about_a_tenth() -> None:
+    cases = fuzz.build_cases(5, 2000, _limits())
+    signed = fuzz.with_token(cases, "secret", seed=5)
+    refused = [c for c in signed if c.expect == "unauthenticated"]
+    assert 100 < len(refused) < 300
+    assert all(("authorization", "Bearer secret") not in c.metadata for c in refused)
+    assert all(c.kind not in ("cancel", "deadline") for c in refused)
+    kept = [c for c in signed if c.expect != "unauthenticated"]
+    assert all(c.metadata[-1] == ("authorization", "Bearer secret") for c in kept)
+    assert [c.payload for c in signed] == [c.payload for c in cases]
