@@ -15,10 +15,11 @@ from bench import fuzz
 from bench.__main__ import main
 
 
-@pytest.mark.slow  # about 25 s: a server start and 400 requests
+@pytest.mark.slow  # about 30 s: a server start and 400 requests
 def test_a_short_seeded_fuzz_run_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server process: tiny batches, a shared machine
-    status = main(["fuzz", "--requests", "400", "--seed", "1", "--concurrency", "8", "--out", str(tmp_path)])
+    # --text: a tiny Stable Diffusion pipeline is served too (its loading once printed progress bars)
+    status = main(["fuzz", "--text", "--requests", "400", "--seed", "1", "--concurrency", "8", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "fuzz.json").read_text())["meta"]["summary"]
     assert summary["failures"] == []
     assert status == 0
