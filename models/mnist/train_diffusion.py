@@ -195,6 +195,9 @@ def export(out: Path, ema: UNet2DModel, info: dict[str, Any]) -> None:
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    # A quality record measured other weights (an earlier export of a resumed run): the card says
+    # "not measured" until `bench model-card` measures these.
+    (out / "quality.json").unlink(missing_ok=True)
     card.write_diffusion_card(out)
 
 
