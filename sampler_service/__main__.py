@@ -1,4 +1,6 @@
-"""`sampler-service serve [--host --port --config --models-config --device --dtype --metrics-port]`.
+"""`sampler-service serve [--host --port --config --models-config --device --dtype --metrics-port]`;
+`sampler-service ray [--config deploy/ray/serve.yaml --address --num-cpus --num-gpus --grpc-port
+--replicas]` runs the same service as Ray Serve applications (the [ray] extra; docs/scale-out.md).
 
 Flags override SAMPLER_* environment variables, which override the TOML settings file. Logs go to
 stderr, one JSON object per line. SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests
@@ -63,6 +65,48 @@ async def serve(overrides: dict[str, object], config: Path | None) -> int:
     return 0
 
 
+def serve_ray(args: argparse.Namespace) -> int:
+    """Start (or join) a Ray cluster, deploy the Serve config, serve until SIGTERM / SIGINT, then
+    shut Serve down (each replica finishes its requests in flight first)."""
+    log = logging.getLogger("sampler_service")
+    try:
+        import ray
+        from ray import serve
+
+        from . import ray_app
+    except ImportError as error:
+        print(f"sampler-service: error: {error.name} is missing: pip install 'diffusion-sampler-service[ray]'")
+        return 2
+    config = ray_app.read_config(args.config, grpc_port=args.grpc_port, replicas=args.replicas)
+    began = time.perf_counter()
+    ray.init(
+        address=args.address,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        namespace="serve",
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    try:
+        ray_app.deploy(config)
+        names = ", ".join(application.name for application in config.applications)
+        log.info(
+            f"SERVING {names} through Ray Serve's gRPC proxy on port {config.grpc_options.port} "
+            f"{time.perf_counter() - began:.1f} s after start (send metadata application=<name>)"
+        )
+        received: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, _frame: received.append(number))
+        while not received:
+            time.sleep(0.2)
+        log.info(f"{signal.Signals(received[0]).name}: draining (graceful_shutdown_timeout_s per deployment)")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    log.info("stopped")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sampler-service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,10 +121,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--dtype")
     run.add_argument("--metrics-port", type=int)
     run.add_argument("--no-reflection", dest="reflection", action="store_false", default=None)
+    on_ray = commands.add_parser("ray", help="serve through Ray Serve's gRPC proxy (a local head unless --address)")
+    on_ray.add_argument("--config", type=Path, default=Path("deploy/ray/serve.yaml"), help="Ray Serve config")
+    on_ray.add_argument("--address", default=None, help="join this cluster (e.g. auto) instead of starting a head")
+    on_ray.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local head (default: all)")
+    on_ray.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local head (default: all)")
+    on_ray.add_argument("--grpc-port", type=int, default=None, help="replaces grpc_options.port")
+    on_ray.add_argument("--replicas", type=int, default=None, help="a fixed replica count instead of autoscaling")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    if args.command == "ray":
+        try:
+            return serve_ray(args)
+        except (ValidationError, ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"sampler-service: error: {error}", file=sys.stderr)
+            return 2
     names = ("host", "port", "models_config", "device", "dtype", "metrics_port", "reflection")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:

@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 import models
 import solvers
-from models.config import ModelEntry, ModelsConfig, load_models, read_models_config
+from models.config import ModelEntry, ModelsConfig, ModelsConfigError, load_models, read_models_config
 from solvers.amed import PredictorStore
 
 from .engine import Engine, Ticket
@@ -336,14 +336,25 @@ def _rejecting(handler: grpc.RpcMethodHandler, error: ServiceError) -> grpc.RpcM
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 
 
-def load_served(settings: Settings) -> dict[str, ServedModel]:
-    """The models of the settings' models config (default: the built-in mnist)."""
+def load_served(settings: Settings, names: Collection[str] | None = None) -> dict[str, ServedModel]:
+    """The models of the settings' models config (default: the built-in mnist); only those in
+    `names` when given (a Ray Serve replica loads just its own model).
+
+    Raises:
+        ModelError: a model failed to load, or a name in `names` is not in the config.
+    """
     if settings.models_config is not None:
         config = read_models_config(settings.models_config)
     else:
         config = ModelsConfig(
             models=[ModelEntry(name="mnist", source="mnist", device=settings.device, dtype=settings.dtype)]
         )
+    if names is not None:
+        known = [entry.name for entry in config.models]
+        missing = sorted(set(names) - set(known))
+        if missing:
+            raise ModelsConfigError(f"model {missing[0]!r} is not in the models config: expected one of {known}")
+        config = ModelsConfig(models=[entry for entry in config.models if entry.name in names])
     loaded = load_models(config)
     served = {}
     for name, model in loaded.items():
@@ -379,16 +390,9 @@ async def create_server(
             ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
-    for name in [*served, SERVICE_NAME, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    metrics = Metrics(settings.metrics_port, settings.metrics_host)
-    engine = Engine(settings, served)
-    engine.on_batch = metrics.batch
-    metrics.queue_depth.set_function(lambda: engine.admitted)
-    service = Service(settings, served, engine, health_servicer, metrics)
+    service = await build_service(settings, served)
     pb_grpc.add_SamplerServiceServicer_to_server(SamplerServicer(service), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     if settings.reflection:
         from grpc_reflection.v1alpha import reflection
 
@@ -400,8 +404,21 @@ async def create_server(
     else:
         port = server.add_insecure_port(address)
     await server.start()
-    metrics.start()
+    service.metrics.start()
     return server, port, service
+
+
+async def build_service(settings: Settings, served: dict[str, ServedModel]) -> Service:
+    """The state behind a servicer: engine, metrics, health (NOT_SERVING until `start()`). The
+    gRPC server and each Ray Serve replica (ray_app.py) build theirs here."""
+    health_servicer = health.aio.HealthServicer()
+    for name in [*served, SERVICE_NAME, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics = Metrics(settings.metrics_port, settings.metrics_host)
+    engine = Engine(settings, served)
+    engine.on_batch = metrics.batch
+    metrics.queue_depth.set_function(lambda: engine.admitted)
+    return Service(settings, served, engine, health_servicer, metrics)
 
 
 async def shutdown(server: grpc.aio.Server, service: Service, grace: float) -> None:
@@ -412,4 +429,13 @@ async def shutdown(server: grpc.aio.Server, service: Service, grace: float) -> N
     service.metrics.stop()
 
 
-__all__ = ["API_VERSION", "SERVICE_NAME", "SamplerServicer", "Service", "create_server", "load_served", "shutdown"]
+__all__ = [
+    "API_VERSION",
+    "SERVICE_NAME",
+    "SamplerServicer",
+    "Service",
+    "build_service",
+    "create_server",
+    "load_served",
+    "shutdown",
+]
