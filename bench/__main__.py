@@ -21,6 +21,7 @@ from . import (
     fd_vs_nfe,
     model_card,
     model_speed,
+    ray_load,
     report,
     serve_load,
     solver_overhead,
@@ -42,6 +43,7 @@ COMMANDS = (
     step_error,
     report,
     serve_load,
+    ray_load,
     batch_invariance,
     amed_ablation,
 )

@@ -100,6 +100,7 @@ def serve_ray(args: argparse.Namespace) -> int:
         while not received:
             time.sleep(0.2)
         log.info(f"{signal.Signals(received[0]).name}: draining (graceful_shutdown_timeout_s per deployment)")
+        ray_app.drain(config)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,6 +24,7 @@ the package imports this module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,13 +42,16 @@ from models.errors import ModelError
 
 from .errors import NotReady
 from .gen.sampler.v1 import sampler_pb2 as pb
+from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
 from .server import SamplerServicer, Service, build_service, load_served
 from .settings import load_settings
 
 log = logging.getLogger("sampler_service.ray")
 
 # What the proxy's gRPC options must list so that it serves our service (deploy/ray/serve.yaml).
-SERVICER_FUNCTION = "sampler_service.gen.sampler.v1.sampler_pb2_grpc.add_SamplerServiceServicer_to_server"
+SERVICER_FUNCTION = "sampler_service.ray_app.add_to_ray_proxy"
+# How Ray words the error of a request whose replica died (ray.exceptions.RayActorError).
+_REPLICA_DIED = ("The actor died", "The actor is dead", "actor died unexpectedly")
 DEPLOYMENT_NAME = "Sampler"
 
 
@@ -79,6 +83,57 @@ class RayContext:
         # Ray keeps its request_id entry and appends ours.
         self.ray_context.set_trailing_metadata(list(status.trailing_metadata or ()))
         raise Aborted(status)
+
+
+def add_to_ray_proxy(servicer: Any, server: Any) -> None:
+    """Register `sampler.v1.SamplerService` on Ray Serve's gRPC proxy (`grpc_servicer_functions`).
+
+    The generated `add_SamplerServiceServicer_to_server` does the registering; around it, each of
+    the proxy's method handlers is wrapped so that a request whose replica died (killed, node lost)
+    ends UNAVAILABLE, as the single server's clients expect of a server that went away and as
+    retry policies key on, instead of the INTERNAL that Ray's proxy (2.60) answers for it. Where a
+    Ray version has no `service_handler_factory` on its proxy server, registration is plain.
+    """
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is None:
+        log.warning("Ray's gRPC proxy has no service_handler_factory: a dead replica's requests end INTERNAL")
+        pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+        return
+
+    def wrapped(service_method: str, streaming_type: Any) -> Callable[..., Any]:
+        return _replica_death_is_unavailable(factory(service_method=service_method, streaming_type=streaming_type))
+
+    server.service_handler_factory = wrapped
+    try:
+        pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+    finally:
+        server.service_handler_factory = factory
+
+
+def _replica_death_is_unavailable(handler: Callable[..., Any]) -> Callable[..., Any]:
+    def relabel(context: grpc.aio.ServicerContext) -> None:
+        details = context.details() or ""
+        if isinstance(details, bytes):
+            details = details.decode(errors="replace")
+        if context.code() == grpc.StatusCode.INTERNAL and any(text in details for text in _REPLICA_DIED):
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(f"the replica serving this request stopped: {details.splitlines()[0]}")
+
+    if inspect.isasyncgenfunction(handler):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for message in handler(request, context):
+                yield message
+            relabel(context)
+
+        return streaming
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        response = await handler(request, context)
+        relabel(context)
+        return response
+
+    return unary
 
 
 class ReplicaOptions(BaseModel):
@@ -265,13 +320,24 @@ def deploy(config: ServeDeploySchema, *, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
+def drain(config: ServeDeploySchema) -> None:
+    """Delete the config's applications, each replica first finishing its requests in flight
+    (within its graceful_shutdown_timeout_s), then stop Serve. `serve.shutdown()` alone stops the
+    proxies at once, cutting the streams they carry."""
+    for application in config.applications:
+        serve.delete(application.name, _blocking=True)
+    serve.shutdown()
+
+
 __all__ = [
     "DEPLOYMENT_NAME",
     "SERVICER_FUNCTION",
     "RayContext",
     "ReplicaOptions",
     "SamplerDeployment",
+    "add_to_ray_proxy",
     "build",
     "deploy",
+    "drain",
     "read_config",
 ]
