@@ -87,7 +87,7 @@ def _wait_ready(target: str, metadata: tuple[tuple[str, str], ...], process: sub
     with SamplerClient(target, timeout=5.0, metadata=metadata) as client:
         while time.perf_counter() < deadline:
             if process.poll() is not None:
-                raise BenchError(f"{process.args} exited with status {process.returncode}")
+                raise BenchError(f"{target}: its server exited with status {process.returncode}")
             try:
                 if all(model.ready for model in client.list_models()):
                     return
