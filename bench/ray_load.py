@@ -179,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
     sizes = ["--num-cpus", str(args.cpus), "--replicas", str(args.cpus), "--grpc-port", str(ray_port)]
     on_ray = subprocess.Popen(
         [sys.executable, "-m", "sampler_service", "ray", "--config", str(SERVE_CONFIG), *sizes],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "1"},
+        # Ray starts workers at nice 15 (its control plane first); on this shared machine that would
+        # starve the replicas against the single server at nice 0.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0"},
         text=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -33,17 +33,17 @@ from typing import Any, NoReturn
 import grpc
 import torch
 from grpc_status import rpc_status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.schema import ServeDeploySchema
 
 from models.errors import ModelError
 
-from .errors import NotReady
+from .errors import NotReady, ServiceError
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
-from .server import SamplerServicer, Service, build_service, load_served
+from .server import SamplerServicer, Service, TokenInterceptor, build_service, load_served
 from .settings import load_settings
 
 log = logging.getLogger("sampler_service.ray")
@@ -53,6 +53,7 @@ SERVICER_FUNCTION = "sampler_service.ray_app.add_to_ray_proxy"
 # How Ray words the error of a request whose replica died (ray.exceptions.RayActorError).
 _REPLICA_DIED = ("The actor died", "The actor is dead", "actor died unexpectedly")
 DEPLOYMENT_NAME = "Sampler"
+BUILDER = "sampler_service.ray_app:build"  # a Serve config's import_path for our applications
 
 
 class Aborted(Exception):
@@ -166,6 +167,9 @@ class SamplerDeployment:
             served = {}
         self.service: Service = await build_service(settings, served)
         self.servicer = SamplerServicer(self.service)
+        # Ray's proxy takes no interceptors: the replica checks the bearer token itself.
+        token = settings.token()
+        self.auth = TokenInterceptor(token) if token is not None else None
         await self.service.start()
 
     def check_health(self) -> None:
@@ -181,13 +185,20 @@ class SamplerDeployment:
         empty: type[Any],
     ) -> Any:
         if self.failure is not None:
-            await _unavailable(grpc_context, self.failure)
+            await _refuse(grpc_context, NotReady(self.failure))
+            return empty()
+        refused = self._unauthenticated(grpc_context)
+        if refused is not None:
+            await _refuse(grpc_context, refused)
             return empty()
         try:
             return await method(request, RayContext(grpc_context))
         except Aborted:
             # The status is on the context; Ray's proxy sends it instead of this message.
             return empty()
+
+    def _unauthenticated(self, grpc_context: RayServegRPCContext) -> ServiceError | None:
+        return self.auth.check(grpc_context.invocation_metadata()) if self.auth is not None else None
 
     async def Plan(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.PlanResponse:
         return await self._unary(self.servicer.Plan, request, grpc_context, pb.PlanResponse)
@@ -213,8 +224,9 @@ class SamplerDeployment:
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        if self.failure is not None:
-            await _unavailable(grpc_context, self.failure)
+        refused = NotReady(self.failure) if self.failure is not None else self._unauthenticated(grpc_context)
+        if refused is not None:
+            await _refuse(grpc_context, refused)
             yield pb.GenerateEvent()
             return
         try:
@@ -234,10 +246,10 @@ class SamplerDeployment:
         await self.service.engine.stop()
 
 
-async def _unavailable(grpc_context: RayServegRPCContext, failure: str) -> None:
-    """Set UNAVAILABLE (what the single server answers for a model that is not ready) on the context."""
+async def _refuse(grpc_context: RayServegRPCContext, error: ServiceError) -> None:
+    """Set the error's status (code, message, google.rpc details) on the context, as the server's abort does."""
     with contextlib.suppress(Aborted):
-        await RayContext(grpc_context).abort_with_status(rpc_status.to_status(NotReady(failure).to_status()))
+        await RayContext(grpc_context).abort_with_status(rpc_status.to_status(error.to_status()))
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -281,6 +293,12 @@ def read_config(path: Path, *, grpc_port: int | None = None, replicas: int | Non
     if grpc_port is not None:
         document.setdefault("grpc_options", {})["port"] = grpc_port
     config = ServeDeploySchema.model_validate(document)
+    for application in config.applications:
+        if application.import_path == BUILDER:
+            try:
+                ReplicaOptions.model_validate(application.args)
+            except ValidationError as error:
+                raise ValueError(f"{path}: application {application.name!r}: {error}") from None
     functions = config.grpc_options.grpc_servicer_functions
     if SERVICER_FUNCTION not in functions:
         raise ValueError(f"{path}: grpc_options.grpc_servicer_functions={functions} must list {SERVICER_FUNCTION}")

@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,14 +313,19 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-        if hmac.compare_digest(given_bytes, self.expected):
+        error = self.check(details.invocation_metadata or ())
+        if error is None:
             return await continuation(details)
-        error = Unauthenticated("missing bearer token" if not given else "wrong bearer token")
         handler = await continuation(details)
         return _rejecting(handler, error)
+
+    def check(self, metadata: Iterable[tuple[str, str | bytes]]) -> Unauthenticated | None:
+        """None when the call's metadata carries the token (Ray Serve replicas call this too)."""
+        given = dict(metadata).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if hmac.compare_digest(given_bytes, self.expected):
+            return None
+        return Unauthenticated("missing bearer token" if not given else "wrong bearer token")
 
 
 def _rejecting(handler: grpc.RpcMethodHandler, error: ServiceError) -> grpc.RpcMethodHandler:
@@ -434,6 +439,7 @@ __all__ = [
     "SERVICE_NAME",
     "SamplerServicer",
     "Service",
+    "TokenInterceptor",
     "build_service",
     "create_server",
     "load_served",

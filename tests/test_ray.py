@@ -259,19 +259,28 @@ def test_a_model_that_fails_to_load_fails_health_checks_and_spares_the_other_app
         serve.delete("broken", _blocking=True)
 
 
-def test_zz_drain_finishes_the_requests_in_flight(cluster: RayCluster) -> None:
-    """`ray_app.drain` (what SIGTERM to `sampler-service ray` does) lets requests in flight finish."""
-    clients = 4
-    started = threading.Barrier(clients + 1)
-    with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(_generate, cluster.stub, [k], 300, started) for k in range(clients)]
-        started.wait(120)
-        ray_app.drain(cluster.config)
-        outcomes = [future.result(300) for future in futures]
-    for events, error in outcomes:
-        assert error is None, error.details()
-        assert len(_raw(events)) == 1
-    assert "mnist" not in serve.status().applications
+def test_the_bearer_token_is_checked_by_the_replica(cluster: RayCluster) -> None:
+    """Ray's proxy runs no interceptors: a replica whose settings set a token checks it itself."""
+    options = ray_app.ReplicaOptions(model="mnist", overrides={"auth_token": "s3cret", "warmup": False})
+    deployment = ray_app.SamplerDeployment.options(  # type: ignore[attr-defined]
+        num_replicas=1, ray_actor_options={"num_cpus": 0}
+    )
+    serve.run(deployment.bind(options), name="secured", route_prefix="/secured")
+    secured = (("application", "secured"),)
+    try:
+        wrong = (*secured, ("authorization", "Bearer no"))
+        for metadata, text in ((secured, "missing bearer token"), (wrong, "wrong bearer token")):
+            for call in (
+                lambda metadata=metadata: cluster.stub.Plan(request(), metadata=metadata),
+                lambda metadata=metadata: list(cluster.stub.Generate(request(), metadata=metadata)),
+            ):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert text in error.details()
+        plan = cluster.stub.Plan(request(), metadata=(*secured, ("authorization", "Bearer s3cret")))
+        assert plan.nfe == 4
+    finally:
+        serve.delete("secured", _blocking=True)
 
 
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
@@ -300,3 +309,38 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     assert gpu.ray_actor_options.num_gpus == 1
     models_config = ray_app.ReplicaOptions.model_validate(local.applications[0].args).overrides["models_config"]
     assert [m.name for m in read_models_config(Path(models_config)).models] == ["mnist"]
+
+
+def test_sampler_service_ray_names_a_bad_config_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sampler_service.__main__ import main as service_main
+
+    assert service_main(["ray", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    config = tmp_path / "serve.yaml"
+    text = SERVE_CONFIG.read_text().replace(ray_app.SERVICER_FUNCTION, "some.module:add_servicer")
+    config.write_text(text)
+    assert service_main(["ray", "--config", str(config)]) == 2
+    assert f"must list {ray_app.SERVICER_FUNCTION}" in capsys.readouterr().err
+    config.write_text(SERVE_CONFIG.read_text().replace("torch_threads: 1", "torch_threads: 0"))
+    assert service_main(["ray", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "application 'mnist'" in error
+    assert "torch_threads" in error
+    assert "greater than or equal to 1" in error
+
+
+def test_zz_drain_finishes_the_requests_in_flight(cluster: RayCluster) -> None:
+    """`ray_app.drain` (what SIGTERM to `sampler-service ray` does) lets requests in flight finish."""
+    clients = 4
+    started = threading.Barrier(clients + 1)
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(_generate, cluster.stub, [k], 300, started) for k in range(clients)]
+        started.wait(120)
+        ray_app.drain(cluster.config)
+        outcomes = [future.result(300) for future in futures]
+    for events, error in outcomes:
+        assert error is None, error.details()
+        assert len(_raw(events)) == 1
+    assert "mnist" not in serve.status().applications
