@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from .errors import BenchError
 DEFAULT_TEACHER = {base: base for base in BASES}  # the plugin's recipe: its own base as teacher
 
 
-def predictor_folder(model: models.DiffusionModel, source: str) -> Path:
+def predictor_folder(model: models.Model, source: str) -> Path:
     """Where a model's predictors live by default: `<model folder>/amed/`."""
     return models.loading.find_files(source).root / "amed"
 
@@ -76,6 +76,26 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
     return name, params, args.teacher_substeps if args.teacher_substeps is not None else substeps
 
 
+def _conditioning(
+    model: models.Model, prompts: Sequence[str], guidance: float
+) -> Callable[[Sequence[int]], solvers.Denoiser]:
+    """The training denoiser of a batch of seeds: seed % classes as the label of a class-conditional
+    model (the null class excluded), prompts[seed % len(prompts)] for a text-to-image one."""
+    if isinstance(model, models.TextToImageModel):
+        return lambda seeds: model.conditioned([prompts[seed % len(prompts)] for seed in seeds], None, guidance)
+    class_model = model
+    class_model.unet.requires_grad_(False)
+    classes = class_model.null_class if class_model.null_class is not None else class_model.num_class_embeds
+
+    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
+        if classes is None:
+            return class_model.conditioned()
+        labels = torch.tensor([seed % classes for seed in seeds], device=class_model.device)
+        return class_model.conditioned(labels, guidance)
+
+    return conditioned
+
+
 def train(args: argparse.Namespace) -> int:
     if args.trajectories < 0:
         raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
@@ -89,7 +109,11 @@ def train(args: argparse.Namespace) -> int:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    model.unet.requires_grad_(False)
+    if isinstance(model, models.TextToImageModel):
+        if not args.prompt:
+            raise BenchError(f"--model {args.model} is text-to-image: give training prompts with --prompt (repeatable)")
+    elif args.prompt:
+        raise BenchError(f"--prompt: model {args.model} is class-conditional (it trains on its labels)")
     spec = solvers.SOLVERS.get(args.solver)
     if not spec.needs_predictor:
         raise BenchError(f"--solver {args.solver}: expected amed or amed_plugin")
@@ -117,13 +141,7 @@ def train(args: argparse.Namespace) -> int:
         )
 
     sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
-    classes = model.null_class if model.null_class is not None else model.num_class_embeds
-
-    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
-        if classes is None:
-            return model.conditioned()
-        labels = torch.tensor([seed % classes for seed in seeds], device=model.device)
-        return model.conditioned(labels, args.guidance)
+    conditioned = _conditioning(model, args.prompt, args.guidance)
 
     feature_shape = None
     if not args.table:
@@ -227,7 +245,7 @@ def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
         try:
-            model = models.load(args.model, device="cpu")
+            model = models.class_conditional(models.load(args.model, device="cpu"))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
         folders.append(predictor_folder(model, args.model))
@@ -256,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
+    t.add_argument(
+        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
+    )
     t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-3)

@@ -291,7 +291,7 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     """Load the model and the scorers, fix seeds and labels, and compute (or load) the reference."""
     state = state if state is not None else distributed_state(config.device)
     device = str(state.device) if state.num_processes > 1 and config.device == "auto" else config.device
-    model = models.load(config.model, device=device, dtype=config.dtype)
+    model = models.class_conditional(models.load(config.model, device=device, dtype=config.dtype))
     mnist_like = model.sample_shape == (1, 28, 28)
     scorer = MnistScorer.shared(model.device) if mnist_like else None
     fid, fid_note = None, None

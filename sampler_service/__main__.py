@@ -2,9 +2,11 @@
 `sampler-service ray [--config deploy/ray/serve.yaml --address --num-cpus --num-gpus --grpc-port
 --replicas]` runs the same service as Ray Serve applications (the [ray] extra; docs/scale-out.md).
 
-Flags override SAMPLER_* environment variables, which override the TOML settings file. Logs go to
-stderr, one JSON object per line. SIGTERM / SIGINT drain: health turns NOT_SERVING, new requests
-are refused, in-flight ones get `grace_seconds` to finish.
+Flags override SAMPLER_* environment variables, which override the TOML settings file. Everything
+the server writes to stderr is a log record, one JSON object per line (Python warnings from torch
+and numpy included). A start-up error is one record naming the setting and the cause, exit code 2.
+SIGTERM / SIGINT drain: health turns NOT_SERVING and new requests get UNAVAILABLE while the port
+stays open; requests in flight get `grace_seconds` to finish; then the process exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -23,8 +26,10 @@ from pydantic import ValidationError
 
 from models.errors import ModelError
 
-from .server import create_server, shutdown
-from .settings import load_settings
+from . import IMPORTED_AT
+from .settings import describe_error, load_settings
+
+log = logging.getLogger("sampler_service")
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,7 +40,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "method", "code"):
+        for key in ("request_id", "method", "code", "setting"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -43,9 +48,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def setup_logging() -> None:
+    """JSON records on stderr for everything: our loggers, grpc's and asyncio's, and Python
+    warnings (torch, numpy), which would otherwise print plain lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.captureWarnings(True)
+
+
 async def serve(overrides: dict[str, object], config: Path | None) -> int:
+    from .server import create_server, shutdown  # after main() has set GRPC_VERBOSITY
+
     settings = load_settings(config, **overrides)
-    log = logging.getLogger("sampler_service")
     began = time.perf_counter()
     server, port, service = await create_server(settings)
     log.info(f"listening on {settings.host}:{port}; loading done in {time.perf_counter() - began:.1f} s")
@@ -55,7 +70,8 @@ async def serve(overrides: dict[str, object], config: Path | None) -> int:
         loop.add_signal_handler(signum, stop.set)
     await service.start()
     log.info(
-        f"SERVING {', '.join(service.served)} {time.perf_counter() - began:.1f} s after start"
+        f"SERVING {', '.join(service.served)} {time.perf_counter() - IMPORTED_AT:.1f} s after the process "
+        f"started (imports included), {time.perf_counter() - began:.1f} s after the settings were read"
         + (f"; metrics on port {service.metrics.bound_port}" if service.metrics.bound_port else "")
     )
     await stop.wait()
@@ -67,15 +83,14 @@ async def serve(overrides: dict[str, object], config: Path | None) -> int:
 
 def serve_ray(args: argparse.Namespace) -> int:
     """Start (or join) a Ray cluster, deploy the Serve config, serve until SIGTERM / SIGINT, then
-    shut Serve down (each replica finishes its requests in flight first)."""
-    log = logging.getLogger("sampler_service")
+    drain: each replica finishes its requests in flight, then Serve and Ray stop."""
     try:
         import ray
         from ray import serve
 
         from . import ray_app
     except ImportError as error:
-        print(f"sampler-service: error: {error.name} is missing: pip install 'diffusion-sampler-service[ray]'")
+        log.error("cannot start: %s is missing: pip install 'diffusion-sampler-service[ray]'", error.name)
         return 2
     config = ray_app.read_config(args.config, grpc_port=args.grpc_port, replicas=args.replicas)
     began = time.perf_counter()
@@ -85,7 +100,6 @@ def serve_ray(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         namespace="serve",
         include_dashboard=False,
-        log_to_driver=True,
     )
     try:
         ray_app.deploy(config)
@@ -130,22 +144,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_ray.add_argument("--grpc-port", type=int, default=None, help="replaces grpc_options.port")
     on_ray.add_argument("--replicas", type=int, default=None, help="a fixed replica count instead of autoscaling")
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    setup_logging()
     if args.command == "ray":
         try:
             return serve_ray(args)
         except (ValidationError, ValueError, FileNotFoundError, RuntimeError) as error:
-            print(f"sampler-service: error: {error}", file=sys.stderr)
+            log.error("cannot start: %s", error)
             return 2
+    # grpc's C core prints plain-text lines of its own, e.g. an INFO line for every failed TLS
+    # handshake (anyone can cause those: a log flood outside the JSON log). It reads this once,
+    # when grpc loads, so before the server module is imported: errors only, unless set otherwise.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from .server import StartupError
+
     names = ("host", "port", "models_config", "device", "dtype", "metrics_port", "reflection")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:
         return asyncio.run(serve(overrides, args.config))
-    except (ValidationError, FileNotFoundError, ModelError) as error:
-        print(f"sampler-service: error: {error}", file=sys.stderr)
-        return 2
+    except StartupError as error:
+        log.error("cannot start: %s", error, extra={"setting": error.setting})
+    except ValidationError as error:
+        log.error("cannot start: %s", describe_error(error))
+    except (FileNotFoundError, ModelError) as error:
+        log.error("cannot start: %s", error)
+    return 2
 
 
 if __name__ == "__main__":

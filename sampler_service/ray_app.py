@@ -43,7 +43,8 @@ from models.errors import ModelError
 from .errors import NotReady, ServiceError
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
-from .server import SamplerServicer, Service, TokenInterceptor, build_service, load_served
+from .interceptors import TokenInterceptor
+from .server import SamplerServicer, Service, build_service, load_served
 from .settings import load_settings
 
 log = logging.getLogger("sampler_service.ray")
@@ -77,6 +78,10 @@ class RayContext:
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return list(self.ray_context.invocation_metadata())
+
+    def time_remaining(self) -> float | None:
+        """Ray's context does not carry the client's deadline (the proxy enforces request_timeout_s)."""
+        return None
 
     async def abort_with_status(self, status: grpc.Status) -> NoReturn:
         self.ray_context.set_code(status.code)

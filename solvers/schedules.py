@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidParameterError, UnknownScheduleError
-from .registry import Params, Registry, parse_params
+from .registry import MAX_STEPS, Params, Registry, parse_params
 
 PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 
@@ -38,8 +38,16 @@ class RangeParams(Params):
     sigma_max: PositiveFloat | None = None
 
 
+# rho of the polynomial and time-uniform grids. The grids are computed relative to their top end,
+# so no rho overflows (the textbook smax^(1/rho) does below rho ~ 0.007 for smax = 80). rho = 0.01
+# already puts every sigma but the last within 7% of the top at 1000 steps (one jump to the
+# bottom); much lower, consecutive sigmas coincide in float64. Above 100 the polynomial grid is
+# indistinguishable from `logsnr` (its rho -> infinity limit).
+Rho = Annotated[float, pydantic.Field(ge=0.01, le=100, allow_inf_nan=False)]
+
+
 class PolynomialParams(RangeParams):
-    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 7.0
+    rho: Rho = 7.0
 
 
 class LogSNRParams(RangeParams):
@@ -47,8 +55,12 @@ class LogSNRParams(RangeParams):
 
 
 class TimeUniformParams(RangeParams):
-    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
-    eps_s: Annotated[float, pydantic.Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-3
+    rho: Rho = 1.0
+    # VP time of sigma_min (sigma_max sits at t = 1). fit_vp_betas also needs
+    # eps_s (2 - eps_s) log(1 + sigma_max^2) > log(1 + sigma_min^2), checked per model: 4.9e-6 for
+    # EDM's 0.002..80, so 1e-6 leaves room for models with a smaller sigma_min. Up to 0.99 the grid
+    # still spans [eps_s, 1] with finite betas.
+    eps_s: Annotated[float, pydantic.Field(ge=1e-6, le=0.99, allow_inf_nan=False)] = 1e-3
 
 
 class DiscreteParams(Params):
@@ -58,7 +70,7 @@ class DiscreteParams(Params):
 
 
 class CustomParams(Params):
-    sigmas: list[float]
+    sigmas: Annotated[list[float], pydantic.Field(min_length=2, max_length=MAX_STEPS + 1)]
 
 
 @dataclass(frozen=True)
@@ -107,11 +119,10 @@ def _u(steps: int) -> Tensor:
 @_register("polynomial", "Karras et al. (EDM) polynomial spacing in sigma, rho=7 by default", PolynomialParams)
 def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
     lo, hi = _range(params, sigma_min, sigma_max)
-    inv = 1.0 / params.rho
-    # float ** float is typed Any (it may be complex); both bases are positive here.
-    hi_root: float = hi**inv
-    lo_root: float = lo**inv
-    sigmas = (hi_root + _u(steps) * (lo_root - hi_root)) ** params.rho
+    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow);
+    # float ** float is typed Any (it may be complex): the base is positive here.
+    ratio: float = (lo / hi) ** (1.0 / params.rho)
+    sigmas = hi * (1.0 + _u(steps) * (ratio - 1.0)) ** params.rho
     sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power
     return sigmas
 
@@ -155,7 +166,11 @@ def vp_sigma(t: Tensor, beta_d: float, beta_min: float) -> Tensor:
 
 def vp_time(sigma: Tensor, beta_d: float, beta_min: float) -> Tensor:
     """The inverse of `vp_sigma`: the positive root of beta_d t^2 / 2 + beta_min t = log(1 + sigma^2)."""
-    return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+    level = torch.log1p(sigma**2)
+    root = torch.sqrt(beta_min**2 + 2 * beta_d * level)
+    if beta_min > 0:  # the same root without the cancellation of root - beta_min
+        return 2 * level / (root + beta_min)
+    return (root - beta_min) / beta_d
 
 
 @_register(
