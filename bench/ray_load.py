@@ -12,8 +12,10 @@ over rounds of throughput, p50 / p99 latency. With one client, single and Ray re
 one by one (paired): the lone request's latency ratio is the median of Ray / single per pair
 (goal <= 1.15). Throughput ratio Ray / single at 8 and 32 clients (goal >= 0.9).
 
-Writes bench/results/serve-load-ray.csv and .json with the provenance of the run (Ray's version in
-meta.libraries).
+Writes bench/results/serve-load-ray-cpus<N>.csv and .json with the provenance of the run (Ray's
+version in meta). On a machine shared with other work, compare at --cpus 1 too: torch with several
+intra-op threads stalls when its cores are busy elsewhere (one process with 2 threads), replicas of
+one thread do not, and that, not Ray, then dominates the ratio.
 """
 
 from __future__ import annotations
@@ -228,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
         f"single server: one process, {args.cpus} torch threads; Ray: local head of {args.cpus} CPUs, "
         f"{args.cpus} replicas of 1 CPU / 1 torch thread, deploy/ray/serve.yaml"
     )
-    provenance.write_csv(args.out / f"{NAME}.csv", rows, COLUMNS)
-    provenance.write_json(args.out / f"{NAME}.json", meta, rows)
+    provenance.write_csv(args.out / f"{NAME}-cpus{args.cpus}.csv", rows, COLUMNS)
+    provenance.write_json(args.out / f"{NAME}-cpus{args.cpus}.json", meta, rows)
     for row in rows:
         latency = f"; lone latency ratio {row['latency_ratio']:.3f}" if row["latency_ratio"] is not None else ""
         print(

@@ -18,21 +18,20 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import ray  # not importorskip: [dev] includes the [ray] extra, and these tests must run in CI
 import torch
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
-ray = pytest.importorskip("ray", reason="the [ray] extra (make test installs it)")
-from ray import serve  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from bench.mnist_quality import quantise
+from models.mnist.classifier import load_classifier
+from sampler_service import ray_app
+from sampler_service.client import main as client_main
+from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
+from sampler_service.gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
+from sampler_service.imaging import decode_raw
 
-from bench.mnist_quality import quantise  # noqa: E402
-from models.mnist.classifier import load_classifier  # noqa: E402
-from sampler_service import ray_app  # noqa: E402
-from sampler_service.client import main as client_main  # noqa: E402
-from sampler_service.gen.sampler.v1 import sampler_pb2 as pb  # noqa: E402
-from sampler_service.gen.sampler.v1 import sampler_pb2_grpc as pb_grpc  # noqa: E402
-from sampler_service.imaging import decode_raw  # noqa: E402
-
-from .test_service import FLOAT32_BATCH_TOLERANCE, RunningServer, details, request, rpc_error  # noqa: E402
+from .test_service import FLOAT32_BATCH_TOLERANCE, RunningServer, details, request, rpc_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO_ROOT / "deploy" / "ray" / "serve.yaml"
@@ -57,10 +56,10 @@ class RayCluster:
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.SamplerServiceStub(self.channel)
 
-    def replicas(self) -> dict[str, str]:
-        """Replica id -> state of the mnist application's deployment."""
+    def replicas(self) -> dict[str, int]:
+        """Replica state -> count, of the mnist application's deployment."""
         status = serve.status().applications["mnist"].deployments[ray_app.DEPLOYMENT_NAME]
-        return {state: count for state, count in status.replica_states.items()}
+        return {state.value: int(count) for state, count in status.replica_states.items()}
 
     def replica_actors(self) -> list[str]:
         return sorted(
@@ -229,7 +228,8 @@ def test_a_model_that_fails_to_load_fails_health_checks_and_spares_the_other_app
 ) -> None:
     (tmp_path / "models.toml").write_text('[[models]]\nname = "broken"\nsource = "no-such-folder"\n')
     options = ray_app.ReplicaOptions(model="broken", overrides={"models_config": str(tmp_path / "models.toml")})
-    deployment = ray_app.SamplerDeployment.options(  # type: ignore[attr-defined]
+    sampler: Any = ray_app.SamplerDeployment  # a serve.Deployment once decorated (mypy sees the class)
+    deployment = sampler.options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=1.0, max_constructor_retry_count=2
     )
     target = serve.RunTarget(deployment.bind(options), name="broken", route_prefix="/broken")
@@ -262,9 +262,8 @@ def test_a_model_that_fails_to_load_fails_health_checks_and_spares_the_other_app
 def test_the_bearer_token_is_checked_by_the_replica(cluster: RayCluster) -> None:
     """Ray's proxy runs no interceptors: a replica whose settings set a token checks it itself."""
     options = ray_app.ReplicaOptions(model="mnist", overrides={"auth_token": "s3cret", "warmup": False})
-    deployment = ray_app.SamplerDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=1, ray_actor_options={"num_cpus": 0}
-    )
+    sampler: Any = ray_app.SamplerDeployment  # a serve.Deployment once decorated (mypy sees the class)
+    deployment = sampler.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
     serve.run(deployment.bind(options), name="secured", route_prefix="/secured")
     secured = (("application", "secured"),)
     try:
