@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -52,7 +53,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fuzz-cpu"
 SERVICE = "/sampler.v1.SamplerService/"
 UNARY_METHODS = ("GenerateUnary", "Plan", "ListModels", "ListSolvers", "GetServerInfo")
 METHODS = ("Generate", *UNARY_METHODS)
+TOKEN = "fuzz-token-0123456789"  # --auth: the server's bearer token (loopback only)
 MAX_MESSAGE_CHARS = 4096  # a status message longer than this quotes input it should have cut short
 REQUEST_TIMEOUT = 120.0  # seconds; only a hang reaches it
 CHEAP_COST = 8  # steps x samples x passes above which a valid mutation goes to Plan only
@@ -100,6 +102,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=positive_int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="serve with a bearer token: calls carry it, except about 10%% that carry none or a wrong one "
+        "and must be UNAUTHENTICATED",
+    )
+    parser.add_argument(
+        "--text",
+        action="store_true",
+        help="also serve a tiny seeded Stable Diffusion pipeline (built offline) and mutate the text-to-image "
+        "fields: prompts, sizes, init images, strength",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
 
@@ -150,6 +164,9 @@ class Limits:
     num_labels: int
     solvers: dict[str, dict[str, Any]]  # name -> {schema, min_steps, reachable_nfe, needs_predictor}
     schedules: dict[str, dict[str, Any]]  # name -> JSON schema of its parameters
+    # a text-to-image model when served (--text): name, width, height, multiple, max_prompt_chars,
+    # min_side, max_side, max_pixels
+    text: dict[str, Any] | None = None
 
 
 def _short(value: Any) -> str:
@@ -259,6 +276,14 @@ class CaseMaker:
         self.limits = limits
         self.free_solvers = [name for name, s in limits.solvers.items() if not s["needs_predictor"]]
         self.index = 0
+        self.pngs: dict[str, bytes] = {}
+        if limits.text is not None:
+            self.pngs = {
+                "default": _png(int(limits.text["width"]), int(limits.text["height"]), rng),
+                "tiny": _png(1, 1, rng),
+                "huge": _png(6000, 6000, None),  # 36 M pixels of zeros: a 36 KB file
+                "junk": rng.randbytes(200),
+            }
         self.catalog = self._catalog()
         rng.shuffle(self.catalog)
         self.position = 0
@@ -341,7 +366,101 @@ class CaseMaker:
         junk = [b"\xff\xfe", b"mnist\xc3", b"\xed\xa0\x80", b"\xc0\x80", self.rng.randbytes(8)]
         entries += [("utf8", (number, value)) for number in STRING_FIELDS.values() for value in junk]
         entries += [("metadata", (value,)) for value in METADATA_VALUES]
+        if self.limits.text is not None:  # each text mutation three times: a few fields, many values
+            entries += [("text", (k,)) for k in range(len(self._text_table(self.text_base()))) for _ in range(3)]
         return entries
+
+    def text_base(self) -> Any:
+        """A cheap valid text-to-image request: one sample at the model's default size."""
+        from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
+
+        assert self.limits.text is not None
+        rng = self.rng
+        solver = rng.choice(self.free_solvers)
+        min_steps = int(self.limits.solvers[solver]["min_steps"])
+        return pb.GenerateRequest(
+            model=self.limits.text["name"],
+            solver=solver,
+            steps=max(min_steps, min(3, min_steps + rng.randrange(2))),
+            seeds=[rng.randrange(2**40)],
+            prompt=["a red cube on a table"],
+            guidance=[rng.choice([1.0, 2.0])],
+            request_id=f"fuzz-{self.index}",
+        )
+
+    def _text_table(self, request: Any) -> list[tuple[str, tuple[str, ...], dict[str, Any], str]]:
+        """Mutations of the text-to-image fields (prompt, negative_prompt, width, height,
+        init_image, strength) of a text request; the same length for every request."""
+        text = self.limits.text
+        assert text is not None
+        chars, multiple = int(text["max_prompt_chars"]), max(1, int(text["multiple"]))
+        width, height = int(text["width"]), int(text["height"])
+        low, high = int(text["min_side"]), int(text["max_side"])
+        nothing: tuple[str, ...] = ()
+        init = ("init_image",)
+        table: list[tuple[str, tuple[str, ...], dict[str, Any], str]] = [
+            ("prompt=['']", nothing, {"prompt": [""]}, "valid"),
+            ("prompt=[]", ("prompt",), {}, "valid"),
+            ("prompt=max_prompt_chars", nothing, {"prompt": ["p" * chars]}, "valid"),
+            ("prompt=max_prompt_chars+1", nothing, {"prompt": ["p" * (chars + 1)]}, "invalid"),
+            ("prompt=NUL inside", nothing, {"prompt": ["a\x00b"]}, "invalid"),
+            ("prompt=unicode", nothing, {"prompt": ["ünïcödé 名前 🙂 \u202e"]}, "valid"),
+            ("prompt=10,000 values", nothing, {"prompt": ["p"] * 10_000}, "invalid"),
+            ("prompt=2 for 1 sample", nothing, {"prompt": ["a", "b"]}, "invalid"),
+            ("negative_prompt=['blurry']", nothing, {"negative_prompt": ["blurry"]}, "valid"),
+            ("negative_prompt=max_prompt_chars+1", nothing, {"negative_prompt": ["n" * (chars + 1)]}, "invalid"),
+            ("negative_prompt=NUL", nothing, {"negative_prompt": ["\x00"]}, "invalid"),
+            ("negative_prompt=2 for 1 sample", nothing, {"negative_prompt": ["a", "b"]}, "invalid"),
+            ("width=0", nothing, {"width": 0}, "valid"),
+            ("width=default+multiple", nothing, {"width": width + multiple}, "valid"),
+            ("width=default+1", nothing, {"width": width + 1}, "invalid" if multiple > 1 else "valid"),
+            ("width=min_image_side", nothing, {"width": low}, "valid"),
+            ("width=min_image_side-1", nothing, {"width": max(1, low - 1)}, "invalid"),
+            ("width=max_image_side", nothing, {"width": high}, "valid"),
+            ("width=max_image_side+multiple", nothing, {"width": high + multiple}, "invalid"),
+            ("width=2^32-1", nothing, {"width": UINT32_MAX}, "invalid"),
+            ("height=default+multiple", nothing, {"height": height + multiple}, "valid"),
+            ("height=default+1", nothing, {"height": height + 1}, "invalid" if multiple > 1 else "valid"),
+            ("height=2^32-1", nothing, {"height": UINT32_MAX}, "invalid"),
+            (
+                "width=height=max_image_side",
+                nothing,
+                {"width": high, "height": high},
+                "valid" if high * high <= int(text["max_pixels"]) else "invalid",
+            ),
+            ("init_image=PNG of the default size", nothing, {"init_image": self.pngs["default"]}, "valid"),
+            (
+                "init_image=PNG of the default size, strength=1",
+                nothing,
+                {"init_image": self.pngs["default"], "strength": 1.0},
+                "valid",
+            ),
+            ("init_image=PNG 1x1", nothing, {"init_image": self.pngs["tiny"]}, "invalid"),
+            ("init_image=PNG 6000x6000", nothing, {"init_image": self.pngs["huge"]}, "invalid"),
+            ("init_image=truncated PNG", nothing, {"init_image": self.pngs["default"][:40]}, "invalid"),
+            ("init_image=random bytes", nothing, {"init_image": self.pngs["junk"]}, "invalid"),
+            ("init_image=PNG signature only", nothing, {"init_image": b"\x89PNG\r\n\x1a\n"}, "invalid"),
+            ("strength=0", nothing, {"init_image": self.pngs["default"], "strength": 0.0}, "invalid"),
+            ("strength=nan", nothing, {"init_image": self.pngs["default"], "strength": math.nan}, "invalid"),
+            ("strength=-1", nothing, {"init_image": self.pngs["default"], "strength": -1.0}, "invalid"),
+            (
+                "strength=1+",
+                nothing,
+                {"init_image": self.pngs["default"], "strength": _float32_after(1.0, 1)},
+                "invalid",
+            ),
+            ("strength=inf", nothing, {"init_image": self.pngs["default"], "strength": math.inf}, "invalid"),
+            ("strength without init_image", init, {"strength": 0.5}, "any"),
+            ("labels on a text model", nothing, {"labels": [1]}, "invalid"),
+            ("prompt on a class model", nothing, {"model": "mnist", "prompt": ["a cat"]}, "invalid"),
+            (
+                "init_image on a class model",
+                ("prompt",),
+                {"model": "mnist", "labels": [1], "init_image": self.pngs["default"]},
+                "invalid",
+            ),
+        ]
+        return table
 
     def mutation(self) -> Case:
         """The next entry of the (shuffled) catalog applied to a fresh cheap valid request; the
@@ -386,7 +505,11 @@ class CaseMaker:
                 field="request_id",
                 metadata=(("x-request-id", value),),
             )
-        what, cleared, fields, expect = self._table(request)[entry[0]]
+        if family == "text":
+            request = self.text_base()
+            what, cleared, fields, expect = self._text_table(request)[entry[0]]
+        else:
+            what, cleared, fields, expect = self._table(request)[entry[0]]
         for name in cleared:
             request.ClearField(name)
         for name, value in fields.items():
@@ -398,7 +521,12 @@ class CaseMaker:
         min_steps = int(self.limits.solvers.get(request.solver, {"min_steps": 1})["min_steps"])
         if expect == "valid" and request.WhichOneof("budget") == "steps" and request.steps < min_steps:
             expect = "invalid"
-        return self._case(request, what, expect)
+        case = self._case(request, what, expect)
+        text = self.limits.text
+        area = (request.width or (text or {}).get("width", 0)) * (request.height or (text or {}).get("height", 0))
+        if text is not None and expect == "valid" and area > text["width"] * text["height"]:
+            case = replace(case, method="Plan")  # a valid but larger image: what it would cost, not a run
+        return case
 
     def _params_case(self, request: Any, name: str, schema: dict[str, Any], key: str, value: Any) -> Case:
         properties = schema.get("properties", {})
@@ -564,6 +692,18 @@ class CaseMaker:
         )
 
 
+def _png(width: int, height: int, rng: random.Random | None) -> bytes:
+    """An RGB PNG: random pixels from `rng`, or zeros."""
+    import io
+
+    from PIL import Image
+
+    pixels = rng.randbytes(width * height * 3) if rng is not None else bytes(width * height * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _float32_after(value: float, direction: int) -> float:
     """The next float32 beyond `value` (guidance is a float field)."""
     import numpy as np
@@ -586,6 +726,24 @@ def build_cases(seed: int, count: int, limits: Limits) -> list[Case]:
     ]
     makers, weights = zip(*families, strict=True)
     return [rng.choices(makers, weights=weights)[0]() for _ in range(count)]
+
+
+def with_token(cases: list[Case], token: str, seed: int) -> list[Case]:
+    """The cases as a client of a server with auth sends them: with `authorization: Bearer token`,
+    except about 10% (not cancels or deadlines) that carry none or a wrong one and must be
+    answered UNAUTHENTICATED, whatever else is wrong with them."""
+    rng = random.Random(seed)
+    signed = []
+    for case in cases:
+        header = ("authorization", f"Bearer {token}")
+        expect = case.expect
+        if case.kind not in ("cancel", "deadline") and rng.random() < 0.1:
+            header = rng.choice(
+                [("authorization", f"Bearer {token}x"), ("authorization", "Basic Zm9v"), ("x-none", "")]
+            )
+            expect = "unauthenticated"
+        signed.append(replace(case, metadata=(*case.metadata, header), expect=expect))
+    return signed
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -692,7 +850,7 @@ class HealthProbe(threading.Thread):
                     self.bad.append(name)
 
 
-def published_limits(port: int) -> Limits:
+def published_limits(port: int, metadata: tuple[tuple[str, str], ...] = ()) -> Limits:
     """Bounds as the server publishes them (ServerInfo, ListModels, ListSolvers) plus the schedule
     parameter schemas from the registry (the API does not list schedules)."""
     import grpc
@@ -703,12 +861,13 @@ def published_limits(port: int) -> Limits:
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SamplerServiceStub(channel)
-        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
-        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
-        solver_list = stub.ListSolvers(pb.ListSolversRequest(), timeout=30)
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30, metadata=metadata)
+        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=metadata)
+        solver_list = stub.ListSolvers(pb.ListSolversRequest(), timeout=30, metadata=metadata)
     mnist = next((m for m in listed.models if m.name == "mnist"), None)
     if mnist is None:
         raise BenchError("the server does not serve the mnist model")
+    text = next((m for m in listed.models if m.kind == pb.MODEL_KIND_TEXT_TO_IMAGE), None)
     return Limits(
         max_steps=info.max_steps,
         max_samples=info.max_samples_per_request,
@@ -725,7 +884,34 @@ def published_limits(port: int) -> Limits:
             for s in solver_list.solvers
         },
         schedules={name: solvers.SCHEDULES.get(name).params.model_json_schema() for name in solvers.SCHEDULES.names()},
+        text=None
+        if text is None
+        else {
+            "name": text.name,
+            "width": text.width,
+            "height": text.height,
+            "multiple": text.size_multiple,
+            "max_prompt_chars": info.max_prompt_chars,
+            "min_side": info.min_image_side,
+            "max_side": info.max_image_side,
+            "max_pixels": info.max_image_pixels,
+        },
     )
+
+
+def _text_models_config(device: str) -> Path:
+    """A models config serving mnist and a tiny seeded Stable Diffusion pipeline saved to a
+    temporary folder (random weights, the real layout; no download)."""
+    from models.tiny_pipelines import save_tiny_pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-models-"))
+    save_tiny_pipeline("sd", folder / "tiny-sd")
+    config = folder / "models.toml"
+    config.write_text(
+        f'[[models]]\nname = "mnist"\nsource = "mnist"\ndevice = "{device}"\n\n'
+        f'[[models]]\nname = "tiny-sd"\nsource = "tiny-sd"\ndevice = "{device}"\n'
+    )
+    return config
 
 
 def _free_port() -> int:
@@ -834,6 +1020,10 @@ def judge(outcomes: list[Outcome], failing: list[dict[str, Any]] | None = None) 
             fail("OK for a request that breaks the published schema or limits", outcome)
         if code == "INVALID_ARGUMENT" and case.kind in ("mutation", "valid") and not outcome.fields:
             fail("INVALID_ARGUMENT without a field violation naming the field", outcome)
+        if case.expect == "unauthenticated" and code != "UNAUTHENTICATED":
+            fail("a call without the right token not answered UNAUTHENTICATED", outcome)
+        if code == "UNAUTHENTICATED" and case.expect != "unauthenticated":
+            fail("UNAUTHENTICATED for a call with the right token (or on a server without auth)", outcome)
         if case.expect == "unimplemented" and code != "UNIMPLEMENTED":
             fail("an unknown method not answered UNIMPLEMENTED", outcome)
         if outcome.message_chars > MAX_MESSAGE_CHARS:
@@ -901,6 +1091,8 @@ def run(args: argparse.Namespace) -> int:
         "SAMPLER_HOST": "127.0.0.1",
         "SAMPLER_DEVICE": args.device,
         "SAMPLER_METRICS_PORT": str(metrics_port),
+        **({"SAMPLER_AUTH_TOKEN": TOKEN} if args.auth else {}),
+        **({"SAMPLER_MODELS_CONFIG": str(_text_models_config(args.device))} if args.text else {}),
         "HF_HUB_OFFLINE": "1",
     }
     log_file = Path(tempfile.mkstemp(prefix="fuzz-server-", suffix=".log")[1])
@@ -914,9 +1106,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         _wait_serving(port, server)
         seconds_to_serving = time.perf_counter() - started
-        limits = published_limits(port)
+        token = (("authorization", f"Bearer {TOKEN}"),) if args.auth else ()
+        limits = published_limits(port, token)
         cases = build_cases(args.seed, args.requests, limits)
         warm = [c for c in build_cases(args.seed + 1, 200, limits) if c.kind == "valid"][:8]
+        if args.auth:
+            cases, warm = with_token(cases, TOKEN, args.seed), [replace(c, metadata=token) for c in warm]
         warmed = asyncio.run(_run_cases(port, warm, 4, lambda done: None))  # first calls of each kind
         rss_before = _rss_kib(server.pid)
         probe = HealthProbe(port)
@@ -954,6 +1149,8 @@ def run(args: argparse.Namespace) -> int:
                 server.kill()
     log = scan_log(log_file)
     log_file.unlink()
+    if args.text:
+        shutil.rmtree(Path(env["SAMPLER_MODELS_CONFIG"]).parent, ignore_errors=True)
     failing: list[dict[str, Any]] = []
     failures += judge(outcomes, failing)
     # the server's own count of OK answers of the cheap unary methods matches what clients saw

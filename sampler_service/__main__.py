@@ -122,6 +122,20 @@ def serve_ray(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_progress_bars() -> None:
+    """huggingface_hub, diffusers and transformers draw progress bars on stderr while a pipeline
+    loads ("Loading weights: 52/52"): plain lines outside the JSON log. Off through their own APIs;
+    transformers reads the hub's setting when it loads, so only a loaded one needs telling."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    loaded = sys.modules.get("transformers.utils.logging")  # the text extra, when installed and loaded
+    if loaded is not None:
+        loaded.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sampler-service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # handshake (anyone can cause those: a log flood outside the JSON log). It reads this once,
     # when grpc loads, so before the server module is imported: errors only, unless set otherwise.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    _quiet_progress_bars()
     from .server import StartupError
 
     names = ("host", "port", "models_config", "device", "dtype", "metrics_port", "reflection")

@@ -412,6 +412,7 @@ class Engine:
                     solver_params=job.solver_params,
                     afs=job.afs,
                     predictor=predictor,
+                    grid=job.sigmas if job.grid is not None else None,
                     callback=callback,
                     init=init,
                     start=job.key.start_step,

@@ -23,6 +23,7 @@ import solvers
 from solvers import MAX_SEED, Params, SolverSpec
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, train_command
 from solvers.errors import shorten
+from solvers.learned import GridKey, grid_key, train_schedule_command
 
 from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
@@ -153,6 +154,8 @@ class Job:
     key: MergeKey
     sigmas: Tensor = field(repr=False)
     predictor: PredictorKey | None = None
+    grid: GridKey | None = None
+    """The learned grid a `learned` schedule steps along (its sigmas are `sigmas`)."""
     text: TextInputs | None = None  # text-to-image conditioning; None for a class-conditional model
 
     @property
@@ -279,7 +282,8 @@ def build_job(
             violations.append(Violation("afs", f"true with {steps} step(s) would make no network call"))
             steps = None
     sigmas: Tensor | None = None
-    if steps is not None and schedule_params is not None:
+    learned = solvers.SCHEDULES.get(schedule).needs_grid  # its grid is looked up below, once guidance is known
+    if steps is not None and schedule_params is not None and not learned:
         sigmas = attempt(
             lambda: solvers.build_sigmas(
                 schedule,
@@ -354,6 +358,38 @@ def build_job(
         )
     if steps is not None and request.preview_every > steps:
         violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
+    wanted_grid: GridKey | None = None
+    if learned and steps is not None and schedule_params is not None and solver_params is not None:
+        wanted_grid = grid_key(
+            model_fingerprint=model.fingerprint,
+            solver=spec.name,
+            solver_params=solver_params.model_dump(),
+            method=schedule_params.model_dump()["method"],
+            nfe=spec.nfe(steps, afs),
+            afs=afs,
+            guidance=guidance[0] if guidance else 1.0,
+        )
+        if guidance is not None and len(set(guidance)) > 1:
+            violations.append(
+                Violation(
+                    "guidance", f"{sorted(set(guidance))}: a learned grid is trained for one value for all samples"
+                )
+            )
+        elif served.predictors.has_grid(wanted_grid):
+            grid = served.predictors.find_grid(wanted_grid, served.name)
+            sigmas = attempt(
+                lambda: solvers.build_sigmas(
+                    schedule,
+                    steps,
+                    sigma_min=model.sigma_min,
+                    sigma_max=model.sigma_max,
+                    sigma_levels=model.sigma_levels,
+                    params=schedule_params,
+                    grid=grid,
+                )
+            )
+        else:
+            sigmas = torch.empty(0, dtype=torch.float64)  # Plan reports the missing grid; Generate refuses
     if violations:
         raise InvalidRequest(violations)
     assert steps is not None
@@ -370,10 +406,15 @@ def build_job(
     run_steps = steps - start  # img2img runs the grid's tail: its steps and NFE are what is counted
     nfe = spec.nfe(run_steps, afs)
     wanted: PredictorKey | None = None
-    if spec.needs_predictor:
+    grid_missing = wanted_grid is not None and not served.predictors.has_grid(wanted_grid)
+    if spec.needs_predictor and not grid_missing:
         wanted = _predictor_key(served, spec, solver_params, nfe, schedule, schedule_params, sigmas, afs, guidance)
     key_text = wanted.describe() if wanted is not None else ""
     command = train_command(wanted, served.name) if wanted is not None else ""
+    available = wanted is not None and served.predictors.has(wanted)
+    if wanted_grid is not None and (grid_missing or wanted is None):  # Plan reports the grid
+        key_text, command = wanted_grid.describe(), train_schedule_command(wanted_grid, served.name)
+        available = not grid_missing
     if command and text is not None:
         command += ' --prompt "<a training prompt>" (repeat --prompt for more)'
     plan = Plan(
@@ -385,8 +426,8 @@ def build_job(
         network_evals=nfe * (int(conditional) + int(unconditional)),
         sigmas=tuple(sigmas[start:].tolist()),
         reachable_nfe=tuple(reachable_shown(spec, afs, solver_params, limits.max_steps)),
-        needs_predictor=spec.needs_predictor,
-        predictor_available=wanted is not None and served.predictors.has(wanted),
+        needs_predictor=spec.needs_predictor or wanted_grid is not None,
+        predictor_available=available,
         predictor_key=key_text,
         train_command=command,
         seeds=tuple(seeds),
@@ -430,6 +471,7 @@ def build_job(
         key=key,
         sigmas=sigmas,
         predictor=wanted,
+        grid=wanted_grid,
         text=text,
     )
 
@@ -466,6 +508,10 @@ def _predictor_key(
 def require_predictor(job: Job) -> None:
     """FAILED_PRECONDITION for a job whose solver needs a predictor this server lacks (Generate only;
     Plan reports it in PredictorStatus)."""
+    store = job.served.predictors
+    if job.grid is not None and not store.has_grid(job.grid):
+        grids = [key.describe() for key in store.grid_keys(job.served.model.fingerprint)]
+        raise PredictorMissing(job.plan.predictor_key, grids, job.plan.train_command)
     if job.predictor is not None and not job.served.predictors.has(job.predictor):
         available = [key.describe() for key in job.served.predictors.keys(job.served.model.fingerprint)]
         raise PredictorMissing(job.plan.predictor_key, available, job.plan.train_command)

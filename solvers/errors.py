@@ -107,6 +107,19 @@ class MissingPredictorError(SolverError, LookupError):
         super().__init__(f"no trained predictor for {key} (available: {have}); train one with: {train_command}")
 
 
+class MissingGridError(MissingPredictorError):
+    """A `learned` schedule found no stored grid for this request (same fields as
+    MissingPredictorError: what was looked for, what exists, the command that trains it)."""
+
+    def __init__(self, key: str, available: Sequence[str], train_command: str) -> None:
+        super().__init__(key, available, train_command)
+        have = "; ".join(self.available) if self.available else "none"
+        self.args = (f"no learned grid for {key} (available: {have}); train one with: {train_command}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 QUOTE_LIMIT = 64
 
 

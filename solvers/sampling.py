@@ -92,6 +92,7 @@ def sample(
     solver_params: Params | Mapping[str, Any] | None = None,
     afs: bool = False,
     predictor: Any = None,
+    grid: Tensor | None = None,
     callback: StepCallback | None = None,
     final_denoise: bool = False,
     init: Tensor | None = None,
@@ -109,6 +110,8 @@ def sample(
         solver_params: the solver's parameters (a mapping or its Params model).
         afs: analytical first step: the first direction costs no call (saves 1 NFE).
         predictor: the trained predictor of solvers that need one (AMED); else None.
+        grid: the stored sigmas of the `learned` schedule, float64 (steps + 1,) (solvers/learned
+            finds them); validated like any grid. Ignored by the other schedules.
         callback: called after each step with a StepInfo; return True to cancel.
         final_denoise: end with D(x, sigmas[-1]), one more counted call.
         init: image-to-image: the clean start (B, ...) (e.g. encoded latents), shape of the noise;
@@ -160,6 +163,7 @@ def sample(
         sigma_max=denoiser.sigma_max,
         sigma_levels=denoiser.sigma_levels,
         params=schedule_params,
+        grid=grid,
     )
     spec.check_grid(params, sigmas, denoiser.sigma_min, denoiser.sigma_max)
     sigmas = sigmas[start:]

@@ -11,6 +11,9 @@ Every schedule returns float64 sigmas of length steps + 1, strictly decreasing, 
 - `discrete`: the trained levels of a discrete-time model, picked with leading / trailing /
   linspace spacing (the diffusers conventions), always ending at the smallest trained sigma.
 - `custom`: an explicit list, validated.
+- `learned`: a grid trained for one model, solver, NFE, AFS and guidance (GITS or LD3,
+  solvers/learned), looked up by the caller in the artifact store and passed in as `grid`;
+  validated here like any other grid.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ class CustomParams(Params):
     sigmas: Annotated[list[float], pydantic.Field(min_length=2, max_length=MAX_STEPS + 1)]
 
 
+LEARNED_METHODS = ("gits", "ld3")
+
+
+class LearnedParams(Params):
+    method: Literal["gits", "ld3"] = "gits"
+    """Which trained grid: GITS (dynamic programming over a fine grid) or LD3 (trained sigmas)."""
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     name: str
@@ -80,6 +91,8 @@ class ScheduleSpec:
     params: type[Params]
     fn: Callable[..., Tensor]
     needs_levels: bool = False
+    needs_grid: bool = False
+    """A stored grid (the `learned` schedule): the caller looks it up and passes it as `grid`."""
 
     def parse_params(self, value: Params | Mapping[str, Any] | None) -> Params:
         return parse_params(self.params, value, "schedule_params")
@@ -92,10 +105,10 @@ ScheduleFn = TypeVar("ScheduleFn", bound=Callable[..., Tensor])
 
 
 def _register(
-    name: str, description: str, params: type[Params], *, needs_levels: bool = False
+    name: str, description: str, params: type[Params], *, needs_levels: bool = False, needs_grid: bool = False
 ) -> Callable[[ScheduleFn], ScheduleFn]:
     def wrap(fn: ScheduleFn) -> ScheduleFn:
-        SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels))
+        SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels, needs_grid))
         return fn
 
     return wrap
@@ -234,6 +247,22 @@ def custom(steps: int, params: CustomParams, **_: Any) -> Tensor:
     return torch.tensor(params.sigmas, dtype=torch.float64)
 
 
+@_register(
+    "learned",
+    "a grid trained for this model, solver, NFE, AFS and guidance (method gits or ld3; sampler-amed train-schedule)",
+    LearnedParams,
+    needs_grid=True,
+)
+def learned(steps: int, params: LearnedParams, grid: Tensor | None, **_: Any) -> Tensor:
+    if grid is None:  # the caller resolves the grid; a bare call has nothing to step along
+        raise InvalidParameterError(
+            "schedule", "learned", "a stored grid: look it up in the artifact store (sampler-amed list)"
+        )
+    if grid.numel() != steps + 1:
+        raise InvalidParameterError("schedule", f"learned grid of {grid.numel()} sigmas", f"{steps + 1} sigmas")
+    return grid.to(torch.float64).cpu()
+
+
 def build_sigmas(
     schedule: str,
     steps: int,
@@ -242,8 +271,10 @@ def build_sigmas(
     sigma_max: float,
     sigma_levels: Tensor | None = None,
     params: Params | Mapping[str, Any] | None = None,
+    grid: Tensor | None = None,
 ) -> Tensor:
     """The grid of `schedule` for `steps` intervals within the model's [sigma_min, sigma_max].
+    `grid` is the stored grid of the `learned` schedule (ignored by the others).
 
     Returns:
         float64 CPU tensor (steps + 1,), strictly decreasing, last entry > 0, inside the range.
@@ -256,7 +287,9 @@ def build_sigmas(
         raise InvalidParameterError(
             "schedule", schedule, "a continuous-time schedule (this model has no trained sigma levels)"
         )
-    sigmas = spec.fn(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, params=parsed, sigma_levels=sigma_levels)
+    sigmas = spec.fn(
+        steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, params=parsed, sigma_levels=sigma_levels, grid=grid
+    )
     check_sigmas(sigmas, sigma_min, sigma_max, field="schedule_params.sigmas" if schedule == "custom" else "schedule")
     return sigmas
 

@@ -15,10 +15,11 @@ from bench import fuzz
 from bench.__main__ import main
 
 
-@pytest.mark.slow  # about 25 s: a server start and 400 requests
+@pytest.mark.slow  # about 30 s: a server start and 400 requests
 def test_a_short_seeded_fuzz_run_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server process: tiny batches, a shared machine
-    status = main(["fuzz", "--requests", "400", "--seed", "1", "--concurrency", "8", "--out", str(tmp_path)])
+    # --text: a tiny Stable Diffusion pipeline is served too (its loading once printed progress bars)
+    status = main(["fuzz", "--text", "--requests", "400", "--seed", "1", "--concurrency", "8", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "fuzz.json").read_text())["meta"]["summary"]
     assert summary["failures"] == []
     assert status == 0
@@ -110,3 +111,15 @@ def test_judge_fails_unknown_internal_and_accepted_invalid() -> None:
         "OK for a request that breaks the published schema or limits",
         "INVALID_ARGUMENT without a field violation naming the field",
     ]
+
+
+def test_with_token_signs_every_call_but_about_a_tenth() -> None:
+    cases = fuzz.build_cases(5, 2000, _limits())
+    signed = fuzz.with_token(cases, "secret", seed=5)
+    refused = [c for c in signed if c.expect == "unauthenticated"]
+    assert 100 < len(refused) < 300
+    assert all(("authorization", "Bearer secret") not in c.metadata for c in refused)
+    assert all(c.kind not in ("cancel", "deadline") for c in refused)
+    kept = [c for c in signed if c.expect != "unauthenticated"]
+    assert all(c.metadata[-1] == ("authorization", "Bearer secret") for c in kept)
+    assert [c.payload for c in signed] == [c.payload for c in cases]
