@@ -59,7 +59,7 @@ class RayCluster:
     def replicas(self) -> dict[str, int]:
         """Replica state -> count, of the mnist application's deployment."""
         status = serve.status().applications["mnist"].deployments[ray_app.DEPLOYMENT_NAME]
-        return {state.value: int(count) for state, count in status.replica_states.items()}
+        return {str(getattr(state, "value", state)): int(count) for state, count in status.replica_states.items()}
 
     def replica_actors(self) -> list[str]:
         return sorted(
