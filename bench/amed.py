@@ -369,6 +369,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             lr=args.lr,
             radius=args.radius,
+            init=args.init,
             teacher=Teacher(solver=args.teacher or "heun", steps=args.teacher_steps),
             selection=args.selection,
         )
@@ -583,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=4, help="ld3")
     g.add_argument("--batch-size", type=int, default=25, help="ld3")
     g.add_argument("--lr", type=float, default=0.05, help="ld3: Adam step of the logits")
+    g.add_argument("--init", choices=HAND_DESIGNED, default="polynomial", help="ld3: the starting grid")
     g.add_argument("--radius", type=float, default=0.01, help="ld3: soft ball radius / (sqrt(d) sigma_max)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(

@@ -9,6 +9,9 @@ so the solvers step x and this module does the rest, once: it maps sigma to a (f
 timestep, scales the input into the VP space the network was trained in, and turns the
 network's eps / v / x0 output into the data prediction D(x, sigma).
 
+Those three maps are a `Parameterisation`: `VPDiscreteSchedule` here, `models.flow.FlowSchedule`
+for a rectified-flow UNet (velocity prediction); `UNetDenoiser` drives either.
+
 Depends on the solver contract's conventions and on diffusers' `UNet2DModel`; never on the
 service or the benchmarks.
 """
@@ -19,7 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from diffusers.models import UNet2DConditionModel, UNet2DModel  # not `diffusers`: its dummies fool type checkers
@@ -43,6 +46,45 @@ _DEFAULTS: dict[str, Any] = {
     "beta_schedule": "linear",
     "prediction_type": "epsilon",
 }
+
+
+class Parameterisation(Protocol):
+    """How a network trained in its own noise convention becomes the EDM denoiser D(x, sigma).
+
+    Attributes:
+        prediction_type: what the network predicts ("epsilon", "v_prediction", "sample",
+            "flow_prediction").
+        sigma_min, sigma_max: the EDM sigma range a schedule may span.
+        sigma_levels: the trained sigmas of a discrete-time model, ascending, float64, (T,); None
+            for a continuous-time one.
+    In the maps, x is the EDM state (B, ...), sigma (B,) and sigma_b the same values shaped
+    (B, 1, ..., 1) in x's dtype.
+    """
+
+    # Read-only properties: the implementations are frozen dataclasses.
+    @property
+    def prediction_type(self) -> str: ...
+
+    @property
+    def sigma_levels(self) -> Tensor | None: ...
+
+    @property
+    def sigma_min(self) -> float: ...
+
+    @property
+    def sigma_max(self) -> float: ...
+
+    def network_input(self, x: Tensor, sigma_b: Tensor) -> Tensor:
+        """The input the network was trained on at this noise level, x's dtype."""
+        ...
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The network's timestep for each sigma, (B,) float64."""
+        ...
+
+    def denoised(self, x: Tensor, sigma_b: Tensor, output: Tensor) -> Tensor:
+        """D(x, sigma) from the network output (in x's dtype), shape and dtype of x."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +171,20 @@ class VPDiscreteSchedule:
         return self.sigmas.numel()
 
     @property
+    def sigma_levels(self) -> Tensor:
+        return self.sigmas
+
+    def network_input(self, x: Tensor, sigma_b: Tensor) -> Tensor:
+        """x_vp = x / sqrt(1 + sigma^2), the VP-scaled input."""
+        return x * input_scale(sigma_b)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        return self.sigma_to_timestep(sigma)
+
+    def denoised(self, x: Tensor, sigma_b: Tensor, output: Tensor) -> Tensor:
+        return data_prediction(x, sigma_b, output, self.prediction_type)
+
+    @property
     def sigma_min(self) -> float:
         return float(self.sigmas[0])
 
@@ -205,8 +261,8 @@ def data_prediction(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: P
 
 
 class UNetDenoiser:
-    """A diffusers UNet with its DDPM-family schedule and bound conditioning, as a `solvers.Denoiser`
-    (and a `FeatureDenoiser`).
+    """A diffusers UNet with its trained parameterisation (a DDPM-family schedule, or a rectified
+    flow) and bound conditioning, as a `solvers.Denoiser` (and a `FeatureDenoiser`).
 
     Conditioning is fixed at construction, so solvers never see it. With guidance w per sample,
     D = D_u + w (D_c - D_u): w = 1 runs the conditional pass alone and w = 0 the unconditional one
@@ -221,7 +277,8 @@ class UNetDenoiser:
         unet: a UNet2DModel (optionally with a class-label embedding) or a UNet2DConditionModel
             conditioned on class labels and/or precomputed encoder embeddings, with a positional
             time embedding and as many output channels as input channels.
-        schedule: the trained schedule (see VPDiscreteSchedule.from_config).
+        schedule: the trained parameterisation (VPDiscreteSchedule.from_config, or
+            models.flow.FlowSchedule.from_config for a velocity-predicting flow UNet).
         labels: class labels (B,) of the conditional pass (a 0-dim tensor: the same label for any
             batch); None for an unconditional UNet.
         null_labels: class labels (B,) of the unconditional pass (e.g. the null class); needed when
@@ -235,7 +292,8 @@ class UNetDenoiser:
         guidance: w, a float or a tensor (B,).
     Attributes:
         sigma_min, sigma_max: the smallest and largest trained sigma.
-        sigma_levels: the trained sigmas, ascending, float64, shape (T,) (index = timestep).
+        sigma_levels: the trained sigmas, ascending, float64, shape (T,) (index = timestep);
+            None for a continuous-time (flow) model.
         evals_per_call: network evaluations per call, 1 or 2.
         batch_size: B of the bound conditioning, or None when nothing per-sample is bound.
     Raises:
@@ -246,7 +304,7 @@ class UNetDenoiser:
     def __init__(
         self,
         unet: UNet2DModel | UNet2DConditionModel,
-        schedule: VPDiscreteSchedule,
+        schedule: Parameterisation,
         *,
         labels: Tensor | None = None,
         null_labels: Tensor | None = None,
@@ -263,7 +321,7 @@ class UNetDenoiser:
         self._device, self._model_dtype = unet.device, unet.dtype
         self.schedule = schedule
         self.prediction_type = schedule.prediction_type
-        self.sigma_levels: Tensor | None = schedule.sigmas
+        self.sigma_levels: Tensor | None = schedule.sigma_levels
         self.sigma_min = schedule.sigma_min
         self.sigma_max = schedule.sigma_max
         w = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu()
@@ -364,8 +422,8 @@ class UNetDenoiser:
         return cls(unet, VPDiscreteSchedule.from_config(scheduler_config))
 
     def sigma_to_timestep(self, sigma: Tensor) -> Tensor:
-        """See VPDiscreteSchedule.sigma_to_timestep: shape (B,) -> (B,) float64."""
-        return self.schedule.sigma_to_timestep(sigma)
+        """The network's timestep of each sigma (Parameterisation.timestep): shape (B,) -> (B,) float64."""
+        return self.schedule.timestep(sigma)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """D(x, sigma).
@@ -393,9 +451,9 @@ class UNetDenoiser:
         device, model_dtype = self._device, self._model_dtype
         x_dev = x.to(device)
         sigma_b = sigma.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        # Scale before casting, so the half-precision case rounds the O(1) VP-scaled input, not x.
-        x_in = (x_dev * input_scale(sigma_b)).to(model_dtype)
-        timestep = self.schedule.sigma_to_timestep(sigma.to(device))
+        # Scale before casting, so the half-precision case rounds the O(1) scaled input, not x.
+        x_in = self.schedule.network_input(x_dev, sigma_b).to(model_dtype)
+        timestep = self.schedule.timestep(sigma.to(device))
         passes = self._passes
         if len(passes) == 2:
             x_in, timestep = torch.cat([x_in, x_in]), torch.cat([timestep, timestep])
@@ -428,11 +486,11 @@ class UNetDenoiser:
         if len(passes) == 2:
             assert self._guidance is not None
             w = self._guidance.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            cond = data_prediction(x_dev, sigma_b, output[:batch], self.prediction_type)
-            uncond = data_prediction(x_dev, sigma_b, output[batch:], self.prediction_type)
+            cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
+            uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
             denoised = uncond + w * (cond - uncond)
         else:
-            denoised = data_prediction(x_dev, sigma_b, output, self.prediction_type)
+            denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None
         if want_feature:
             feature = captured[-1][:batch].mean(dim=1).to(device=x.device, dtype=x.dtype)
@@ -536,6 +594,7 @@ def bottleneck_module(unet: UNet2DModel | UNet2DConditionModel) -> torch.nn.Modu
 __all__ = [
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
+    "Parameterisation",
     "UNetDenoiser",
     "UNetTraits",
     "VPDiscreteSchedule",

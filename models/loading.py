@@ -1,7 +1,7 @@
 """Loading diffusion models the way their users keep them: `models.load(source)`.
 
 A source is, in this order:
-- a built-in name (`mnist`, shipped in models/builtin/ in diffusers layout);
+- a built-in name (`mnist`, `mnist-flow`, shipped in models/builtin/ in diffusers layout);
 - a local folder in diffusers layout: a pipeline (model_index.json or unet/ + scheduler/), or a
   bare UNet folder (config.json and weights) with its scheduler_config.json beside them or in
   scheduler/;
@@ -29,7 +29,7 @@ from diffusers.models import UNet2DConditionModel, UNet2DModel
 from diffusers.utils import is_accelerate_available
 from torch import Tensor
 
-from .diffusers_unet import UNetDenoiser, VPDiscreteSchedule, unet_traits
+from .diffusers_unet import Parameterisation, UNetDenoiser, VPDiscreteSchedule, unet_traits
 from .errors import (
     InvalidConditioningError,
     InvalidDeviceError,
@@ -39,6 +39,7 @@ from .errors import (
     UnsupportedSchedulerError,
 )
 from .files import DIFFUSERS_WEIGHTS, digest, read_json, weight_files
+from .flow import FLOW_SCHEDULERS, FlowSchedule
 from .pipelines import TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
 from .prompts import DEFAULT_CACHE_SIZE, PromptCache
 from .text_to_image import ModelKind, SizeLimits, TextToImageModel
@@ -67,6 +68,12 @@ BUILTINS: dict[str, Builtin] = {
         BUILTIN_ROOT / "mnist",
         null_class=10,
         description="class-conditional MNIST digits 0-9 (label 10 = null class), 28x28, trained by this project",
+    ),
+    "mnist-flow": Builtin(
+        BUILTIN_ROOT / "mnist-flow",
+        null_class=10,
+        description="class-conditional MNIST digits 0-9 (label 10 = null class), 28x28, a rectified-flow "
+        "(velocity) UNet trained by this project",
     ),
 }
 
@@ -205,7 +212,8 @@ class DiffusionModel:
         name: the name it was loaded under.
         source: the source string it was loaded from.
         fingerprint: SHA-256 hex of weights and configs.
-        unet, schedule: the network (eval mode, gradients off for its parameters) and its schedule.
+        unet, schedule: the network (eval mode, gradients off for its parameters) and its trained
+            parameterisation (a VPDiscreteSchedule, or a FlowSchedule for a rectified-flow UNet).
         device, dtype: where and in what precision the network runs.
         num_class_embeds: size of the class-label table, None for models without labels.
         null_class: the label of the unconditional pass, None when the model has none.
@@ -222,7 +230,7 @@ class DiffusionModel:
         name: str,
         source: str,
         unet: UNet2DModel | UNet2DConditionModel,
-        schedule: VPDiscreteSchedule,
+        schedule: Parameterisation,
         fingerprint: str,
         null_class: int | None,
         scheduler_config: dict[str, Any] | None = None,
@@ -264,7 +272,7 @@ class DiffusionModel:
         self.sample_shape = (int(unet.config["in_channels"]), int(height), int(width))
         self.sigma_min = schedule.sigma_min
         self.sigma_max = schedule.sigma_max
-        self.sigma_levels = schedule.sigmas
+        self.sigma_levels = schedule.sigma_levels
 
     @property
     def prediction_type(self) -> str:
@@ -455,13 +463,21 @@ def _load_unet(
         )
     scheduler_config = read_json(files.scheduler_config)
     scheduler_class = scheduler_config.get("_class_name")
-    if scheduler_class is not None and scheduler_class not in VP_SCHEDULERS:
+    schedule: Parameterisation
+    if scheduler_class in FLOW_SCHEDULERS:
+        schedule = FlowSchedule.from_config(scheduler_config)
+    elif scheduler_class is None or scheduler_class in VP_SCHEDULERS:
+        schedule = VPDiscreteSchedule.from_config(scheduler_config)
+    else:
         raise UnsupportedSchedulerError(
             f"{files.scheduler_config}: _class_name",
             scheduler_class,
-            "a discrete DDPM-family scheduler (" + ", ".join(sorted(VP_SCHEDULERS)) + ")",
+            "a discrete DDPM-family scheduler ("
+            + ", ".join(sorted(VP_SCHEDULERS))
+            + ") or a flow-matching one ("
+            + ", ".join(sorted(FLOW_SCHEDULERS))
+            + ")",
         )
-    schedule = VPDiscreteSchedule.from_config(scheduler_config)
     weights = weight_files(files.unet_dir)
     unet = _build_unet(UNET_CLASSES[class_name], files.unet_dir, torch_dtype)
     unet_traits(unet)  # UnsupportedModelError before anything is moved to a device

@@ -1,4 +1,6 @@
-"""`sampler-service serve [--host --port --config --models-config --device --dtype --metrics-port]`.
+"""`sampler-service serve [--host --port --config --models-config --device --dtype --metrics-port]`;
+`sampler-service ray [--config deploy/ray/serve.yaml --address --num-cpus --num-gpus --grpc-port
+--replicas]` runs the same service as Ray Serve applications (the [ray] extra; docs/scale-out.md).
 
 Flags override SAMPLER_* environment variables, which override the TOML settings file. Everything
 the server writes to stderr is a log record, one JSON object per line (Python warnings from torch
@@ -79,6 +81,47 @@ async def serve(overrides: dict[str, object], config: Path | None) -> int:
     return 0
 
 
+def serve_ray(args: argparse.Namespace) -> int:
+    """Start (or join) a Ray cluster, deploy the Serve config, serve until SIGTERM / SIGINT, then
+    drain: each replica finishes its requests in flight, then Serve and Ray stop."""
+    try:
+        import ray
+        from ray import serve
+
+        from . import ray_app
+    except ImportError as error:
+        log.error("cannot start: %s is missing: pip install 'diffusion-sampler-service[ray]'", error.name)
+        return 2
+    config = ray_app.read_config(args.config, grpc_port=args.grpc_port, replicas=args.replicas)
+    began = time.perf_counter()
+    ray.init(
+        address=args.address,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        namespace="serve",
+        include_dashboard=False,
+    )
+    try:
+        ray_app.deploy(config)
+        names = ", ".join(application.name for application in config.applications)
+        log.info(
+            f"SERVING {names} through Ray Serve's gRPC proxy on port {config.grpc_options.port} "
+            f"{time.perf_counter() - began:.1f} s after start (send metadata application=<name>)"
+        )
+        received: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, _frame: received.append(number))
+        while not received:
+            time.sleep(0.2)
+        log.info(f"{signal.Signals(received[0]).name}: draining (graceful_shutdown_timeout_s per deployment)")
+        ray_app.drain(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    log.info("stopped")
+    return 0
+
+
 def _quiet_progress_bars() -> None:
     """huggingface_hub, diffusers and transformers draw progress bars on stderr while a pipeline
     loads ("Loading weights: 52/52"): plain lines outside the JSON log. Off through their own APIs;
@@ -107,8 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--dtype")
     run.add_argument("--metrics-port", type=int)
     run.add_argument("--no-reflection", dest="reflection", action="store_false", default=None)
+    on_ray = commands.add_parser("ray", help="serve through Ray Serve's gRPC proxy (a local head unless --address)")
+    on_ray.add_argument("--config", type=Path, default=Path("deploy/ray/serve.yaml"), help="Ray Serve config")
+    on_ray.add_argument("--address", default=None, help="join this cluster (e.g. auto) instead of starting a head")
+    on_ray.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local head (default: all)")
+    on_ray.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local head (default: all)")
+    on_ray.add_argument("--grpc-port", type=int, default=None, help="replaces grpc_options.port")
+    on_ray.add_argument("--replicas", type=int, default=None, help="a fixed replica count instead of autoscaling")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.command == "ray":
+        try:
+            return serve_ray(args)
+        except (ValidationError, ValueError, FileNotFoundError, RuntimeError) as error:
+            log.error("cannot start: %s", error)
+            return 2
     # grpc's C core prints plain-text lines of its own, e.g. an INFO line for every failed TLS
     # handshake (anyone can cause those: a log flood outside the JSON log). It reads this once,
     # when grpc loads, so before the server module is imported: errors only, unless set otherwise.

@@ -9,6 +9,7 @@
     sampler-client generate --model sd15 --solver dpmpp_2m --steps 25 --prompt "a red fox" --guidance 7.5 \
         --negative-prompt "blurry" --width 512 --height 512 --seed 0 --out out/
     sampler-client plan --model mnist --solver heun --nfe 10
+    sampler-client --target HOST:9000 --ray generate --model mnist ...   # through Ray Serve's gRPC proxy
     sampler-client list-models | list-solvers | server-info | health
     sampler-client plan --solver euler --steps 4 --target 10.0.0.5:50051   # flags before or after
 
@@ -159,7 +160,10 @@ class SamplerClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`metadata` goes with every call, e.g. (("application", "mnist"),) for Ray Serve's
+        gRPC proxy, which routes on it (docs/scale-out.md)."""
         options = [("grpc.max_receive_message_length", 256 * 2**20)]
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -168,7 +172,7 @@ class SamplerClient:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.SamplerServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(metadata)
         self.timeout = timeout
 
     def __enter__(self) -> SamplerClient:
@@ -190,7 +194,11 @@ class SamplerClient:
         """The event stream of one request (build it from keywords, see build_request)."""
         request = request if request is not None else build_request(**fields)
         try:
-            yield from self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout)
+            for event in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout):
+                # Behind Ray Serve's proxy a failed stream sends one empty event before its status
+                # (sampler_service/ray_app.py); it carries nothing.
+                if event.WhichOneof("event") is not None:
+                    yield event
         except grpc.RpcError as error:
             raise _client_error(error) from None
 
@@ -233,6 +241,17 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
+
+
+def _metadata_pair(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    # gRPC metadata keys are lower case; "-bin" keys would need bytes values.
+    if key.lower() != key or key.endswith("-bin"):
+        raise argparse.ArgumentTypeError(f"metadata key {key!r}: expected lower case, not ending in -bin")
+    return key, value
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:
@@ -368,6 +387,21 @@ def _connection_args(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--ca", type=Path, default=default(None), help="PEM file of the CA that signed the server certificate"
     )
     parser.add_argument("--timeout", type=float, default=default(None), help="seconds per call")
+    parser.add_argument(
+        "--metadata",
+        type=_metadata_pair,
+        action="append",
+        default=default([]),
+        metavar="KEY=VALUE",
+        help="call metadata, repeatable (e.g. application=mnist for Ray Serve's gRPC proxy)",
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        default=default(False),
+        help="through Ray Serve's gRPC proxy: send application=<--model> (generate, plan); "
+        "other commands take --metadata application=NAME",
+    )
 
 
 def _print(message: Any) -> None:
@@ -416,8 +450,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sampler-client: error: --ca: cannot read {args.ca}: {error.strerror}", file=sys.stderr)
         return 2
     try:
+        metadata = list(args.metadata)
+        if args.ray and getattr(args, "model", None) and not any(key == "application" for key, _ in metadata):
+            metadata.append(("application", args.model))
         with SamplerClient(
-            args.target, token=args.token, tls=args.tls, root_certificates=root, timeout=args.timeout
+            args.target,
+            token=args.token,
+            tls=args.tls,
+            root_certificates=root,
+            timeout=args.timeout,
+            metadata=metadata,
         ) as client:
             if args.command == "generate":
                 return _generate(client, args)

@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,14 +379,25 @@ class Call:
             )
 
 
-def load_served(settings: Settings) -> dict[str, ServedModel]:
-    """The models of the settings' models config (default: the built-in mnist)."""
+def load_served(settings: Settings, names: Collection[str] | None = None) -> dict[str, ServedModel]:
+    """The models of the settings' models config (default: the built-in mnist); only those in
+    `names` when given (a Ray Serve replica loads just its own model).
+
+    Raises:
+        ModelError: no model loaded, or a name in `names` is not in the config.
+    """
     if settings.models_config is not None:
         config = read_models_config(settings.models_config)
     else:
         config = ModelsConfig(
             models=[ModelEntry(name="mnist", source="mnist", device=settings.device, dtype=settings.dtype)]
         )
+    if names is not None:
+        known = [entry.name for entry in config.models]
+        missing = sorted(set(names) - set(known))
+        if missing:
+            raise ModelsConfigError(f"model {missing[0]!r} is not in the models config: expected one of {known}")
+        config = ModelsConfig(models=[entry for entry in config.models if entry.name in names])
     cache = models.PromptCache(settings.prompt_cache_size)
     failures: list[ModelsConfigError] = []
     loaded = load_models(config, prompt_cache=cache, size_limits=settings.limits.size_limits(), failures=failures)
@@ -445,16 +456,9 @@ async def create_server(
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
         ],
     )
-    health_servicer = health.aio.HealthServicer()
-    for name in [*served, SERVICE_NAME, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    engine = Engine(settings, served)
-    engine.on_batch = metrics.batch
-    engine.on_failure = metrics.failed
-    metrics.queue_depth.set_function(lambda: engine.admitted)
-    service = Service(settings, served, engine, health_servicer, metrics)
+    service = await build_service(settings, served, metrics)
     pb_grpc.add_SamplerServiceServicer_to_server(SamplerServicer(service), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     if settings.reflection:
         from grpc_reflection.v1alpha import reflection
 
@@ -477,6 +481,21 @@ async def create_server(
         raise StartupError("metrics_port", f"cannot serve metrics on {where}: {error.strerror or error}") from None
     await server.start()
     return server, port, service
+
+
+async def build_service(settings: Settings, served: dict[str, ServedModel], metrics: Metrics | None = None) -> Service:
+    """The state behind a servicer: engine, metrics, health (NOT_SERVING until `start()`). The
+    gRPC server and each Ray Serve replica (ray_app.py) build theirs here."""
+    if metrics is None:
+        metrics = Metrics(settings.metrics_port, settings.metrics_host)
+    health_servicer = health.aio.HealthServicer()
+    for name in [*served, SERVICE_NAME, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    engine = Engine(settings, served)
+    engine.on_batch = metrics.batch
+    engine.on_failure = metrics.failed
+    metrics.queue_depth.set_function(lambda: engine.admitted)
+    return Service(settings, served, engine, health_servicer, metrics)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -549,6 +568,7 @@ __all__ = [
     "SamplerServicer",
     "Service",
     "StartupError",
+    "build_service",
     "create_server",
     "load_served",
     "shutdown",

@@ -98,9 +98,12 @@ def test_data_reader_checks_the_files(tmp_path: Path) -> None:
         data.load("test", tmp_path)
 
 
-def test_training_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["epsilon", "flow"])
+def test_training_resumes_exactly(tmp_path: Path, objective: str) -> None:
     # The bundled test split keeps this runnable anywhere; the logic is the same for the train split.
     common = [
+        "--objective",
+        objective,
         "--split",
         "test",
         "--batch-size",
@@ -126,6 +129,14 @@ def test_training_resumes_exactly(tmp_path: Path) -> None:
     exported = models.load(split / "m", device="cpu", null_class=NULL_CLASS)
     assert json.loads((split / "m" / "training.json").read_text())["step"] == 3
     assert exported.fingerprint != models.load("mnist", device="cpu").fingerprint
+    # The scheduler config tells the loader what the UNet predicts.
+    assert exported.prediction_type == ("flow_prediction" if objective == "flow" else "epsilon")
+    # A state is resumed only under the objective it was trained with.
+    other = "epsilon" if objective == "flow" else "flow"
+    with pytest.raises(SystemExit, match=r"other settings .*objective"):
+        train_diffusion.main(
+            [*common[2:], "--objective", other, "--steps", "4", "--work", str(split), "--out", str(split / "x")]
+        )
 
 
 def test_model_card_command_small_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -304,7 +304,9 @@ def test_conditioning_errors_name_the_argument(class_model: models.DiffusionMode
 
 
 def test_missing_folder_and_unknown_name() -> None:
-    with pytest.raises(models.ModelNotFoundError, match=r"'no-such-model' not found: .*built-in name \(mnist\)"):
+    with pytest.raises(
+        models.ModelNotFoundError, match=r"'no-such-model' not found: .*built-in name \(mnist, mnist-flow\)"
+    ):
         models.load("no-such-model")
     with pytest.raises(models.ModelNotFoundError, match=r"'./missing/folder' not found"):
         models.load("./missing/folder")

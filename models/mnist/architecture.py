@@ -41,6 +41,14 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,
 }
 
+# The rectified-flow model (`mnist-flow`): x_t = (1 - t) x0 + t eps, the UNet predicts v = eps - x0
+# and takes t * num_train_timesteps as its timestep, diffusers' FlowMatchEulerDiscreteScheduler
+# convention (so the scheduler config alone tells a loader how to drive it). No shift: 28x28 pixels.
+FLOW_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+}
+
 
 class MnistClassifier(nn.Module):
     """A small CNN for 28x28 digits: three conv stages (28 -> 14 -> 7 -> 3) and a 128-d

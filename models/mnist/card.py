@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.mnist.architecture import SCHEDULER_CONFIG, UNET_CONFIG
+from models.mnist.architecture import FLOW_SCHEDULER_CONFIG, SCHEDULER_CONFIG, UNET_CONFIG
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -37,13 +37,31 @@ def write_diffusion_card(folder: Path) -> Path:
     quality = _read(folder / "quality.json")
     config = training.get("config", {})
     unet = UNET_CONFIG
+    flow = config.get("objective", "epsilon") == "flow"
+    name = training.get("model", "mnist")
+    if flow:
+        objective = (
+            "- objective: rectified flow, x_t = (1 - t) x0 + t eps with t ~ U(0, 1); the UNet predicts the "
+            f"velocity v = eps - x0 and takes t * {FLOW_SCHEDULER_CONFIG['num_train_timesteps']} as its timestep "
+            f"(scheduler/: FlowMatchEulerDiscreteScheduler, shift {FLOW_SCHEDULER_CONFIG['shift']}); sampled "
+            "through the EDM sigma ODE with sigma = t / (1 - t) (models/flow.py)"
+        )
+        kind = "rectified-flow"
+    else:
+        objective = (
+            f"- objective: epsilon prediction, DDPM {SCHEDULER_CONFIG['beta_schedule']} betas "
+            f"{SCHEDULER_CONFIG['beta_start']}..{SCHEDULER_CONFIG['beta_end']}, "
+            f"{SCHEDULER_CONFIG['num_train_timesteps']} steps (sigma 0.01..157 in the EDM parameterisation)"
+        )
+        kind = "diffusion"
+    init = ((training.get("provenance") or {}).get("options") or {}).get("init_from")
     lines = [
-        "# `mnist`: the embedded class-conditional MNIST diffusion model",
+        f"# `{name}`: the embedded class-conditional MNIST {kind} model",
         "",
         "A diffusers `UNet2DModel` trained by this project's own script "
-        "(`python -m models.mnist.train_diffusion`) on the 60,000 MNIST training images. "
-        'Loaded with `models.load("mnist")`. This model is frozen once benchmarks or AMED predictors '
-        "use it: a retrained model ships under a new name.",
+        f"(`python -m models.mnist.train_diffusion{' --objective flow' if flow else ''}`) on the 60,000 MNIST "
+        f'training images. Loaded with `models.load("{name}")`. This model is frozen once benchmarks or AMED '
+        "predictors use it: a retrained model ships under a new name.",
         "",
         "## Model",
         f"- architecture: UNet2DModel, {training.get('parameters', '?'):,} parameters"
@@ -54,9 +72,7 @@ def write_diffusion_card(folder: Path) -> Path:
         "self-attention only in the 7x7 middle block",
         f"  - class embedding: {unet['num_class_embeds']} entries (digits 0-9, and 10 = the null class "
         "of classifier-free guidance)",
-        f"- objective: epsilon prediction, DDPM {SCHEDULER_CONFIG['beta_schedule']} betas "
-        f"{SCHEDULER_CONFIG['beta_start']}..{SCHEDULER_CONFIG['beta_end']}, "
-        f"{SCHEDULER_CONFIG['num_train_timesteps']} steps (sigma 0.01..157 in the EDM parameterisation)",
+        objective,
         f"- data: the MNIST {(training.get('data') or {}).get('split', 'train')} split, pixels scaled to [-1, 1], "
         "no augmentation",
         "- weights: the exponential moving average (EMA) of the trained weights, float32 safetensors",
@@ -67,6 +83,14 @@ def write_diffusion_card(folder: Path) -> Path:
         f"warm-up steps, gradient clip {config.get('grad_clip')}",
         f"- EMA decay {config.get('ema_decay')}; label dropout {config.get('label_dropout')}; "
         f"seed {config.get('seed')}",
+        *(
+            [
+                f"- initialised from the exported weights in `{init}` (the `mnist` epsilon model: its "
+                "weights only; optimizer, warm-up, EMA and step count start afresh)"
+            ]
+            if init and flow
+            else []
+        ),
         f"- wall time: {training.get('wall_seconds')} s on {training.get('device')}",
         *_provenance_lines(training.get("provenance") or {}),
         "",

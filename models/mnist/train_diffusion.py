@@ -1,9 +1,15 @@
-"""Train the embedded class-conditional MNIST diffusion model (`mnist`).
+"""Train the embedded class-conditional MNIST diffusion models (`mnist`, `mnist-flow`).
 
     python -m models.mnist.train_diffusion --steps 8000            # CPU or GPU, resumes by default
+    python -m models.mnist.train_diffusion --objective flow --init-from models/builtin/mnist \
+        --out models/builtin/mnist-flow --work .train/mnist-flow --steps 3000
 
-A diffusers `UNet2DModel` (models/mnist/architecture.py) learns epsilon on the DDPM linear
-schedule; labels are dropped to the null class with probability --label-dropout so that
+A diffusers `UNet2DModel` (models/mnist/architecture.py) learns one of two objectives:
+- `epsilon` (the `mnist` model): epsilon on the DDPM linear schedule, timestep k in 0..999;
+- `flow` (`mnist-flow`): rectified flow, x_t = (1 - t) x0 + t eps with t ~ U(0, 1), the network
+  predicts the velocity v = eps - x0 and takes t * 1000 as its timestep (diffusers'
+  FlowMatchEulerDiscreteScheduler convention; models/flow.py maps it onto the EDM sigma ODE).
+Labels are dropped to the null class with probability --label-dropout so that
 classifier-free guidance works. Everything random is a function of (--seed, step): the data order
 of epoch e comes from a generator seeded with (seed, e), the noise, timesteps and label dropout of
 step k from one seeded with (seed, k). So a run that stops and resumes gives the same weights as
@@ -16,7 +22,9 @@ Two kinds of output:
 - the shipped model: the EMA weights in diffusers layout (unet/, scheduler/, model_index.json) plus
   training.json and the model card README.md, in --out every --export-every steps and at the end.
   `--init-from DIR` starts from such an exported model (EMA weights as both raw and EMA, fresh
-  optimizer moments) when the training state is not at hand, e.g. on another machine.
+  optimizer moments) when the training state is not at hand, e.g. on another machine. From a model
+  of the other objective (the `mnist` eps weights as the start of `mnist-flow`) the step count
+  starts at 0: the weights are only an initialisation.
 """
 
 from __future__ import annotations
@@ -40,11 +48,26 @@ from tqdm import tqdm
 
 import provenance
 from models.mnist import card, data
-from models.mnist.architecture import NULL_CLASS, SCHEDULER_CONFIG, UNET_CONFIG, count_parameters
+from models.mnist.architecture import (
+    FLOW_SCHEDULER_CONFIG,
+    NULL_CLASS,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    count_parameters,
+)
 
-DEFAULT_OUT = data.REPO_ROOT / "models" / "builtin" / "mnist"
-DEFAULT_WORK = data.REPO_ROOT / ".train" / "mnist"
+OBJECTIVES = ("epsilon", "flow")
+# The shipped name of each objective's model: its default --out / --work folders and its card title.
+MODEL_NAMES = {"epsilon": "mnist", "flow": "mnist-flow"}
 STATE_FILE = "state.safetensors"
+
+
+def default_out(objective: str) -> Path:
+    return data.REPO_ROOT / "models" / "builtin" / MODEL_NAMES[objective]
+
+
+def default_work(objective: str) -> Path:
+    return data.REPO_ROOT / ".train" / MODEL_NAMES[objective]
 
 
 @dataclass(frozen=True)
@@ -57,9 +80,15 @@ class TrainConfig:
     label_dropout: float
     grad_clip: float
     seed: int
+    objective: str = "epsilon"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _saved_objective(config: dict[str, Any]) -> str:
+    # States and exports from before the flow objective existed are epsilon models.
+    return str(config.get("objective", "epsilon"))
 
 
 def _noise_schedule(device: torch.device) -> tuple[Tensor, Tensor]:
@@ -142,18 +171,33 @@ def load_state(
 
 
 def export(out: Path, ema: UNet2DModel, info: dict[str, Any]) -> None:
-    """The EMA weights in diffusers pipeline layout, training.json and the model card."""
+    """The EMA weights in diffusers pipeline layout, training.json and the model card.
+
+    The scheduler config says what the UNet predicts: a DDPMScheduler (epsilon on its betas) or a
+    FlowMatchEulerDiscreteScheduler (velocity, timestep = t * num_train_timesteps).
+    """
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     ema.save_pretrained(out / "unet", safe_serialization=True)
-    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
+    if _saved_objective(info["config"]) == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG)
+    else:
+        scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler.save_pretrained(out / "scheduler")
     index = {
+        # The UNet-and-scheduler pipeline class: its loop (unet(x, t), scheduler.step) is the same
+        # for either scheduler; the class labels are what diffusers' pipeline cannot pass.
         "_class_name": "DDPMPipeline",
         "unet": ["diffusers", "UNet2DModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    # A quality record measured other weights (an earlier export of a resumed run): the card says
+    # "not measured" until `bench model-card` measures these.
+    (out / "quality.json").unlink(missing_ok=True)
     card.write_diffusion_card(out)
 
 
@@ -167,6 +211,7 @@ def train(args: argparse.Namespace) -> Path:
         label_dropout=args.label_dropout,
         grad_clip=args.grad_clip,
         seed=args.seed,
+        objective=args.objective,
     )
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -187,6 +232,7 @@ def train(args: argparse.Namespace) -> Path:
     start, wall = 0, 0.0
     if args.resume and state_path.is_file():
         start, wall, saved = load_state(state_path, model, ema, optimizer)
+        saved = {**saved, "objective": _saved_objective(saved)}
         changed = {k: (saved.get(k), v) for k, v in config.as_dict().items() if k != "steps" and saved.get(k) != v}
         if changed:
             raise SystemExit(
@@ -197,14 +243,20 @@ def train(args: argparse.Namespace) -> Path:
         weights = UNet2DModel.from_pretrained(args.init_from, subfolder="unet", use_safetensors=True)
         model.load_state_dict(weights.state_dict())
         ema.load_state_dict(weights.state_dict())
-        start = json.loads((args.init_from / "training.json").read_text(encoding="utf-8"))["step"]
+        exported = json.loads((args.init_from / "training.json").read_text(encoding="utf-8"))
+        same = _saved_objective(exported.get("config", {})) == config.objective
+        # Another objective's weights are an initialisation: the schedule (warm-up, EMA, data
+        # order) starts from step 0.
+        start = exported["step"] if same else 0
         print(
-            f"starting from the exported EMA weights in {args.init_from} (step {start}, fresh optimizer)",
+            f"starting from the exported EMA weights in {args.init_from} (step {start}, fresh optimizer"
+            f"{'' if same else ', trained for ' + _saved_objective(exported.get('config', {}))})",
             file=sys.stderr,
         )
 
     alpha, sigma_vp = _noise_schedule(device)
     timesteps = alpha.numel()
+    flow_timesteps = float(FLOW_SCHEDULER_CONFIG["num_train_timesteps"])
     model.train()
     began = time.perf_counter()
     info: dict[str, Any] = {}
@@ -212,7 +264,7 @@ def train(args: argparse.Namespace) -> Path:
     progress = tqdm(
         total=config.steps,
         initial=start,
-        desc="mnist diffusion",
+        desc=MODEL_NAMES[config.objective],
         unit="step",
         dynamic_ncols=True,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
@@ -224,13 +276,24 @@ def train(args: argparse.Namespace) -> Path:
         x0 = images[index]
         y = labels[index].clone()
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, timesteps, (x0.shape[0],), generator=generator).to(device)
+        if config.objective == "flow":
+            t_flow = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64).to(device)
+        else:
+            t = torch.randint(0, timesteps, (x0.shape[0],), generator=generator).to(device)
         drop = (torch.rand(x0.shape[0], generator=generator) < config.label_dropout).to(device)
         y[drop] = NULL_CLASS
-        x_t = alpha[t].view(-1, 1, 1, 1) * x0 + sigma_vp[t].view(-1, 1, 1, 1) * noise
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
-        loss = torch.nn.functional.mse_loss(model(x_t, t, class_labels=y).sample, noise)
+        if config.objective == "flow":
+            tb = t_flow.float().view(-1, 1, 1, 1)
+            x_t = (1.0 - tb) * x0 + tb * noise
+            prediction = model(x_t, t_flow.float() * flow_timesteps, class_labels=y).sample
+            target = noise - x0
+        else:
+            x_t = alpha[t].view(-1, 1, 1, 1) * x0 + sigma_vp[t].view(-1, 1, 1, 1) * noise
+            prediction = model(x_t, t, class_labels=y).sample
+            target = noise
+        loss = torch.nn.functional.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -264,7 +327,7 @@ def _training_info(
 ) -> dict[str, Any]:
     meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
     return {
-        "model": "mnist",
+        "model": MODEL_NAMES[config.objective],
         "step": step,
         "epochs": round(step * config.batch_size / 60_000, 2),
         "wall_seconds": round(wall_seconds, 1),
@@ -291,8 +354,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", type=Path, default=None, help=f"folder of the MNIST IDX files (default {data.SHARED_ROOT})"
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the exported model goes")
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the training state goes")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="epsilon",
+        help="epsilon (DDPM, the `mnist` model) or flow (rectified flow, velocity prediction: `mnist-flow`)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="where the exported model goes (default models/builtin/<name>)"
+    )
+    p.add_argument("--work", type=Path, default=None, help="where the training state goes (default .train/<name>)")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -312,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.out = args.out or default_out(args.objective)
+    args.work = args.work or default_work(args.objective)
     for name in ("steps", "batch_size", "warmup_steps", "checkpoint_every", "export_every"):
         if getattr(args, name) < 1:
             parser().error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
