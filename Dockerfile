@@ -41,7 +41,7 @@ COPY protos protos
 # cannot see through the build argument).
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir "${TORCH_SPEC}" \
-    && pip install --no-cache-dir . \
+    && pip install --no-cache-dir ".[text]" \
     && rm "$(command -v sampler-bench)" "$(command -v sampler-amed)"
 
 USER 10001:10001

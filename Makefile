@@ -15,7 +15,7 @@ endif
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: serve test lint bench bench-unet protos accuracy train-mnist train-classifier model-card clean
+.PHONY: serve serve-ray test lint bench bench-unet protos accuracy train-mnist train-classifier model-card clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(VENV)/.installed: pyproject.toml
 # Serves the embedded mnist model on 127.0.0.1:50051 (settings: SAMPLER_* variables or SERVE_ARGS flags).
 serve: $(VENV)/.installed
 	$(PY) -m sampler_service serve $(SERVE_ARGS)
+
+# The same service on Ray Serve: a local Ray head, the applications of deploy/ray/serve.yaml, gRPC
+# proxy on 127.0.0.1:9000 (sampler-client --target 127.0.0.1:9000 --ray ...); RAY_ARGS e.g. --replicas 2.
+serve-ray: $(VENV)/.installed
+	$(PY) -m sampler_service ray --config deploy/ray/serve.yaml $(RAY_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,8 @@
 
     sampler-amed train --model mnist --solver amed_plugin --base ipndm --nfe 5 --schedule polynomial --afs
     sampler-amed train --model mnist --solver amed --nfe 5 --schedule time_uniform --afs
+    sampler-amed train-schedule --method gits --model mnist --solver ipndm --solver-params '{"max_order": 2}' --nfe 5
+    sampler-amed train-schedule --method ld3 --model mnist --solver unipc --nfe 4 --afs
     sampler-amed list --model mnist
 
 Recipes (the paper's): AMED-Solver with a Heun teacher and M = 1 substep between student points;
@@ -14,18 +16,29 @@ Artifacts go to `--out` (default: the model's own `amed/` folder for built-in mo
 service reads): `<name>.safetensors` and `<name>.json` (the card: model and fingerprint, solver,
 base, NFE, schedule with its parameters and sigma range, AFS, guidance, training settings, loss
 per interval, wall time, device, provenance).
+
+`train-schedule` learns a `learned` schedule's grid (solvers/learned): GITS or LD3 for one
+solver with its parameters, NFE, AFS and guidance. Its noises are disjoint from the predictors'
+and every benchmark's: training trajectory k uses seed `2**41 + seed * 1000003 + k`, held-out
+selection (which GITS coefficient, which LD3 epoch) `2**42 + seed * 1000003 + k`. It writes
+`grid-<method>-<solver>...json` (the sigmas and a card: command, revision, teacher, seeds,
+losses, cost) beside the predictors. An AMED plugin's grid is learned with the untrained
+(neutral, r = 1/2) predictor; train its predictor on the grid afterwards with
+`train --schedule learned --schedule-params '{"method": "gits"}'`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import models
@@ -45,13 +58,17 @@ from solvers.amed import (
     save_predictor,
     train_predictor,
 )
+from solvers.learned import GRID_SELECTION_SEED_BASE, GRID_TRAINING_SEED_BASE, GridCard, grid_key, save_grid
+from solvers.learned.gits import GITSSettings, teacher_trajectories, train_gits
+from solvers.learned.ld3 import LD3Settings, train_ld3
+from solvers.learned.student import Student, Teacher, rmse
 
 from .errors import BenchError
 
 DEFAULT_TEACHER = {base: base for base in BASES}  # the plugin's recipe: its own base as teacher
 
 
-def predictor_folder(model: models.DiffusionModel, source: str) -> Path:
+def predictor_folder(model: models.Model, source: str) -> Path:
     """Where a model's predictors live by default: `<model folder>/amed/`."""
     return models.loading.find_files(source).root / "amed"
 
@@ -76,6 +93,26 @@ def _teacher(args: argparse.Namespace, plugin: AMEDPluginParams | None) -> tuple
     return name, params, args.teacher_substeps if args.teacher_substeps is not None else substeps
 
 
+def _conditioning(
+    model: models.Model, prompts: Sequence[str], guidance: float
+) -> Callable[[Sequence[int]], solvers.Denoiser]:
+    """The training denoiser of a batch of seeds: seed % classes as the label of a class-conditional
+    model (the null class excluded), prompts[seed % len(prompts)] for a text-to-image one."""
+    if isinstance(model, models.TextToImageModel):
+        return lambda seeds: model.conditioned([prompts[seed % len(prompts)] for seed in seeds], None, guidance)
+    class_model = model
+    class_model.unet.requires_grad_(False)
+    classes = class_model.null_class if class_model.null_class is not None else class_model.num_class_embeds
+
+    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
+        if classes is None:
+            return class_model.conditioned()
+        labels = torch.tensor([seed % classes for seed in seeds], device=class_model.device)
+        return class_model.conditioned(labels, guidance)
+
+    return conditioned
+
+
 def train(args: argparse.Namespace) -> int:
     if args.trajectories < 0:
         raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
@@ -89,7 +126,11 @@ def train(args: argparse.Namespace) -> int:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    model.unet.requires_grad_(False)
+    if isinstance(model, models.TextToImageModel):
+        if not args.prompt:
+            raise BenchError(f"--model {args.model} is text-to-image: give training prompts with --prompt (repeatable)")
+    elif args.prompt:
+        raise BenchError(f"--prompt: model {args.model} is class-conditional (it trains on its labels)")
     spec = solvers.SOLVERS.get(args.solver)
     if not spec.needs_predictor:
         raise BenchError(f"--solver {args.solver}: expected amed or amed_plugin")
@@ -116,14 +157,24 @@ def train(args: argparse.Namespace) -> int:
             params=schedule_params,
         )
 
-    sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
-    classes = model.null_class if model.null_class is not None else model.num_class_embeds
-
-    def conditioned(seeds: Sequence[int]) -> solvers.Denoiser:
-        if classes is None:
-            return model.conditioned()
-        labels = torch.tensor([seed % classes for seed in seeds], device=model.device)
-        return model.conditioned(labels, args.guidance)
+    if schedule_spec.needs_grid:  # a learned coarse grid: the teacher subdivides each interval geometrically
+        store = PredictorStore([*args.grid_dir, predictor_folder(model, args.model)])
+        sigmas = store.find_grid(
+            grid_key(
+                model_fingerprint=model.fingerprint,
+                solver=args.solver,
+                solver_params=params.model_dump(),
+                method=schedule_params.model_dump()["method"],
+                nfe=args.nfe,
+                afs=args.afs,
+                guidance=args.guidance,
+            ),
+            args.model,
+        )
+        teacher_sigmas = subdivide(sigmas, substeps + 1)
+    else:
+        sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
+    conditioned = _conditioning(model, args.prompt, args.guidance)
 
     feature_shape = None
     if not args.table:
@@ -223,17 +274,246 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def subdivide(sigmas: torch.Tensor, parts: int) -> torch.Tensor:
+    """Each interval of `sigmas` cut into `parts` equal steps in log sigma (the end points kept)."""
+    log = sigmas.log()
+    pieces = [
+        torch.exp(log[i] + (log[i + 1] - log[i]) * torch.arange(parts, dtype=torch.float64) / parts)
+        for i in range(len(sigmas) - 1)
+    ]
+    out = torch.cat([*pieces, sigmas[-1:]])
+    out[::parts] = sigmas
+    return out
+
+
+def train_schedule(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    conditioned = _conditioning(model, args.prompt, args.guidance)
+    spec = solvers.SOLVERS.get(args.solver)
+    params = spec.parse_params(args.solver_params)
+    predictor = None
+    if spec.needs_predictor:  # the plugin's grid is learned with the neutral predictor (r = 1/2, c = a = 1)
+        predictor = new_predictor(PredictorConfig(), args.seed).to(model.device)
+    student = Student(spec, params, args.afs, predictor)
+    steps = student.steps_for(args.nfe)
+
+    def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
+        return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
+
+    offset = args.seed * 1_000_003
+    first_train, first_select = GRID_TRAINING_SEED_BASE + offset, GRID_SELECTION_SEED_BASE + offset
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(f"[{args.method} {args.solver} NFE {args.nfe}] {text}", file=sys.stderr)
+
+    cache = args.teacher_cache
+
+    def cached(kind: str, payload: dict[str, Any], compute: Any) -> list[torch.Tensor]:
+        """Teacher solves are the same for every solver and NFE: kept in --teacher-cache by what defines them."""
+        if cache is None:
+            return list(compute())
+        name = hashlib.sha256(
+            json.dumps(
+                {"kind": kind, "model": model.fingerprint, "guidance": args.guidance, **payload}, sort_keys=True
+            ).encode()
+        ).hexdigest()[:20]
+        path = cache / f"teacher-{kind}-{name}.safetensors"
+        if path.is_file():
+            stored = load_file(str(path))
+            return [stored[str(k)].to(model.device) for k in range(len(stored))]
+        values = list(compute())
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
+        return values
+
+    settings: GITSSettings | LD3Settings
+    if args.method == "gits":
+        settings = GITSSettings(
+            candidates=args.candidates,
+            trajectories=args.trajectories or 32,
+            substeps=args.teacher_substeps if args.teacher_substeps is not None else 1,
+            teacher=args.teacher or "heun",
+            selection=args.selection,
+        )
+        gits = settings
+
+        def trajectories(seeds: Sequence[int], fine: torch.Tensor) -> list[torch.Tensor]:
+            def compute() -> list[torch.Tensor]:
+                denoiser, unit = make_batch(list(seeds))
+                return teacher_trajectories(denoiser, unit * fine[0].item(), fine, gits.teacher, gits.substeps)
+
+            payload = {"teacher": gits.teacher, "substeps": gits.substeps, "fine": fine.tolist(), "seeds": list(seeds)}
+            return cached("trajectories", payload, compute)
+
+        result: Any = train_gits(
+            student,
+            args.nfe,
+            make_batch,
+            settings=settings,
+            training_seeds=range(first_train, first_train + settings.trajectories),
+            selection_seeds=range(first_select, first_select + settings.selection),
+            trajectories=trajectories,
+            on_progress=say,
+        )
+    else:
+        settings = LD3Settings(
+            trajectories=args.trajectories or 100,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            radius=args.radius,
+            init=args.init,
+            teacher=Teacher(solver=args.teacher or "heun", steps=args.teacher_steps),
+            selection=args.selection,
+        )
+        teacher = settings.teacher
+
+        def finals(seeds: Sequence[int]) -> torch.Tensor:
+            def compute() -> list[torch.Tensor]:
+                parts = []
+                for start in range(0, len(seeds), 50):
+                    denoiser, unit = make_batch(list(seeds[start : start + 50]))
+                    parts.append(teacher.final(denoiser, unit * model.sigma_max))
+                return [torch.cat(parts)]
+
+            return cached("finals", {"teacher": teacher.as_dict(), "seeds": list(seeds)}, compute)[0]
+
+        result = train_ld3(
+            student,
+            args.nfe,
+            make_batch,
+            settings=settings,
+            training_seeds=range(first_train, first_train + settings.trajectories),
+            selection_seeds=range(first_select, first_select + settings.selection),
+            teacher_final=finals,
+            on_progress=say,
+        )
+    card = GridCard(
+        model=model.name,
+        model_fingerprint=model.fingerprint,
+        solver=spec.name,
+        solver_params=params.model_dump(),
+        method=args.method,
+        nfe=args.nfe,
+        steps=steps,
+        afs=args.afs,
+        guidance=args.guidance,
+        sigmas=result.sigmas.tolist(),
+        training={
+            **settings.as_dict(),
+            **result.as_dict(),
+            "seed": args.seed,
+            "first_noise_seed": first_train,
+            "selection_first_noise_seed": first_select,
+            "command": meta["command"],
+            "git": meta.get("git"),
+            "versions": meta.get("versions"),
+            "host": meta.get("device"),
+            "device": str(model.device),
+        },
+    )
+    out = args.out if args.out is not None else predictor_folder(model, args.model)
+    path = save_grid(card, out / f"{card.key().file_stem()}.json")
+    print(
+        f"learned {path.stem}: sigmas {', '.join(f'{v:.4g}' for v in card.sigmas)}; held-out rmse "
+        f"{result.as_dict()['loss']:.5f}; {result.wall_seconds:.1f} s; wrote {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+HAND_DESIGNED = ("polynomial", "logsnr", "time_uniform")
+
+
+def compare_schedules(args: argparse.Namespace) -> int:
+    """RMSE against the LD3 teacher (Heun, 64 logsnr steps) of each solver on the hand-designed
+    schedules and on every learned grid found for it, on noises disjoint from the grids' training and
+    selection and from every benchmark (2**42 + 1000 + k by default): which method moved the number."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    store = PredictorStore([*args.dir, predictor_folder(model, args.model)])
+    seeds = list(
+        range(GRID_SELECTION_SEED_BASE + args.seed_offset, GRID_SELECTION_SEED_BASE + args.seed_offset + args.num)
+    )
+    denoiser = _conditioning(model, args.prompt, args.guidance)(seeds)
+    noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+    teacher = Teacher(steps=args.teacher_steps)
+    with torch.no_grad():
+        target = teacher.final(denoiser, noise * model.sigma_max)
+    rows = []
+    for name in args.solvers.split(","):
+        solver, _, raw = name.partition(":")
+        spec = solvers.SOLVERS.get(solver)
+        params = spec.parse_params(json.loads(raw) if raw else {})
+        student = Student(spec, params, args.afs)
+        for nfe in args.nfe:
+            steps = spec.steps_for_nfe(nfe, args.afs, params)
+            if steps is None:
+                continue
+            grids = {
+                schedule: solvers.build_sigmas(
+                    schedule, steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max, sigma_levels=None
+                )
+                for schedule in HAND_DESIGNED
+            }
+            for method in ("gits", "ld3"):
+                key = grid_key(
+                    model_fingerprint=model.fingerprint,
+                    solver=solver,
+                    solver_params=params.model_dump(),
+                    method=method,
+                    nfe=nfe,
+                    afs=args.afs,
+                    guidance=args.guidance,
+                )
+                if store.has_grid(key):
+                    grids[f"learned-{method}"] = store.find_grid(key, args.model)
+            for schedule, sigmas in grids.items():
+                with torch.no_grad():
+                    score = rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target)
+                rows.append(
+                    {
+                        "solver": solver,
+                        "solver_params": json.dumps(params.model_dump(), sort_keys=True),
+                        "nfe": nfe,
+                        "afs": args.afs,
+                        "schedule": schedule,
+                        "rmse_teacher": score,
+                        "sigmas": " ".join(f"{v:.4g}" for v in sigmas.tolist()),
+                    }
+                )
+                print(f"{solver} {raw} NFE {nfe} {schedule:>14}: rmse {score:.4f}", file=sys.stderr)
+    meta = {**meta, "teacher": teacher.as_dict(), "seeds": [seeds[0], len(seeds)], "guidance": args.guidance}
+    provenance.write_csv(args.out / "results.csv", rows)
+    provenance.write_json(args.out / "results.json", meta, rows)
+    return 0
+
+
 def list_predictors(args: argparse.Namespace) -> int:
     folders = list(args.dir)
     if args.model is not None:
         try:
-            model = models.load(args.model, device="cpu")
+            model = models.class_conditional(models.load(args.model, device="cpu"))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
         folders.append(predictor_folder(model, args.model))
     store = PredictorStore(folders)
     for key, path in store.cards.items():
         print(f"{path.stem}: {key.describe()}")
+    for grid, (path, card) in store.grids.items():
+        print(f"{path.stem}: {grid.describe()} sigmas {', '.join(f'{v:.4g}' for v in card.sigmas)}")
     for problem in store.problems:
         print(f"unusable: {problem}", file=sys.stderr)
     return 0
@@ -256,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
+    t.add_argument(
+        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
+    )
     t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-3)
@@ -275,9 +558,62 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--grid-dir", type=Path, action="append", default=[], help="learned grids (--schedule learned)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=train)
-    listing = commands.add_parser("list", help="list the predictors in folders")
+    g = commands.add_parser(
+        "train-schedule",
+        help="learn a grid for the `learned` schedule (GITS or LD3)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("--method", choices=("gits", "ld3"), required=True)
+    g.add_argument("--model", default="mnist", help="any models.load source")
+    g.add_argument("--solver", required=True, help="any registered solver (amed_plugin: with the neutral predictor)")
+    g.add_argument("--solver-params", type=json.loads, default={}, help="JSON object")
+    g.add_argument("--nfe", type=int, required=True)
+    g.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--prompt", action="append", default=[], help="text-to-image models: training prompts")
+    g.add_argument("--trajectories", type=int, default=None, help="default 32 (gits) or 100 (ld3)")
+    g.add_argument("--selection", type=int, default=64, help="held-out noises that pick the coefficient / epoch")
+    g.add_argument("--teacher", default=None, help="default heun")
+    g.add_argument("--teacher-substeps", type=int, default=None, help="gits: teacher steps per candidate interval - 1")
+    g.add_argument("--teacher-steps", type=int, default=64, help="ld3: the teacher's steps (logsnr)")
+    g.add_argument("--candidates", type=int, default=48, help="gits: intervals of the fine candidate grid")
+    g.add_argument("--epochs", type=int, default=4, help="ld3")
+    g.add_argument("--batch-size", type=int, default=25, help="ld3")
+    g.add_argument("--lr", type=float, default=0.05, help="ld3: Adam step of the logits")
+    g.add_argument("--init", choices=HAND_DESIGNED, default="polynomial", help="ld3: the starting grid")
+    g.add_argument("--radius", type=float, default=0.01, help="ld3: soft ball radius / (sqrt(d) sigma_max)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--teacher-cache", type=Path, default=None, help="keep teacher solves here (shared by solvers and NFE)"
+    )
+    g.add_argument("--device", default="auto")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--out", type=Path, default=None)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(handler=train_schedule)
+    c = commands.add_parser(
+        "compare-schedules",
+        help="held-out RMSE against a teacher: hand-designed schedules against the learned grids found",
+    )
+    c.add_argument("--model", default="mnist")
+    c.add_argument("--solvers", required=True, help='comma-separated solver[:JSON params], e.g. ipndm:{"max_order":2}')
+    c.add_argument("--nfe", type=lambda text: [int(v) for v in text.split(",")], required=True)
+    c.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
+    c.add_argument("--guidance", type=float, default=1.0)
+    c.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
+    c.add_argument("--num", type=int, default=64, help="held-out noises (the grids' selection range)")
+    c.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)")
+    c.add_argument("--teacher-steps", type=int, default=64)
+    c.add_argument("--dir", type=Path, action="append", default=[])
+    c.add_argument("--device", default="auto")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(handler=compare_schedules)
+    listing = commands.add_parser("list", help="list the predictors and learned grids in folders")
     listing.add_argument("--model", default=None, help="also the model's own amed/ folder")
     listing.add_argument("--dir", type=Path, action="append", default=[])
     listing.set_defaults(handler=list_predictors)

@@ -1,14 +1,19 @@
 """`batch-invariance`: how much a seed's image changes with the batch it is sampled in, per dtype.
 
     python -m bench batch-invariance                  # float64, float32, bfloat16 on this device
+    python -m bench batch-invariance --dtypes float32 --solvers euler heun dpm_solver_2 --steps 3 10 \
+        --out bench/results/batch-invariance-solvers  # per solver and step count
 
 The service promises that a seed means the same image alone, in a batched request or merged with
 other clients' requests: its noise comes from one CPU generator per seed. What is left is the
 network's arithmetic: kernels chosen by batch size sum in different orders, and the ODE carries
 those differences to the end. For each dtype this samples --seeds seeds alone and in batches of
---batch (same labels, `dpmpp_2m`, --steps steps) and reports, over seeds, the largest absolute
-pixel difference, the largest and median per-seed RMSE, and the share of pixels that differ by
-more than one 8-bit level (pixel range [-1, 1]; one level is 2/255).
+--batch (same labels, each of --solvers at each of --steps) and reports, over seeds, the largest
+absolute pixel difference, the largest and median per-seed RMSE, and the share of pixels that
+differ by more than one 8-bit level (pixel range [-1, 1]; one level is 2/255). The source of it
+all is in `denoiser_max_abs_diff`: the largest difference of one network evaluation, the first of
+the run, alone vs in the batch; max_abs_diff / denoiser_max_abs_diff is how much the solver's
+steps amplify it.
 
 Writes bench/results/batch-invariance.csv and .json.
 """
@@ -24,6 +29,7 @@ import torch
 import models
 import provenance
 import solvers
+from solvers.contract import per_sample_sigma
 
 from .arguments import options_of, positive_int
 from .errors import BenchError
@@ -37,6 +43,7 @@ COLUMNS = (
     "batch",
     "solver",
     "steps",
+    "denoiser_max_abs_diff",
     "max_abs_diff",
     "max_seed_rmse",
     "median_seed_rmse",
@@ -56,31 +63,44 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32", "bfloat16"])
     parser.add_argument("--seeds", type=positive_int, default=40)
     parser.add_argument("--batch", type=positive_int, default=4)
-    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--solvers", nargs="+", default=["dpmpp_2m"], help="registered training-free solvers")
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[10])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
 
 
-def _sample(model: models.DiffusionModel, seeds: list[int], steps: int) -> torch.Tensor:
+def _sample(model: models.DiffusionModel, seeds: list[int], solver: str, steps: int) -> torch.Tensor:
     labels = torch.tensor([seed % 10 for seed in seeds], device=model.device)
     denoiser = model.conditioned(labels, 1.0) if model.num_class_embeds is not None else model.conditioned()
     noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
     with torch.inference_mode():
-        return solvers.sample(denoiser, noise, solver="dpmpp_2m", steps=steps).images.double().cpu()
+        return solvers.sample(denoiser, noise, solver=solver, steps=steps).images.double().cpu()
 
 
-def measure(model: models.DiffusionModel, seeds: int, batch: int, steps: int) -> dict[str, float]:
-    differences = []
+def _first_evaluation(model: models.DiffusionModel, seeds: list[int]) -> torch.Tensor:
+    """D(x, sigma_max) of the seeds' starting points, as one batch."""
+    labels = torch.tensor([seed % 10 for seed in seeds], device=model.device)
+    denoiser = model.conditioned(labels, 1.0) if model.num_class_embeds is not None else model.conditioned()
+    x = solvers.make_noise(seeds, model.sample_shape, device=model.device) * model.sigma_max  # as sample() does
+    with torch.inference_mode():
+        return denoiser(x, per_sample_sigma(model.sigma_max, x)).double().cpu()
+
+
+def measure(model: models.DiffusionModel, seeds: int, batch: int, solver: str, steps: int) -> dict[str, float]:
+    differences, first = [], []
     for start in range(0, seeds - seeds % batch, batch):
         group = list(range(start, start + batch))
-        batched = _sample(model, group, steps)
+        batched = _sample(model, group, solver, steps)
+        batched_first = _first_evaluation(model, group)
         for k, seed in enumerate(group):
-            differences.append((_sample(model, [seed], steps)[0] - batched[k]).flatten())
+            differences.append((_sample(model, [seed], solver, steps)[0] - batched[k]).flatten())
+            first.append((_first_evaluation(model, [seed])[0] - batched_first[k]).flatten())
     stacked = torch.stack(differences)
     rmse = stacked.pow(2).mean(dim=1).sqrt()
     return {
+        "denoiser_max_abs_diff": float(torch.stack(first).abs().max()),
         "max_abs_diff": float(stacked.abs().max()),
         "max_seed_rmse": float(rmse.max()),
         "median_seed_rmse": float(rmse.median()),
@@ -94,28 +114,35 @@ def run(args: argparse.Namespace) -> int:
     meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     if args.seeds < args.batch:
         raise BenchError(f"--seeds {args.seeds} is below --batch {args.batch}: expected at least one full batch")
+    for solver in args.solvers:
+        spec = solvers.SOLVERS.get(solver) if solver in solvers.SOLVERS else None
+        if spec is None or spec.needs_predictor:
+            raise BenchError(f"--solvers {solver!r}: expected registered training-free solvers")
     rows = []
     for dtype in args.dtypes:
         try:
-            model = models.load(args.model, device=args.device, dtype=dtype)
+            model = models.class_conditional(models.load(args.model, device=args.device, dtype=dtype))
         except models.ModelError as error:
             raise BenchError(str(error)) from None
-        row = {
-            "dtype": dtype,
-            "device": str(model.device),
-            "seeds": args.seeds - args.seeds % args.batch,
-            "batch": args.batch,
-            "solver": "dpmpp_2m",
-            "steps": args.steps,
-            **measure(model, args.seeds, args.batch, args.steps),
-            "torch_threads": torch.get_num_threads(),
-        }
-        rows.append(row)
-        print(
-            f"{dtype:>9}: max |alone - batched| {row['max_abs_diff']:.2e}, per-seed RMSE max "
-            f"{row['max_seed_rmse']:.2e} median {row['median_seed_rmse']:.2e}, pixels off by more than one "
-            f"8-bit level {100 * row['share_pixels_over_one_level']:.2f}%"
-        )
+        for solver in args.solvers:
+            for steps in args.steps:
+                row = {
+                    "dtype": dtype,
+                    "device": str(model.device),
+                    "seeds": args.seeds - args.seeds % args.batch,
+                    "batch": args.batch,
+                    "solver": solver,
+                    "steps": steps,
+                    **measure(model, args.seeds, args.batch, solver, steps),
+                    "torch_threads": torch.get_num_threads(),
+                }
+                rows.append(row)
+                print(
+                    f"{dtype:>9} {solver:>12} {steps:>3} steps: max |alone - batched| {row['max_abs_diff']:.2e} "
+                    f"(one evaluation: {row['denoiser_max_abs_diff']:.2e}), per-seed RMSE max "
+                    f"{row['max_seed_rmse']:.2e} median {row['median_seed_rmse']:.2e}, pixels off by more than "
+                    f"one 8-bit level {100 * row['share_pixels_over_one_level']:.2f}%"
+                )
     provenance.write_csv(args.out / "batch-invariance.csv", rows, COLUMNS)
     provenance.write_json(args.out / "batch-invariance.json", meta, rows)
     return 0

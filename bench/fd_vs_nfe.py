@@ -58,7 +58,10 @@ def add_parser(subparsers: Any) -> None:
         help='JSON object per solver, e.g. {"amed_plugin": {"base": "ipndm"}}',
     )
     parser.add_argument(
-        "--predictor-dir", action="append", default=[], help="AMED predictors (besides the model's amed/)"
+        "--predictor-dir",
+        action="append",
+        default=[],
+        help="AMED predictors, learned grids (besides the model's amed/)",
     )
     parser.add_argument("--schedule", default="polynomial")
     parser.add_argument("--schedule-params", type=json.loads, default={}, help="JSON object")

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     try:
-        model = models.load(args.model, device=args.device)
+        model = models.class_conditional(models.load(args.model, device=args.device))
         scorer = MnistScorer(load_classifier(args.classifier), device=model.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None

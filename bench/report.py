@@ -107,8 +107,12 @@ def solver_name(row: dict[str, Any]) -> str:
 
 
 def other_name(row: dict[str, Any]) -> str:
-    """A line of the other-settings table: solver (with an AMED plugin's base), schedule, AFS."""
-    return f"{solver_name(row)}, {row['schedule']}" + (", AFS" if row["afs"] else "")
+    """A line of the other-settings table: solver (with an AMED plugin's base), schedule (a learned
+    one with its method), AFS."""
+    schedule = row["schedule"]
+    if schedule == "learned":
+        schedule += f" ({json.loads(row.get('schedule_params') or '{}').get('method', 'gits')})"
+    return f"{solver_name(row)}, {schedule}" + (", AFS" if row["afs"] else "")
 
 
 def is_plain(row: dict[str, Any]) -> bool:

@@ -186,7 +186,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> int:
     meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     try:
-        model = models.load(args.model, device=args.device)
+        model = models.class_conditional(models.load(args.model, device=args.device))
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     # Offline runs at each batch before the served phase and again after it, the lone request's

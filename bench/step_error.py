@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         if solvers.SOLVERS.get(name).needs_predictor:
             raise BenchError(f"--solvers: {name!r} needs a trained predictor; step-error runs training-free solvers")
     try:
-        model = models.load(args.model, device=args.device, dtype=args.dtype)
+        model = models.class_conditional(models.load(args.model, device=args.device, dtype=args.dtype))
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     seeds = list(range(args.seed_base, args.seed_base + args.num_samples))

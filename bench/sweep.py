@@ -57,6 +57,7 @@ import models
 import provenance
 import solvers
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
+from solvers.learned import grid_key
 
 from .errors import BenchError
 from .fid import FidExtractor, FidUnavailable
@@ -221,6 +222,7 @@ def _sample_chunk(
     solver_params: dict[str, Any],
     afs: bool,
     predictor: Any = None,
+    grid: Tensor | None = None,
 ) -> tuple[Tensor, int, int, float]:
     """Samples start..stop-1 as one batch: (images float32 CPU, nfe, network_evals per sample, seconds)."""
     config, model = context.config, context.model
@@ -241,6 +243,7 @@ def _sample_chunk(
             solver_params=solver_params,
             afs=afs,
             predictor=predictor,
+            grid=grid,
         )
         images = result.images.float().cpu()  # the copy to the CPU waits for the device
     return images, result.nfe, result.network_evals, time.perf_counter() - began
@@ -291,7 +294,7 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     """Load the model and the scorers, fix seeds and labels, and compute (or load) the reference."""
     state = state if state is not None else distributed_state(config.device)
     device = str(state.device) if state.num_processes > 1 and config.device == "auto" else config.device
-    model = models.load(config.model, device=device, dtype=config.dtype)
+    model = models.class_conditional(models.load(config.model, device=device, dtype=config.dtype))
     mnist_like = model.sample_shape == (1, 28, 28)
     scorer = MnistScorer.shared(model.device) if mnist_like else None
     fid, fid_note = None, None
@@ -370,6 +373,8 @@ class RowPlan:
     base: dict[str, Any]
     key: str
     predictor: PredictorKey | None = None
+    grid: Tensor | None = None
+    """The stored sigmas of a `learned` schedule."""
 
     def chunk_path(self, context: SweepContext, chunk: int) -> Path:
         return context.cache / f"row-{self.key}-c{chunk}.safetensors"
@@ -412,8 +417,11 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     }
     wanted = None
     weights = None
+    grid = None
+    if steps is not None and solvers.SCHEDULES.get(config.schedule).needs_grid:
+        grid = _grid_of(context, spec, solver_params, nfe)
     if spec.needs_predictor and steps is not None:
-        wanted, weights = _predictor_of(context, spec, solver_params, nfe, steps)
+        wanted, weights = _predictor_of(context, spec, solver_params, nfe, steps, grid)
         card = read_card(context.predictors.cards[wanted])
         _check_held_out(card.training, config, wanted.describe())
         base.update(
@@ -422,8 +430,39 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
             predictor_trajectories=card.training.get("trajectories"),
         )
     identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe", "solver_params")}
-    key = _hash({"row": identity, "reference": context.reference_key, "predictor_weights": weights})
-    return RowPlan(solver, nfe, steps, solver_params, base, key, wanted)
+    payload: dict[str, Any] = {"row": identity, "reference": context.reference_key, "predictor_weights": weights}
+    if grid is not None:
+        payload["grid"] = grid.tolist()
+    key = _hash(payload)
+    return RowPlan(solver, nfe, steps, solver_params, base, key, wanted, grid)
+
+
+def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int) -> Tensor:
+    """The learned grid a row needs (its training seeds checked against the sweep's).
+
+    Raises:
+        MissingGridError: none matches; the message carries the command that trains it.
+    """
+    config = context.config
+    method = solvers.SCHEDULES.get(config.schedule).parse_params(config.schedule_params).model_dump()["method"]
+    wanted = grid_key(
+        model_fingerprint=context.model.fingerprint,
+        solver=spec.name,
+        solver_params=spec.parse_params(solver_params).model_dump(),
+        method=method,
+        nfe=nfe,
+        afs=config.afs,
+        guidance=config.guidance,
+    )
+    grid = context.predictors.find_grid(wanted, config.model)
+    training = context.predictors.grids[wanted][1].training
+    _check_held_out(training, config, wanted.describe())
+    selection = {
+        "first_noise_seed": training.get("selection_first_noise_seed", 0),
+        "trajectories": training.get("selection", 0),
+    }
+    _check_held_out(selection, config, wanted.describe())
+    return grid
 
 
 def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) -> None:
@@ -438,14 +477,14 @@ def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) ->
     scored = range(config.seed_base, config.seed_base + config.num_samples)
     if trained.start < scored.stop and scored.start < trained.stop:
         raise BenchError(
-            f"predictor {name} was trained on noise seeds {trained.start}..{trained.stop - 1}, which overlap "
+            f"{name} was trained on noise seeds {trained.start}..{trained.stop - 1}, which overlap "
             f"this sweep's seeds {scored.start}..{scored.stop - 1}: retrain it (training seeds now start at "
-            "2**40) or choose another --seed-base"
+            "2**40, 2**41 for grids) or choose another --seed-base"
         )
 
 
 def _predictor_of(
-    context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int, steps: int
+    context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int, steps: int, grid: Tensor | None = None
 ) -> tuple[PredictorKey, str]:
     """The AMED predictor a row needs and the SHA-256 of its weights (part of the row's cache key).
 
@@ -462,6 +501,7 @@ def _predictor_of(
         sigma_max=model.sigma_max,
         sigma_levels=model.sigma_levels,
         params=schedule_params,
+        grid=grid,
     )
     plugin = params if isinstance(params, AMEDPluginParams) else None
     wanted = predictor_key(
@@ -500,6 +540,7 @@ def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, 
         row.solver_params,
         config.afs,
         predictor,
+        row.grid,
     )
     reference = _reference_chunk(context, chunk, start, stop)
     stored = {"rmse": (images - reference).flatten(1).pow(2).mean(1).sqrt().contiguous()}

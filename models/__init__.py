@@ -1,7 +1,10 @@
 """Model adapters: everything that turns a model into a `solvers.Denoiser`.
 
-`load(source)` gives a `DiffusionModel` (a built-in name such as "mnist", a diffusers folder, or a
-hub id from the local cache); its `conditioned(labels, guidance)` is the denoiser solvers run.
+`load(source)` gives a model (from a built-in name such as "mnist", a diffusers folder, or a hub
+id from the local cache) of one of two kinds: a class-conditional `DiffusionModel`, whose
+`conditioned(labels, guidance)` is the denoiser solvers run, or a `TextToImageModel` (Stable
+Diffusion, SDXL pipelines), whose `conditioned(prompts, negative_prompts, guidance, height=,
+width=)` is a denoiser over latents, with `decode` / `encode` between latents and images.
 
 Depends on the solver contract only (`solvers.contract`), never on the service or the benchmarks.
 """
@@ -15,17 +18,25 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedSchedulerError,
 )
-from .loading import BUILTINS, DiffusionModel, load
+from .loading import BUILTINS, DiffusionModel, Model, class_conditional, load
+from .prompts import PromptCache
+from .text_to_image import ModelKind, SizeLimits, TextToImageModel
 
 __all__ = [
     "BUILTINS",
     "DiffusionModel",
     "InvalidConditioningError",
     "InvalidDeviceError",
+    "Model",
     "ModelError",
+    "ModelKind",
     "ModelLoadError",
     "ModelNotFoundError",
+    "PromptCache",
+    "SizeLimits",
+    "TextToImageModel",
     "UnsupportedModelError",
     "UnsupportedSchedulerError",
+    "class_conditional",
     "load",
 ]

@@ -8,6 +8,8 @@
     dtype = "float32"              # float32, float16, bfloat16
     channels_last = false
     # null_class = 1000            # the unconditional label of a class-conditional hub model
+    # text_encoder_device = "cpu"  # a text pipeline's text encoders elsewhere than its UNet
+    # variant = "fp16"             # a text pipeline's *.fp16.safetensors instead of the full files
 
 Parsed with tomllib and validated with pydantic; every problem is a `ModelsConfigError` that names
 the file and the field (`models[1].dtype`), the bad value and what is allowed.
@@ -23,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from .errors import ModelError
-from .loading import DiffusionModel, load
+from .loading import Model, load
+from .prompts import PromptCache
+from .text_to_image import SizeLimits
 
 
 class ModelsConfigError(ModelError, ValueError):
@@ -41,6 +45,8 @@ class ModelEntry(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     channels_last: bool = False
     null_class: int | None = Field(default=None, ge=0)
+    text_encoder_device: str | None = Field(default=None, pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,32}$", description="e.g. fp16")
 
 
 class ModelsConfig(BaseModel):
@@ -97,13 +103,24 @@ def _describe(error: ErrorDetails) -> str:
     return f"{where or 'file'}{shown}: {error['msg']}"
 
 
-def load_models(config: ModelsConfig) -> dict[str, DiffusionModel]:
-    """Load every model of the config, by name (in file order).
+def load_models(
+    config: ModelsConfig,
+    *,
+    prompt_cache: PromptCache | None = None,
+    size_limits: SizeLimits | None = None,
+    failures: list[ModelsConfigError] | None = None,
+) -> dict[str, Model]:
+    """Load every model of the config, by name (in file order). Text pipelines share `prompt_cache`
+    (entries are keyed by encoder fingerprint) and accept `size_limits`.
 
+    Args:
+        failures: when given, a model that fails to load is recorded here (its error names the
+            model and the file) and skipped, so the others can still be served.
     Raises:
-        ModelError: the first model that fails, with its name in the message.
+        ModelError: the first model that fails (when `failures` is None), with its name in the message.
     """
-    loaded: dict[str, DiffusionModel] = {}
+    cache = prompt_cache if prompt_cache is not None else PromptCache()
+    loaded: dict[str, Model] = {}
     for entry in config.models:
         try:
             loaded[entry.name] = load(
@@ -113,9 +130,16 @@ def load_models(config: ModelsConfig) -> dict[str, DiffusionModel]:
                 dtype=entry.dtype,
                 channels_last=entry.channels_last,
                 null_class=entry.null_class,
+                text_encoder_device=entry.text_encoder_device,
+                variant=entry.variant,
+                prompt_cache=cache,
+                size_limits=size_limits,
             )
         except ModelError as error:
-            raise ModelsConfigError(f"model {entry.name!r} ({entry.source}): {error}") from error
+            failure = ModelsConfigError(f"model {entry.name!r} ({entry.source}): {error}")
+            if failures is None:
+                raise failure from error
+            failures.append(failure)
     return loaded
 
 

@@ -285,6 +285,10 @@ class UNetDenoiser:
             a class-conditional UNet runs with guidance != 1.
         embeddings: encoder hidden states (B, L, D) of the conditional pass (UNet2DConditionModel).
         null_embeddings: those of the unconditional pass, (B, L, D).
+        added: the extra inputs of a UNet with an added embedding (SDXL's "text_time": text_embeds
+            (B, P), the pooled text embedding, and time_ids (B, 6), the original size, crop corner
+            and target size) of the conditional pass.
+        null_added: those of the unconditional pass.
         guidance: w, a float or a tensor (B,).
     Attributes:
         sigma_min, sigma_max: the smallest and largest trained sigma.
@@ -306,6 +310,8 @@ class UNetDenoiser:
         null_labels: Tensor | None = None,
         embeddings: Tensor | None = None,
         null_embeddings: Tensor | None = None,
+        added: Mapping[str, Tensor] | None = None,
+        null_added: Mapping[str, Tensor] | None = None,
         guidance: float | Tensor = 1.0,
     ) -> None:
         self.traits = unet_traits(unet)
@@ -329,6 +335,8 @@ class UNetDenoiser:
         )
         # A 0-dim label tensor applies to every sample (any batch); the others fix B.
         sizes = {name: t.shape[0] for name, t in named if t is not None and t.dim() > 0}
+        for name, extra in (("added", added), ("null_added", null_added)):
+            sizes.update({f"{name}.{key}": t.shape[0] for key, t in (extra or {}).items() if t.dim() > 0})
         if w.dim() == 1:
             sizes["guidance"] = w.shape[0]
         if len(set(sizes.values())) > 1:
@@ -338,14 +346,26 @@ class UNetDenoiser:
         unconditional = bool((w != 1).any())
         self._passes: list[_Pass] = []
         if conditional:
-            self._passes.append(self._make_pass("labels", labels, "embeddings", embeddings))
+            self._passes.append(self._make_pass("labels", labels, "embeddings", embeddings, "added", added))
         if unconditional:
-            self._passes.append(self._make_pass("null_labels", null_labels, "null_embeddings", null_embeddings))
+            self._passes.append(
+                self._make_pass(
+                    "null_labels", null_labels, "null_embeddings", null_embeddings, "null_added", null_added
+                )
+            )
         self.evals_per_call = len(self._passes)
         self._guidance = w if self.evals_per_call == 2 else None
         self._feature_pass = 0  # the conditional half's, when there are two
 
-    def _make_pass(self, label_name: str, labels: Tensor | None, embed_name: str, embeddings: Tensor | None) -> _Pass:
+    def _make_pass(
+        self,
+        label_name: str,
+        labels: Tensor | None,
+        embed_name: str,
+        embeddings: Tensor | None,
+        added_name: str,
+        added: Mapping[str, Tensor] | None,
+    ) -> _Pass:
         traits = self.traits
         if traits.num_class_embeds is None:
             if labels is not None:
@@ -376,10 +396,20 @@ class UNetDenoiser:
             raise InvalidConditioningError(
                 embed_name, tuple(embeddings.shape), f"shape (B, L, {traits.cross_attention_dim})"
             )
+        expected = traits.added_inputs
+        given = dict(added or {})
+        if set(given) != set(expected):
+            allowed = ", ".join(f"{k} (B, {shape[1]})" for k, shape in expected.items()) if expected else "None"
+            raise InvalidConditioningError(added_name, sorted(given), f"{allowed} for this UNet")
+        for key, width in expected.items():
+            tensor = given[key]
+            if tensor.dim() != 2 or tensor.shape[1] != width[1]:
+                raise InvalidConditioningError(f"{added_name}.{key}", tuple(tensor.shape), f"shape (B, {width[1]})")
         device, dtype = self._device, self._model_dtype
         return _Pass(
             labels.to(device=device, dtype=torch.int64) if labels is not None else None,
             embeddings.to(device=device, dtype=dtype) if embeddings is not None else None,
+            {k: t.to(device=device, dtype=dtype) for k, t in given.items()} or None,
         )
 
     @classmethod
@@ -429,6 +459,11 @@ class UNetDenoiser:
             x_in, timestep = torch.cat([x_in, x_in]), torch.cat([timestep, timestep])
         labels = _cat([p.labels.expand(batch) if p.labels is not None else None for p in passes])
         embeddings = _cat([p.embeddings for p in passes])
+        added = None
+        if passes[0].added is not None:
+            added = {
+                key: _cat([p.added[key] if p.added is not None else None for p in passes]) for key in passes[0].added
+            }
         captured: list[Tensor] = []
         handle = None
         if want_feature:
@@ -437,7 +472,9 @@ class UNetDenoiser:
             )
         try:
             if isinstance(self.unet, UNet2DConditionModel):
-                raw = self.unet(x_in, timestep, encoder_hidden_states=embeddings, class_labels=labels).sample
+                raw = self.unet(
+                    x_in, timestep, encoder_hidden_states=embeddings, class_labels=labels, added_cond_kwargs=added
+                ).sample
             else:
                 raw = self.unet(x_in, timestep, class_labels=labels).sample
         finally:
@@ -466,6 +503,7 @@ class _Pass:
 
     labels: Tensor | None
     embeddings: Tensor | None
+    added: dict[str, Tensor] | None = None
 
 
 def _cat(parts: list[Tensor | None]) -> Tensor | None:
@@ -482,10 +520,13 @@ class UNetTraits:
     Attributes:
         num_class_embeds: size of the class-label table, or None.
         cross_attention_dim: width of the encoder embeddings its cross-attention reads, or None.
+        added_inputs: the inputs of an added embedding with their shapes, ("B", width) (SDXL's
+            text_embeds and time_ids); empty when it has none.
     """
 
     num_class_embeds: int | None
     cross_attention_dim: int | None
+    added_inputs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def unet_traits(unet: UNet2DModel | UNet2DConditionModel) -> UNetTraits:
@@ -509,12 +550,28 @@ def unet_traits(unet: UNet2DModel | UNet2DConditionModel) -> UNetTraits:
     if config["class_embed_type"] is not None:
         raise UnsupportedModelError("unet.class_embed_type", config["class_embed_type"], "None (a label table)")
     cross: int | None = None
+    added: dict[str, tuple[str, int]] = {}
     if isinstance(unet, UNet2DConditionModel):
-        for key in ("addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        for key in ("encoder_hid_dim_type", "time_cond_proj_dim"):
             if config.get(key) is not None:
                 raise UnsupportedModelError(
-                    f"unet.{key}", config[key], "None (text/image add-ons belong to latent pipelines, not supported)"
+                    f"unet.{key}", config[key], "None (image prompts and LCM are not supported)"
                 )
+        addition = config.get("addition_embed_type")
+        if addition == "text_time":
+            # SDXL: the pooled text embedding and six size numbers, each of the latter embedded
+            # with addition_time_embed_dim sinusoids; the rest of the projection is the pooled width.
+            time_ids = 6
+            pooled = config["projection_class_embeddings_input_dim"] - time_ids * config["addition_time_embed_dim"]
+            if pooled < 1:
+                raise UnsupportedModelError(
+                    "unet.projection_class_embeddings_input_dim",
+                    config["projection_class_embeddings_input_dim"],
+                    f"more than 6 x addition_time_embed_dim = {time_ids * config['addition_time_embed_dim']}",
+                )
+            added = {"text_embeds": ("B", pooled), "time_ids": ("B", time_ids)}
+        elif addition is not None:
+            raise UnsupportedModelError("unet.addition_embed_type", addition, "None or 'text_time' (SDXL)")
         blocks = [*config["down_block_types"], *config["up_block_types"], config.get("mid_block_type") or ""]
         if any("CrossAttn" in block for block in blocks):
             dim = config["cross_attention_dim"]
@@ -523,7 +580,7 @@ def unet_traits(unet: UNet2DModel | UNet2DConditionModel) -> UNetTraits:
             cross = dim
     elif not isinstance(unet, UNet2DModel):
         raise UnsupportedModelError("unet", type(unet).__name__, "UNet2DModel or UNet2DConditionModel")
-    return UNetTraits(config["num_class_embeds"], cross)
+    return UNetTraits(config["num_class_embeds"], cross, added)
 
 
 def bottleneck_module(unet: UNet2DModel | UNet2DConditionModel) -> torch.nn.Module:

@@ -19,8 +19,6 @@ diffusers_unet) and on diffusers / huggingface_hub / safetensors; never on the s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,6 @@ from typing import Any, Literal
 import torch
 from diffusers.models import UNet2DConditionModel, UNet2DModel
 from diffusers.utils import is_accelerate_available
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .diffusers_unet import Parameterisation, UNetDenoiser, VPDiscreteSchedule, unet_traits
@@ -41,7 +38,11 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedSchedulerError,
 )
+from .files import DIFFUSERS_WEIGHTS, digest, read_json, weight_files
 from .flow import FLOW_SCHEDULERS, FlowSchedule
+from .pipelines import TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
+from .prompts import DEFAULT_CACHE_SIZE, PromptCache
+from .text_to_image import ModelKind, SizeLimits, TextToImageModel
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
 # float64 is for reference runs (batch-invariance and cross-checks), not for serving.
@@ -80,35 +81,7 @@ UNET_CLASSES: dict[str, type[UNet2DModel] | type[UNet2DConditionModel]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
 }
-# Schedulers of the discrete DDPM family: their configs describe betas on a training grid, which
-# is all the adapter reads. Flow-matching schedulers (models.flow.FLOW_SCHEDULERS) describe a
-# velocity model on the straight path; continuous-time (VE SDE) and consistency schedulers other
-# processes.
-VP_SCHEDULERS = frozenset(
-    {
-        "DDPMScheduler",
-        "DDIMScheduler",
-        "DDIMInverseScheduler",
-        "PNDMScheduler",
-        "LMSDiscreteScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "HeunDiscreteScheduler",
-        "KDPM2DiscreteScheduler",
-        "KDPM2AncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-        "DPMSolverSinglestepScheduler",
-        "DPMSolverSDEScheduler",
-        "DEISMultistepScheduler",
-        "UniPCMultistepScheduler",
-        "SASolverScheduler",
-        "TCDScheduler",
-        "LCMScheduler",
-    }
-)
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SHARDED_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHTS_NAME = DIFFUSERS_WEIGHTS.single
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -164,16 +137,26 @@ def find_files(source: str | Path, hub_cache: Path | None = None) -> ModelFiles:
         ModelNotFoundError: an unknown name, a missing folder, a hub id absent from the cache.
         ModelLoadError: a folder that is not in diffusers layout.
     """
+    return _layout(*find_root(source, hub_cache))
+
+
+def find_root(source: str | Path, hub_cache: Path | None = None) -> tuple[Path, Literal["builtin", "directory", "hub"]]:
+    """The folder a source names, and what kind of source it is; nothing is read.
+
+    Raises:
+        ModelNotFoundError: an unknown name, a missing folder, a hub id absent from the cache.
+        ModelLoadError: a file where a folder belongs.
+    """
     text = str(source)
     if isinstance(source, str) and source in BUILTINS:
-        return _layout(BUILTINS[source].folder, "builtin")
+        return BUILTINS[source].folder, "builtin"
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(path, "is a file: expected a diffusers folder (a pipeline or a UNet folder)")
-        return _layout(path, "directory")
+        return path, "directory"
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return _layout(_cached_snapshot(text, hub_cache), "hub")
+        return _cached_snapshot(text, hub_cache), "hub"
     raise ModelNotFoundError(
         f"model source {text!r} not found: expected a built-in name ({', '.join(sorted(BUILTINS))}), "
         "an existing diffusers folder, or a hub id 'org/name' in the local Hugging Face cache"
@@ -216,70 +199,9 @@ def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFi
     return ModelFiles(kind, root, unet_dir, scheduler)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or a ModelLoadError naming it."""
-    if not path.is_file():
-        raise ModelLoadError(path, "missing")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(path, f"not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(path, f"expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def weight_files(unet_dir: Path) -> list[Path]:
-    """The UNet's safetensors files (one, or the shards of an index), each checked to be readable.
-
-    Raises:
-        ModelLoadError: no safetensors weights (pickle-only weights are named and refused), a shard
-            index naming missing files, or a file that is not valid safetensors.
-    """
-    single, index = unet_dir / WEIGHTS_NAME, unet_dir / SHARDED_INDEX
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise ModelLoadError(index, "has an empty weight_map")
-        files = [unet_dir / name for name in shards]
-        for file in files:
-            if not file.is_file():
-                raise ModelLoadError(file, f"missing (listed in {index.name})")
-    else:
-        pickled = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise ModelLoadError(
-                unet_dir / pickled[0],
-                "pickle-format weights are refused (loading them can run arbitrary code); convert them to "
-                f"{WEIGHTS_NAME} on a trusted machine (diffusers: save_pretrained(..., safe_serialization=True))",
-            )
-        raise ModelLoadError(single, "missing: no UNet weights in this folder")
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    handle.get_slice(key)  # checks each tensor's header and bounds; reads no data
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ModelLoadError(file, f"not a valid safetensors file ({error})") from None
-    return files
-
-
 def fingerprint(files: ModelFiles, weights: list[Path]) -> str:
-    """SHA-256 over the weight files' bytes and the UNet and scheduler configs (canonical JSON,
-    without diffusers' bookkeeping keys such as _diffusers_version). Predictors and benchmark
-    rows are keyed by it."""
-    digest = hashlib.sha256()
-    for path in weights:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    for path in (files.unet_dir / "config.json", files.scheduler_config):
-        config = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
-        digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()
+    """SHA-256 over the weight files' bytes and the UNet and scheduler configs (see files.digest)."""
+    return digest(weights, [files.unet_dir / "config.json", files.scheduler_config])
 
 
 class DiffusionModel:
@@ -301,6 +223,8 @@ class DiffusionModel:
         sigma_min, sigma_max, sigma_levels: as the Denoiser contract.
     """
 
+    kind: ModelKind = "class-conditional"
+
     def __init__(
         self,
         name: str,
@@ -321,6 +245,12 @@ class DiffusionModel:
                 else (f"a label in 0..{traits.num_class_embeds - 1}")
             )
             raise InvalidConditioningError("null_class", null_class, allowed)
+        if traits.added_inputs:
+            raise UnsupportedModelError(
+                "unet.addition_embed_type",
+                unet.config["addition_embed_type"],
+                "None for a bare UNet (load the whole pipeline folder, with its model_index.json)",
+            )
         self.name = name
         self.source = source
         self.unet = unet
@@ -347,6 +277,29 @@ class DiffusionModel:
     @property
     def prediction_type(self) -> str:
         return self.schedule.prediction_type
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) of a sample: a pixel-space model has the one size it was trained at."""
+        return (self.sample_shape[1], self.sample_shape[2])
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The solver state's shape for a height x width sample: the sample itself, at the trained size.
+
+        Raises:
+            InvalidConditioningError: another size.
+        """
+        if (height, width) != self.default_size:
+            raise InvalidConditioningError(
+                "height x width",
+                f"{height} x {width}",
+                f"{self.default_size[0]} x {self.default_size[1]} for this model",
+            )
+        return self.sample_shape
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Images in [-1, 1] (B, C, H, W), float32: a pixel-space model's samples are its images."""
+        return samples.float().clamp(-1.0, 1.0)
 
     def conditioned(
         self,
@@ -406,6 +359,24 @@ class DiffusionModel:
         )
 
 
+Model = DiffusionModel | TextToImageModel
+"""What `load` returns; `kind` tells which."""
+
+
+def class_conditional(model: Model) -> DiffusionModel:
+    """`model` as a class-conditional DiffusionModel, for callers that drive labels (benchmarks on
+    mnist-like models).
+
+    Raises:
+        UnsupportedModelError: a text-to-image model.
+    """
+    if not isinstance(model, DiffusionModel):
+        raise UnsupportedModelError(
+            "model", f"{model.name} ({model.kind})", "a class-conditional or unconditional UNet model here"
+        )
+    return model
+
+
 def load(
     source: str | Path,
     *,
@@ -415,7 +386,11 @@ def load(
     channels_last: bool = False,
     null_class: int | None = None,
     hub_cache: Path | None = None,
-) -> DiffusionModel:
+    text_encoder_device: str | None = None,
+    prompt_cache: PromptCache | None = None,
+    size_limits: SizeLimits | None = None,
+    variant: str | None = None,
+) -> Model:
     """Load a diffusion model (see the module docstring for the sources).
 
     Args:
@@ -423,19 +398,61 @@ def load(
         name: what to call it (default: the source).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         dtype: "float32", "float16" or "bfloat16": the network's precision (the solver state stays
-            in its own dtype; see UNetDenoiser).
+            in its own dtype; see UNetDenoiser); a text pipeline's text encoders too, and its VAE
+            unless the VAE config says force_upcast (float32 then, under float16).
         channels_last: run the network in channels-last memory format (faster convolutions on
             recent GPUs).
         null_class: the label of the unconditional pass of a class-conditional model (built-ins
             know theirs).
         hub_cache: the Hugging Face hub cache folder (default: huggingface_hub's, from HF_HOME /
             HF_HUB_CACHE).
+        text_encoder_device: where a text pipeline's text encoders run (default: `device`), e.g.
+            "cpu" to leave the accelerator's memory to the UNet and VAE.
+        prompt_cache: the LRU cache of encoded prompts (default: a new one of DEFAULT_CACHE_SIZE).
+        size_limits: the image sizes a text pipeline accepts (default: SizeLimits()).
+        variant: read a precision variant's weight files (e.g. "fp16": `*.fp16.safetensors`) of a
+            text pipeline; None: the plain ones. `dtype` still decides the precision it runs in.
+    Returns:
+        a DiffusionModel (kind "class-conditional": a UNet, optionally with labels) or a
+        TextToImageModel (kind "text-to-image": a StableDiffusion / SDXL pipeline folder).
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedSchedulerError, UnsupportedModelError,
         InvalidDeviceError.
     """
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    files = find_files(source, hub_cache)
+    root, kind = find_root(source, hub_cache)
+    pipeline = pipeline_class(root)
+    if pipeline in TEXT_PIPELINES:
+        if null_class is not None:
+            raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
+        return load_text_pipeline(
+            root,
+            pipeline,
+            name=name or str(source),
+            source=str(source),
+            device=torch_device,
+            dtype=torch_dtype,
+            text_encoder_device=torch_device if text_encoder_device is None else resolve_device(text_encoder_device),
+            cache=prompt_cache if prompt_cache is not None else PromptCache(DEFAULT_CACHE_SIZE),
+            limits=size_limits or SizeLimits(),
+            variant=variant,
+        )
+    if variant is not None:
+        raise UnsupportedModelError("variant", variant, "None for a bare UNet model (variants are read for pipelines)")
+    return _load_unet(source, root, kind, torch_device, torch_dtype, channels_last, null_class, name)
+
+
+def _load_unet(
+    source: str | Path,
+    root: Path,
+    kind: Literal["builtin", "directory", "hub"],
+    torch_device: torch.device,
+    torch_dtype: torch.dtype,
+    channels_last: bool,
+    null_class: int | None,
+    name: str | None,
+) -> DiffusionModel:
+    files = _layout(root, kind)
     if files.kind == "builtin" and null_class is None:
         null_class = BUILTINS[str(source)].null_class
     unet_config = read_json(files.unet_dir / "config.json")
@@ -506,7 +523,10 @@ __all__ = [
     "BUILTINS",
     "DTYPES",
     "DiffusionModel",
+    "Model",
     "ModelFiles",
+    "TextToImageModel",
+    "class_conditional",
     "find_files",
     "fingerprint",
     "load",

@@ -6,8 +6,12 @@
             ...
 
     sampler-client generate --model mnist --solver dpmpp_2m --steps 20 --labels 0,1,2 --seed 0 --out out/
+    sampler-client generate --model sd15 --solver dpmpp_2m --steps 25 --prompt "a red fox" --guidance 7.5 \
+        --negative-prompt "blurry" --width 512 --height 512 --seed 0 --out out/
     sampler-client plan --model mnist --solver heun --nfe 10
-    sampler-client list-models | list-solvers | health
+    sampler-client --target HOST:9000 --ray generate --model mnist ...   # through Ray Serve's gRPC proxy
+    sampler-client list-models | list-solvers | server-info | health
+    sampler-client plan --solver euler --steps 4 --target 10.0.0.5:50051   # flags before or after
 
 Errors come back as `ClientError` with the status code, the message and the google.rpc details
 (field violations, retry delay, the command that trains a missing predictor).
@@ -45,14 +49,20 @@ class ClientError(Exception):
     details: list[Any] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"{self.code}: {self.message}"]
-        for detail in self.details:
-            if isinstance(detail, error_details_pb2.BadRequest):
-                lines += [f"  {v.field}: {v.description}" for v in detail.field_violations]
-            elif isinstance(detail, error_details_pb2.RetryInfo):
-                lines.append(f"  retry after {detail.retry_delay.ToTimedelta().total_seconds():g} s")
-            elif isinstance(detail, error_details_pb2.PreconditionFailure):
-                lines += [f"  {v.subject}: {v.description}" for v in detail.violations]
+        """The message, said once: field violations one per line (the server's message joins them),
+        otherwise the message alone (it already says the retry delay or the training command)."""
+        violations = [
+            v
+            for detail in self.details
+            if isinstance(detail, error_details_pb2.BadRequest)
+            for v in detail.field_violations
+        ]
+        if not violations:
+            return f"{self.code}: {self.message}"
+        lines = [f"{self.code}: {len(violations)} invalid field{'s' if len(violations) > 1 else ''}"]
+        lines += [f"  {v.field}: {v.description}" for v in violations]
+        if self.message.endswith(" more"):  # the server kept the first few
+            lines.append(f"  {self.message.rsplit('; ', 1)[-1]}")
         return "\n".join(lines)
 
 
@@ -97,6 +107,12 @@ def build_request(
     output_format: str = "png",
     request_id: str = "",
     preview_every: int = 0,
+    prompts: Sequence[str] = (),
+    negative_prompts: Sequence[str] = (),
+    width: int = 0,
+    height: int = 0,
+    init_image: bytes = b"",
+    strength: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from plain values (exactly one of steps / nfe)."""
     request = pb.GenerateRequest(
@@ -111,7 +127,14 @@ def build_request(
         request_id=request_id,
         preview_every=preview_every,
         output_format=pb.OUTPUT_FORMAT_RAW_FLOAT32 if output_format == "raw" else pb.OUTPUT_FORMAT_PNG,
+        prompt=list(prompts),
+        negative_prompt=list(negative_prompts),
+        width=width,
+        height=height,
+        init_image=init_image,
     )
+    if strength is not None:
+        request.strength = strength
     if steps is not None:
         request.steps = steps
     if nfe is not None:
@@ -137,7 +160,10 @@ class SamplerClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`metadata` goes with every call, e.g. (("application", "mnist"),) for Ray Serve's
+        gRPC proxy, which routes on it (docs/scale-out.md)."""
         options = [("grpc.max_receive_message_length", 256 * 2**20)]
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -146,7 +172,7 @@ class SamplerClient:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.SamplerServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(metadata)
         self.timeout = timeout
 
     def __enter__(self) -> SamplerClient:
@@ -168,7 +194,11 @@ class SamplerClient:
         """The event stream of one request (build it from keywords, see build_request)."""
         request = request if request is not None else build_request(**fields)
         try:
-            yield from self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout)
+            for event in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout):
+                # Behind Ray Serve's proxy a failed stream sends one empty event before its status
+                # (sampler_service/ray_app.py); it carries nothing.
+                if event.WhichOneof("event") is not None:
+                    yield event
         except grpc.RpcError as error:
             raise _client_error(error) from None
 
@@ -213,6 +243,17 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _metadata_pair(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    # gRPC metadata keys are lower case; "-bin" keys would need bytes values.
+    if key.lower() != key or key.endswith("-bin"):
+        raise argparse.ArgumentTypeError(f"metadata key {key!r}: expected lower case, not ending in -bin")
+    return key, value
+
+
 def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mnist")
     parser.add_argument("--solver", required=True)
@@ -229,6 +270,13 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="base seed: samples use seed, seed + 1, ...")
     parser.add_argument("--guidance", type=_floats, default=[], help="one for all, or one per sample")
     parser.add_argument("--request-id", default="")
+    text = parser.add_argument_group("text-to-image models")
+    text.add_argument("--prompt", action="append", default=[], help="repeat for one per sample; one = for all")
+    text.add_argument("--negative-prompt", action="append", default=[], help="repeat for one per sample")
+    text.add_argument("--width", type=int, default=0, help="pixels; 0 = the model's default")
+    text.add_argument("--height", type=int, default=0, help="pixels; 0 = the model's default")
+    text.add_argument("--init-image", type=argparse.FileType("rb"), default=None, help="PNG to start from (img2img)")
+    text.add_argument("--strength", type=float, default=None, help="with --init-image: (0, 1], default 0.8")
 
 
 def _request_from(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -248,6 +296,12 @@ def _request_from(args: argparse.Namespace) -> pb.GenerateRequest:
         guidance=args.guidance,
         output_format=getattr(args, "format", "png"),
         request_id=args.request_id,
+        prompts=args.prompt,
+        negative_prompts=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        init_image=args.init_image.read() if args.init_image is not None else b"",
+        strength=args.strength,
     )
 
 
@@ -292,6 +346,7 @@ def _generate(client: SamplerClient, args: argparse.Namespace) -> int:
             "label": r.label,
             "nfe": r.nfe,
             "network_evals": r.network_evals,
+            "dropped_tokens": r.dropped_tokens,
             "seconds": round(r.timing.total_seconds, 3),
             "file": str(p),
         }
@@ -316,42 +371,106 @@ def _grid(results: list[pb.SampleResult], path: Path) -> None:
     grid.save(path)
 
 
+def _connection_args(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--target, --token, --tls, --ca, --timeout: on the main parser with their defaults, and on
+    every subcommand without (SUPPRESS), so they may come before or after the subcommand."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--target", default=default(DEFAULT_TARGET), help=f"host:port (default {DEFAULT_TARGET})")
+    parser.add_argument("--token", default=default(None), help="bearer token")
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS with the system's root certificates"
+    )
+    parser.add_argument(
+        "--ca", type=Path, default=default(None), help="PEM file of the CA that signed the server certificate"
+    )
+    parser.add_argument("--timeout", type=float, default=default(None), help="seconds per call")
+    parser.add_argument(
+        "--metadata",
+        type=_metadata_pair,
+        action="append",
+        default=default([]),
+        metavar="KEY=VALUE",
+        help="call metadata, repeatable (e.g. application=mnist for Ray Serve's gRPC proxy)",
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        default=default(False),
+        help="through Ray Serve's gRPC proxy: send application=<--model> (generate, plan); "
+        "other commands take --metadata application=NAME",
+    )
+
+
+def _print(message: Any) -> None:
+    """A response as JSON with every field, zeros and false included (proto3 JSON leaves them out)."""
+    print(json_format.MessageToJson(message, always_print_fields_with_no_presence=True))
+
+
+def _print_list(messages: Sequence[Any]) -> None:
+    print(
+        json.dumps(
+            [json_format.MessageToDict(m, always_print_fields_with_no_presence=True) for m in messages], indent=1
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sampler-client", description="Client of the sampling service.")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default {DEFAULT_TARGET})")
-    parser.add_argument("--token", default=None, help="bearer token")
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    parser.add_argument("--ca", type=Path, default=None, help="PEM file of the CA that signed the server certificate")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser = argparse.ArgumentParser(
+        prog="sampler-client",
+        description="Client of the sampling service. The connection flags (--target, --token, --tls, --ca, "
+        "--timeout) go before or after the command.",
+    )
+    _connection_args(parser, defaults=True)
+    connection = argparse.ArgumentParser(add_help=False)
+    _connection_args(connection, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="generate images; writes one file per sample and a grid")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, parents=[connection])
+
+    generate = command("generate", "generate images; writes one file per sample and a grid")
     _request_args(generate)
     generate.add_argument("--format", choices=("png", "raw"), default="png")
     generate.add_argument("--out", type=Path, default=Path("samples"))
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
-    plan = commands.add_parser("plan", help="what a request would do and cost")
+    plan = command("plan", "what a request would do and cost (steps, NFE, sigmas, seeds), without running it")
     _request_args(plan)
-    commands.add_parser("list-models")
-    commands.add_parser("list-solvers")
-    commands.add_parser("server-info")
-    health = commands.add_parser("health", help="exit 0 when SERVING")
-    health.add_argument("--service", default="")
+    command("list-models", "the served models: shape, labels, sigma range, prediction type, device, fingerprint")
+    command("list-solvers", "the solvers: order, parameter schema, reachable NFE, trained AMED predictors")
+    command("server-info", "the server's version and limits (samples, steps, guidance, batching, auth)")
+    health = command("health", "the server's health; exit 0 when SERVING")
+    health.add_argument("--service", default="", help="a model name or the service name (default: the server)")
     args = parser.parse_args(argv)
-    root = args.ca.read_bytes() if args.ca is not None else None
     try:
+        root = args.ca.read_bytes() if args.ca is not None else None
+    except OSError as error:
+        print(f"sampler-client: error: --ca: cannot read {args.ca}: {error.strerror}", file=sys.stderr)
+        return 2
+    try:
+        metadata = list(args.metadata)
+        if args.ray and getattr(args, "model", None) and not any(key == "application" for key, _ in metadata):
+            metadata.append(("application", args.model))
         with SamplerClient(
-            args.target, token=args.token, tls=args.tls, root_certificates=root, timeout=args.timeout
+            args.target,
+            token=args.token,
+            tls=args.tls,
+            root_certificates=root,
+            timeout=args.timeout,
+            metadata=metadata,
         ) as client:
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "plan":
-                print(json_format.MessageToJson(client.plan(_request_from(args))))
+                _print(client.plan(_request_from(args)))
             elif args.command == "list-models":
-                print(json.dumps([json_format.MessageToDict(m) for m in client.list_models()], indent=1))
+                _print_list(client.list_models())
             elif args.command == "list-solvers":
-                print(json.dumps([json_format.MessageToDict(s) for s in client.list_solvers()], indent=1))
+                _print_list(client.list_solvers())
             elif args.command == "server-info":
-                print(json_format.MessageToJson(client.server_info()))
+                _print(client.server_info())
             elif args.command == "health":
                 status = client.health(args.service)
                 print(status)

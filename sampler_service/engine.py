@@ -16,6 +16,10 @@ are kept until read (bounded by the request's sample count).
 Cancellation: a ticket cancelled before its batch starts is dropped from the queue; a batch whose
 tickets are all cancelled stops at its next step; rows of a cancelled ticket inside a running
 batch finish with it and are discarded. The admission slot is released at once either way.
+
+Failures stay with the request that causes them (`Engine._run_batch`): a batch that raises is
+re-run in halves until the failing request runs alone, out-of-memory splits by samples, and
+non-finite output is checked per request; everyone else in the batch gets their samples.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from google.rpc import error_details_pb2
 
+import models
 import solvers
 from solvers import StepInfo
 
-from .errors import QueueFull, SampleFailed, ServiceError
+from .errors import Internal, QueueFull, SampleFailed, ServiceError, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .imaging import encode, preview
-from .jobs import Job, ServedModel, conditioning
+from .jobs import Job, ServedModel, conditioning, init_latents, text_batch
 from .settings import Settings
 
 log = logging.getLogger("sampler_service.engine")
@@ -152,6 +158,7 @@ class Engine:
         self.sampled_at = dict.fromkeys(served, 0.0)  # when its sampling ended, before results were posted
         self.batches_stopped = 0  # stopped early because every request in them was gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
+        self.on_failure: Callable[[str], None] | None = None  # (ErrorInfo reason) of a failed request, for metrics
 
     def start(self) -> None:
         for name in self.served:
@@ -226,10 +233,10 @@ class Engine:
             self.last_batch_requests[name] = len({id(item.ticket) for item in items})
             try:
                 await loop.run_in_executor(self.executors[name], self._run_batch, items)
-            except Exception as error:  # a bug in the batch runner must not kill the dispatcher
+            except Exception:  # a bug in the isolation itself must not kill the dispatcher
                 log.exception("batch failed")
-                for item in items:
-                    item.ticket.post(item.ticket._fail, SampleFailed(f"internal error: {error}", "BATCH_FAILED"))
+                for ticket in {id(item.ticket): item.ticket for item in items}.values():
+                    ticket.post(ticket._fail, Internal(ticket.job.request_id))
             self.free_since[name] = time.perf_counter()
             # company for the next batch: this batch's requests (their clients may send the next
             # one as soon as a result is out, before this coroutine resumes: those are not counted
@@ -296,8 +303,17 @@ class Engine:
 
     # -- the worker thread ------------------------------------------------------------------
     def _run_batch(self, items: list[BatchItem]) -> None:
-        """Run one batch; on CUDA out-of-memory, split it in halves and run those (down to single
-        samples, which then fail alone with RESOURCE_EXHAUSTED); the server stays SERVING."""
+        """Run one batch so that a failure costs only the requests that cause it.
+
+        On out-of-memory the batch is split in halves by samples and retried (down to single
+        samples, which then fail alone with OUT_OF_MEMORY): smaller batches may fit. On any other
+        error of the model or the solver the batch is split in halves by request and each half
+        re-run until the failing request runs alone; that request fails (a domain error with its
+        own status, anything else MODEL_ERROR) and every other request gets its samples. With one
+        failing request among n, the others are re-run once each, in log2(n) smaller batches (n/2,
+        n/4, ... requests); the halves holding the failing one fail at their first network call
+        when the fault is tied to that request. The server stays SERVING.
+        """
         try:
             self._sample_batch(items)
         except torch.OutOfMemoryError:
@@ -305,13 +321,38 @@ class Engine:
                 torch.cuda.empty_cache()
             halves = _split(items)
             if halves is None:
-                item = items[0]
-                error = SampleFailed("out of memory for a single sample on this device", "OUT_OF_MEMORY")
-                item.ticket.post(item.ticket._fail, error)
+                self._fail(items, SampleFailed("out of memory for a single sample on this device", "OUT_OF_MEMORY"))
                 return
             log.warning("out of memory with %d rows; retrying in two halves", _rows(items))
             for half in halves:
                 self._run_batch(half)
+        except Exception as error:  # the model's or the solver's; isolated to the request that causes it
+            groups = _split_requests(items)
+            if groups is None:
+                self._fail(items, _request_failure(error), error)
+                return
+            log.warning(
+                "a batch of %d requests failed (%s); retrying in two halves to isolate the failing request",
+                len({id(item.ticket) for item in items}),
+                type(error).__name__,
+            )
+            for group in groups:
+                self._run_batch(group)
+
+    def _fail(self, items: list[BatchItem], failure: ServiceError, cause: BaseException | None = None) -> None:
+        """Fail the (one) request of `items`; a cause that is not the user's is logged with its traceback."""
+        ticket = items[0].ticket
+        if self.on_failure is not None:
+            self.on_failure(_reason(failure))
+        if cause is not None and isinstance(failure, SampleFailed):
+            log.error(
+                "request failed in the model: %s: %s",
+                type(cause).__name__,
+                str(cause)[:200],
+                exc_info=cause,
+                extra={"request_id": ticket.job.request_id},
+            )
+        ticket.post(ticket._fail, failure)
 
     def _sample_batch(self, items: list[BatchItem]) -> None:
         job = items[0].ticket.job
@@ -322,9 +363,20 @@ class Engine:
         if self.on_batch is not None:
             self.on_batch(rows, self.settings.batching.max_batch_size)
         seeds = [seed for item in items for seed in item.ticket.job.seeds[item.start : item.stop]]
-        labels, guidance = conditioning([(i.ticket.job, i.start, i.stop) for i in items], model.device)
-        denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
-        noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+        rows_of = [(i.ticket.job, i.start, i.stop) for i in items]
+        init = None
+        if isinstance(model, models.TextToImageModel):
+            text = text_batch(rows_of)
+            denoiser: solvers.Denoiser = model.conditioned(
+                text.prompts, text.negatives, text.guidance, height=text.height, width=text.width
+            )
+            shape = text.latent_shape
+            init = init_latents(model, rows_of, shape)
+        else:
+            labels, guidance = conditioning(rows_of, model.device)
+            denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
+            shape = model.sample_shape
+        noise = solvers.make_noise(seeds, shape, device=model.device)
         predictor = None
         if job.predictor is not None:
             predictor = job.served.predictors.find(job.predictor, job.served.name, device=model.device)
@@ -340,7 +392,10 @@ class Engine:
                     progress = pb.Progress(step=info.step, total=info.total, sigma=info.sigma)
                     every = ticket.job.preview_every
                     if every and info.step % every == 0:
-                        progress.previews.extend(preview(info.denoised[offset : offset + count]))
+                        rows = info.denoised[offset : offset + count]
+                        if isinstance(model, models.TextToImageModel):
+                            rows = model.decode(rows)
+                        progress.previews.extend(preview(rows))
                     ticket.post(ticket._set_progress, progress)
                 offset += count
             return False
@@ -357,8 +412,15 @@ class Engine:
                     solver_params=job.solver_params,
                     afs=job.afs,
                     predictor=predictor,
+                    grid=job.sigmas if job.grid is not None else None,
                     callback=callback,
+                    init=init,
+                    start=job.key.start_step,
                 )
+                # A text model's latents become images here (the VAE, batched); a pixel model's
+                # samples are sent as they are.
+                text_model = isinstance(model, models.TextToImageModel)
+                images = (model.decode(result.images) if text_model else result.images.float()).cpu()
         except solvers.SamplingCancelled as stopped:
             self.batches_stopped += 1
             log.info(
@@ -369,7 +431,6 @@ class Engine:
             return
         sampling_seconds = time.perf_counter() - began
         self.sampled_at[job.served.name] = began + sampling_seconds  # before any result is posted
-        images = result.images.float().cpu()
         offset = 0
         for item in items:
             ticket, count = item.ticket, item.stop - item.start
@@ -378,7 +439,7 @@ class Engine:
             if ticket.cancelled:
                 continue
             if not bool(torch.isfinite(block).all()):
-                ticket.post(ticket._fail, SampleFailed("the model produced non-finite values", "NON_FINITE_OUTPUT"))
+                self._fail([item], SampleFailed("the model produced non-finite values", "NON_FINITE_OUTPUT"))
                 continue
             per_sample_evals = result.nfe * ticket.job.evals_per_call
             results = []
@@ -403,6 +464,7 @@ class Engine:
                         timing=timing,
                         image=encode(block[k], ticket.job.output_format),
                         request_id=ticket.job.request_id,
+                        dropped_tokens=ticket.job.text.dropped_tokens[index] if ticket.job.text is not None else 0,
                     )
                 )
             ticket.post(ticket._add_results, results)
@@ -429,6 +491,39 @@ def _split(items: list[BatchItem]) -> tuple[list[BatchItem], list[BatchItem]] | 
         return grouped
 
     return regroup(samples[:middle]), regroup(samples[middle:])
+
+
+def _split_requests(items: list[BatchItem]) -> tuple[list[BatchItem], list[BatchItem]] | None:
+    """Two batches of about half the requests each (a request's rows stay together), or None for
+    the rows of a single request."""
+    order: list[int] = []
+    for item in items:
+        if id(item.ticket) not in order:
+            order.append(id(item.ticket))
+    if len(order) < 2:
+        return None
+    first = set(order[: len(order) // 2])
+    return [i for i in items if id(i.ticket) in first], [i for i in items if id(i.ticket) not in first]
+
+
+def _request_failure(error: Exception) -> ServiceError:
+    """What a request that fails alone is told: the status of a domain error (a request the
+    validation let through but the solver or model refuses), else MODEL_ERROR."""
+    try:
+        return from_domain(error)
+    except TypeError:
+        return SampleFailed(
+            f"the model failed on this request ({type(error).__name__}); the server log has the details",
+            "MODEL_ERROR",
+        )
+
+
+def _reason(error: ServiceError) -> str:
+    """The ErrorInfo reason of an error (its status code's name when it has none)."""
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            return detail.reason
+    return error.code.name
 
 
 __all__ = ["BatchItem", "Engine", "Ticket"]

@@ -18,8 +18,11 @@ from google.rpc import error_details_pb2, status_pb2
 
 import models
 import solvers
+from solvers.errors import quote, shorten
 
 DOMAIN = "sampler.v1"
+MESSAGE_BUDGET = 1500  # characters of an INVALID_ARGUMENT message (the violations kept)
+DESCRIPTION_LIMIT = 240  # characters of one violation's description
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,26 @@ class InvalidRequest(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, violations: Sequence[Violation]) -> None:
-        self.violations = list(violations)
+        # Bounded whatever the request: the message travels twice in the trailers (grpc-message and
+        # the details), and gRPC refuses trailers above 8 KiB on the client side.
+        self.violations: list[Violation] = []
+        used = 0
+        for violation in violations:
+            short = Violation(shorten(violation.field), shorten(violation.description, DESCRIPTION_LIMIT))
+            used += len(short.field) + len(short.description) + 2
+            if self.violations and used > MESSAGE_BUDGET:
+                break
+            self.violations.append(short)
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
                 for v in self.violations
             ]
         )
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations), [bad])
+        message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        if len(violations) > len(self.violations):
+            message += f"; and {len(violations) - len(self.violations)} more"
+        super().__init__(message, [bad])
 
 
 class NotFound(ServiceError):
@@ -73,12 +88,12 @@ class NotFound(ServiceError):
 
     def __init__(self, kind: str, name: str, available: Sequence[str]) -> None:
         self.kind = kind
-        self.name = name
+        self.name = shorten(name)  # a client's string: quoted as a short prefix only
         self.available = list(available)
         info = error_details_pb2.ResourceInfo(
-            resource_type=kind, resource_name=name, description=f"available: {', '.join(self.available)}"
+            resource_type=kind, resource_name=self.name, description=f"available: {', '.join(self.available)}"
         )
-        super().__init__(f"unknown {kind} {name!r}; available: {', '.join(self.available)}", [info])
+        super().__init__(f"unknown {kind} {quote(name)}; available: {', '.join(self.available)}", [info])
 
 
 class PredictorMissing(ServiceError):
@@ -142,6 +157,16 @@ class SampleFailed(ServiceError):
         super().__init__(message, [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)])
 
 
+class Internal(ServiceError):
+    """INTERNAL for a request that hit a bug; the log has the traceback under the same request id."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, request_id: str | None) -> None:
+        where = f" (request id {request_id}; the server log has the details)" if request_id else ""
+        super().__init__(f"internal error{where}", [error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN)])
+
+
 def from_domain(error: Exception) -> ServiceError:
     """The ServiceError of an error raised by the solver core or the model layer.
 
@@ -157,19 +182,18 @@ def from_domain(error: Exception) -> ServiceError:
         reason = f"{error.nfe} is not reachable by solver {error.solver!r} with afs={error.afs}; nearest: {near}"
         return InvalidRequest([Violation("nfe", reason)])
     if isinstance(error, solvers.InvalidParameterError):
-        return InvalidRequest([Violation(error.field, _describe(error))])
+        return InvalidRequest([Violation(error.field, error.describe())])
     if isinstance(error, solvers.MissingPredictorError):
         return PredictorMissing(error.key, error.available, error.train_command)
     if isinstance(error, models.InvalidConditioningError):
-        return InvalidRequest([Violation(error.field, f"{error.value!r} is not allowed: expected {error.allowed}")])
+        return InvalidRequest(
+            [Violation(error.field, f"{quote(error.value)} is not allowed: expected {error.allowed}")]
+        )
     raise TypeError(f"no status mapping for {type(error).__name__}") from error
 
 
-def _describe(error: solvers.InvalidParameterError) -> str:
-    return f"{error.value!r} is invalid: expected {error.allowed}"
-
-
 __all__ = [
+    "Internal",
     "InvalidRequest",
     "NotFound",
     "NotReady",

@@ -15,22 +15,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from torch import Tensor
 
 import models
 import solvers
 from solvers import MAX_SEED, Params, SolverSpec
 from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, train_command
+from solvers.errors import shorten
+from solvers.learned import GridKey, grid_key, train_schedule_command
 
 from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .settings import Limits
+from .text_inputs import TextInputs, check_class_request, text_inputs
 
 DEFAULT_SCHEDULE = "polynomial"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 # Answers (a plan, the solver list) show a solver's reachable NFE up to this many values.
 REACHABLE_SHOWN = 64
+MAX_VIOLATIONS_PER_FIELD = 3  # a list field with many bad entries reports the first few
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: pb.OUTPUT_FORMAT_PNG,
     pb.OUTPUT_FORMAT_PNG: pb.OUTPUT_FORMAT_PNG,
@@ -43,7 +47,7 @@ class ServedModel:
     """A loaded model as the service knows it."""
 
     name: str
-    model: models.DiffusionModel
+    model: models.Model
     description: str
     ready: bool = False
     predictors: PredictorStore = field(default_factory=lambda: PredictorStore([]))
@@ -74,6 +78,10 @@ class MergeKey:
     conditional_pass: bool  # some sample has w != 0
     unconditional_pass: bool  # some sample has w != 1
     predictor: str | None
+    # Text-to-image: samples of one batch share the image size and the img2img entry step.
+    height: int = 0
+    width: int = 0
+    start_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,11 @@ class Plan:
     predictor_key: str
     train_command: str
     seeds: tuple[int, ...]
+    latent_shape: tuple[int, ...] = ()
+    height: int = 0
+    width: int = 0
+    start_step: int = 0
+    dropped_tokens: tuple[int, ...] = ()
 
     def to_proto(self) -> pb.PlanResponse:
         return pb.PlanResponse(
@@ -112,6 +125,11 @@ class Plan:
             ),
             num_samples=len(self.seeds),
             seeds=list(self.seeds),
+            latent_shape=list(self.latent_shape),
+            height=self.height,
+            width=self.width,
+            start_step=self.start_step,
+            dropped_tokens=list(self.dropped_tokens),
         )
 
 
@@ -125,7 +143,7 @@ class Job:
     solver_params: Params
     schedule: str
     schedule_params: Params
-    steps: int
+    steps: int  # intervals of the full grid (img2img enters it at text.start)
     afs: bool
     seeds: tuple[int, ...]
     labels: tuple[int, ...] | None  # per sample; None for a model without labels
@@ -136,6 +154,9 @@ class Job:
     key: MergeKey
     sigmas: Tensor = field(repr=False)
     predictor: PredictorKey | None = None
+    grid: GridKey | None = None
+    """The learned grid a `learned` schedule steps along (its sigmas are `sigmas`)."""
+    text: TextInputs | None = None  # text-to-image conditioning; None for a class-conditional model
 
     @property
     def num_samples(self) -> int:
@@ -151,19 +172,36 @@ class Job:
         return self.num_samples * self.evals_per_call
 
 
-def _plain(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as Python values; integral numbers become ints (JSON has one number type)."""
+def _plain(struct: struct_pb2.Struct, prefix: str, violations: list[Violation]) -> dict[str, Any] | None:
+    """A Struct as Python values, or None (with a violation) when it holds NaN or an infinity.
 
-    def convert(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
+    Integral numbers become ints (JSON has one number type). Non-finite numbers are refused here,
+    naming their path: no parameter takes them, and protobuf's JSON conversion cannot even print them.
+    """
+    bad: list[str] = []
 
-    return {k: convert(v) for k, v in json_format.MessageToDict(struct).items()}
+    def convert(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            number = value.number_value
+            if not math.isfinite(number):
+                bad.append(path)
+                return number
+            return int(number) if number.is_integer() and abs(number) < 2**53 else number
+        if kind == "string_value":
+            return value.string_value
+        if kind == "bool_value":
+            return value.bool_value
+        if kind == "struct_value":
+            return {k: convert(v, f"{path}.{k}") for k, v in value.struct_value.fields.items()}
+        if kind == "list_value":
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value.list_value.values)]
+        return None
+
+    plain = {k: convert(v, f"{prefix}.{k}") for k, v in struct.fields.items()}
+    for path in bad[:MAX_VIOLATIONS_PER_FIELD]:
+        violations.append(Violation(shorten(path), "NaN or an infinity is invalid: expected a finite number"))
+    return None if bad else plain
 
 
 def _canonical(params: Params) -> str:
@@ -207,8 +245,14 @@ def build_job(
                 return None
             raise mapped from None
 
-    solver_params = attempt(lambda: spec.parse_params(_plain(request.solver_params)))
-    schedule_params = attempt(lambda: solvers.SCHEDULES.get(schedule).parse_params(_plain(request.schedule_params)))
+    solver_values = _plain(request.solver_params, "solver_params", violations)
+    schedule_values = _plain(request.schedule_params, "schedule_params", violations)
+    solver_params = attempt(lambda: spec.parse_params(solver_values)) if solver_values is not None else None
+    schedule_params = (
+        attempt(lambda: solvers.SCHEDULES.get(schedule).parse_params(schedule_values))
+        if schedule_values is not None
+        else None
+    )
     afs = bool(request.afs)
 
     steps: int | None = None
@@ -238,7 +282,8 @@ def build_job(
             violations.append(Violation("afs", f"true with {steps} step(s) would make no network call"))
             steps = None
     sigmas: Tensor | None = None
-    if steps is not None and schedule_params is not None:
+    learned = solvers.SCHEDULES.get(schedule).needs_grid  # its grid is looked up below, once guidance is known
+    if steps is not None and schedule_params is not None and not learned:
         sigmas = attempt(
             lambda: solvers.build_sigmas(
                 schedule,
@@ -249,10 +294,56 @@ def build_job(
                 params=schedule_params,
             )
         )
+    if sigmas is not None and solver_params is not None:
+        grid, params = sigmas, solver_params
 
+        def runnable() -> bool:  # what sampling would refuse is refused here, before admission
+            spec.check_grid(params, grid, model.sigma_min, model.sigma_max)
+            return True
+
+        if not attempt(runnable):
+            sigmas = None
+
+    too_long = [
+        Violation(name, f"{len(values)} values is too many: expected at most {limits.max_samples_per_request}")
+        for name, values in (("seeds", request.seeds), ("labels", request.labels), ("guidance", request.guidance))
+        if len(values) > limits.max_samples_per_request
+    ]
+    if too_long:  # one value per sample at most: the rest of the request is not worth reading
+        raise InvalidRequest(too_long)
     seeds = _seeds(request, limits, violations)
     count = len(seeds) if seeds else 0
-    labels = _labels(request, served, count, violations)
+    text: TextInputs | None = None
+    if isinstance(model, models.TextToImageModel):
+        text = text_inputs(request, model, served.name, count, steps, limits, violations)
+        labels = None
+        if text is not None and text.init_image is not None:
+            if afs:
+                violations.append(Violation("afs", "false with init_image: AFS assumes the run starts from noise"))
+            if spec.needs_predictor:
+                violations.append(
+                    Violation(
+                        "init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid"
+                    )
+                )
+        if text is not None and spec.needs_predictor and (text.height, text.width) != model.default_size:
+            # Predictors read the UNet's bottleneck at the size they were trained at (sampler-amed
+            # train samples the model's default size).
+            height, width = model.default_size
+            violations.append(
+                Violation(
+                    "width" if text.width != width else "height",
+                    f"{text.width} x {text.height}: solver {spec.name!r} samples at its predictor's training "
+                    f"size, {width} x {height}",
+                )
+            )
+    else:
+        check_class_request(request, served.name, violations)
+        for name, value in (("width", request.width), ("height", request.height)):
+            fixed = model.default_size[1] if name == "width" else model.default_size[0]
+            if value and value != fixed:
+                violations.append(Violation(name, f"{value} is not supported: model {served.name!r} samples {fixed}"))
+        labels = _labels(request, served, count, violations)
     guidance = _guidance(request, served, count, labels, limits, violations)
     output_format = OUTPUT_FORMATS.get(request.output_format)
     if output_format is None:
@@ -267,6 +358,38 @@ def build_job(
         )
     if steps is not None and request.preview_every > steps:
         violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
+    wanted_grid: GridKey | None = None
+    if learned and steps is not None and schedule_params is not None and solver_params is not None:
+        wanted_grid = grid_key(
+            model_fingerprint=model.fingerprint,
+            solver=spec.name,
+            solver_params=solver_params.model_dump(),
+            method=schedule_params.model_dump()["method"],
+            nfe=spec.nfe(steps, afs),
+            afs=afs,
+            guidance=guidance[0] if guidance else 1.0,
+        )
+        if guidance is not None and len(set(guidance)) > 1:
+            violations.append(
+                Violation(
+                    "guidance", f"{sorted(set(guidance))}: a learned grid is trained for one value for all samples"
+                )
+            )
+        elif served.predictors.has_grid(wanted_grid):
+            grid = served.predictors.find_grid(wanted_grid, served.name)
+            sigmas = attempt(
+                lambda: solvers.build_sigmas(
+                    schedule,
+                    steps,
+                    sigma_min=model.sigma_min,
+                    sigma_max=model.sigma_max,
+                    sigma_levels=model.sigma_levels,
+                    params=schedule_params,
+                    grid=grid,
+                )
+            )
+        else:
+            sigmas = torch.empty(0, dtype=torch.float64)  # Plan reports the missing grid; Generate refuses
     if violations:
         raise InvalidRequest(violations)
     assert steps is not None
@@ -276,28 +399,43 @@ def build_job(
     assert output_format is not None
     assert guidance is not None
 
-    conditional = any(w != 0 for w in guidance) if labels is not None else True
-    unconditional = any(w != 1 for w in guidance) if labels is not None else False
-    nfe = spec.nfe(steps, afs)
+    guided = labels is not None or text is not None
+    conditional = any(w != 0 for w in guidance) if guided else True
+    unconditional = any(w != 1 for w in guidance) if guided else False
+    start = text.start if text is not None else 0
+    run_steps = steps - start  # img2img runs the grid's tail: its steps and NFE are what is counted
+    nfe = spec.nfe(run_steps, afs)
     wanted: PredictorKey | None = None
-    if spec.needs_predictor:
+    grid_missing = wanted_grid is not None and not served.predictors.has_grid(wanted_grid)
+    if spec.needs_predictor and not grid_missing:
         wanted = _predictor_key(served, spec, solver_params, nfe, schedule, schedule_params, sigmas, afs, guidance)
     key_text = wanted.describe() if wanted is not None else ""
     command = train_command(wanted, served.name) if wanted is not None else ""
+    available = wanted is not None and served.predictors.has(wanted)
+    if wanted_grid is not None and (grid_missing or wanted is None):  # Plan reports the grid
+        key_text, command = wanted_grid.describe(), train_schedule_command(wanted_grid, served.name)
+        available = not grid_missing
+    if command and text is not None:
+        command += ' --prompt "<a training prompt>" (repeat --prompt for more)'
     plan = Plan(
         model=served.name,
         solver=spec.name,
         schedule=schedule,
-        steps=steps,
+        steps=run_steps,
         nfe=nfe,
         network_evals=nfe * (int(conditional) + int(unconditional)),
-        sigmas=tuple(sigmas.tolist()),
+        sigmas=tuple(sigmas[start:].tolist()),
         reachable_nfe=tuple(reachable_shown(spec, afs, solver_params, limits.max_steps)),
-        needs_predictor=spec.needs_predictor,
-        predictor_available=wanted is not None and served.predictors.has(wanted),
+        needs_predictor=spec.needs_predictor or wanted_grid is not None,
+        predictor_available=available,
         predictor_key=key_text,
         train_command=command,
         seeds=tuple(seeds),
+        latent_shape=text.latent_shape if text is not None else tuple(model.sample_shape),
+        height=text.height if text is not None else model.default_size[0],
+        width=text.width if text is not None else model.default_size[1],
+        start_step=start,
+        dropped_tokens=text.dropped_tokens if text is not None else (),
     )
     key = MergeKey(
         fingerprint=model.fingerprint,
@@ -311,6 +449,9 @@ def build_job(
         conditional_pass=conditional,
         unconditional_pass=unconditional,
         predictor=key_text or None,
+        height=text.height if text is not None else 0,
+        width=text.width if text is not None else 0,
+        start_step=start,
     )
     return Job(
         request_id=request_id,
@@ -330,6 +471,8 @@ def build_job(
         key=key,
         sigmas=sigmas,
         predictor=wanted,
+        grid=wanted_grid,
+        text=text,
     )
 
 
@@ -365,13 +508,17 @@ def _predictor_key(
 def require_predictor(job: Job) -> None:
     """FAILED_PRECONDITION for a job whose solver needs a predictor this server lacks (Generate only;
     Plan reports it in PredictorStatus)."""
+    store = job.served.predictors
+    if job.grid is not None and not store.has_grid(job.grid):
+        grids = [key.describe() for key in store.grid_keys(job.served.model.fingerprint)]
+        raise PredictorMissing(job.plan.predictor_key, grids, job.plan.train_command)
     if job.predictor is not None and not job.served.predictors.has(job.predictor):
         available = [key.describe() for key in job.served.predictors.keys(job.served.model.fingerprint)]
         raise PredictorMissing(job.plan.predictor_key, available, job.plan.train_command)
 
 
 def _seeds(request: pb.GenerateRequest, limits: Limits, violations: list[Violation]) -> list[int]:
-    count = request.num_samples or len(request.seeds) or len(request.labels) or 1
+    count = request.num_samples or len(request.seeds) or len(request.labels) or len(request.prompt) or 1
     if not 1 <= count <= limits.max_samples_per_request:
         violations.append(
             Violation("num_samples", f"{count} is out of range: expected 1..{limits.max_samples_per_request}")
@@ -387,7 +534,7 @@ def _seeds(request: pb.GenerateRequest, limits: Limits, violations: list[Violati
             )
             return []
         bad = [(i, s) for i, s in enumerate(request.seeds) if s > MAX_SEED]
-        for i, s in bad[:3]:
+        for i, s in bad[:MAX_VIOLATIONS_PER_FIELD]:
             violations.append(Violation(f"seeds[{i}]", f"{s} is out of range: expected 0..{MAX_SEED}"))
         return [] if bad else list(request.seeds)
     base = request.base_seed if request.HasField("base_seed") else secrets.randbelow(MAX_SEED - 4096)
@@ -408,7 +555,7 @@ def _labels(
         return None
     top = model.num_class_embeds - 1
     bad = [(i, v) for i, v in enumerate(given) if not 0 <= v <= top]
-    for i, v in bad[:3]:
+    for i, v in bad[:MAX_VIOLATIONS_PER_FIELD]:
         violations.append(Violation(f"labels[{i}]", f"{v} is out of range: expected 0..{top}"))
     if bad or count == 0:
         return None
@@ -450,7 +597,7 @@ def _guidance(
         )
         return None
     values = tuple(given) if len(given) == count else (given[0] if given else 1.0,) * count
-    if any(w != 1.0 for w in values):
+    if any(w != 1.0 for w in values) and served.model.kind == "class-conditional":
         model = served.model
         if model.num_class_embeds is None or model.null_class is None:
             violations.append(Violation("guidance", f"model {served.name!r} has no null class: guidance must be 1"))
@@ -473,6 +620,49 @@ def conditioning(jobs_rows: list[tuple[Job, int, int]], device: torch.device) ->
     return label_tensor, torch.tensor(guidance, dtype=torch.float64)
 
 
+@dataclass(frozen=True)
+class TextBatch:
+    """The text-to-image conditioning of a batch's rows, in order (jobs of one merge key share the size)."""
+
+    prompts: list[str]
+    negatives: list[str | None]
+    guidance: Tensor
+    height: int
+    width: int
+    latent_shape: tuple[int, int, int]
+
+
+def text_batch(jobs_rows: list[tuple[Job, int, int]]) -> TextBatch:
+    prompts: list[str] = []
+    negatives: list[str | None] = []
+    guidance: list[float] = []
+    for job, start, stop in jobs_rows:
+        assert job.text is not None  # a text model's jobs always carry it (build_job)
+        prompts.extend(job.text.prompts[start:stop])
+        negatives.extend(job.text.negatives[start:stop])
+        guidance.extend(job.guidance[start:stop])
+    text = jobs_rows[0][0].text
+    assert text is not None
+    return TextBatch(
+        prompts, negatives, torch.tensor(guidance, dtype=torch.float64), text.height, text.width, text.latent_shape
+    )
+
+
+def init_latents(
+    model: models.TextToImageModel, jobs_rows: list[tuple[Job, int, int]], shape: tuple[int, int, int]
+) -> Tensor | None:
+    """The encoded init image of each row (zeros for rows without one), or None when no row has one.
+    Each job's image is encoded once per batch, on the model's worker thread."""
+    if all(job.text is None or job.text.init_image is None for job, _, _ in jobs_rows):
+        return None
+    blocks = []
+    for job, start, stop in jobs_rows:
+        image = job.text.init_image if job.text is not None else None
+        latents = model.encode(image) if image is not None else torch.zeros(1, *shape, device=model.device)
+        blocks.append(latents.to(model.device).expand(stop - start, *shape))
+    return torch.cat(blocks)
+
+
 def reachable_shown(spec: SolverSpec[Any], afs: bool, params: Params, max_steps: int) -> list[int]:
     """The NFE `spec` spends exactly with `params` in at most `max_steps` steps: the first REACHABLE_SHOWN."""
     return spec.reachable_nfe(afs, params, limit=spec.nfe(max_steps, afs))[:REACHABLE_SHOWN]
@@ -492,5 +682,7 @@ __all__ = [
     "build_job",
     "check_request_id",
     "conditioning",
+    "init_latents",
     "require_predictor",
+    "text_batch",
 ]

@@ -43,6 +43,12 @@ class Metrics:
             "sampler_cancellations", "Requests cancelled by the client or a deadline", registry=r
         )
         self.samples = Counter("sampler_samples", "Samples served", registry=r)
+        self.failures = Counter(
+            "sampler_request_failures",
+            "Requests failed in the model or solver, by ErrorInfo reason (MODEL_ERROR, NON_FINITE_OUTPUT, ...)",
+            ["reason"],
+            registry=r,
+        )
         self.nfe = Counter("sampler_nfe", "Denoiser calls served (per sample, summed)", registry=r)
         self.network_evals = Counter(
             "sampler_network_evals", "Network evaluations served (per sample, summed)", registry=r
@@ -70,6 +76,9 @@ class Metrics:
 
     def batch(self, rows: int, capacity: int) -> None:
         self.batch_fill.observe(rows / capacity)
+
+    def failed(self, reason: str) -> None:
+        self.failures.labels(reason).inc()
 
     def cancelled(self) -> None:
         self.cancellations.inc()

@@ -8,16 +8,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from models import SizeLimits
 from solvers import MAX_STEPS
+from solvers.errors import quote
+
+# Validation errors never quote what was given: a settings error must not print a secret (the
+# whole input of a model validator would include auth_token). `describe_error` adds the values
+# of the plain fields back.
+SECRET_SETTINGS = ("auth_token",)
 
 
 class Limits(BaseModel):
     """What one request may ask for, and how much the server takes on at once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     max_samples_per_request: int = Field(64, ge=1, le=4096)
     max_steps: int = Field(MAX_STEPS, ge=1, le=MAX_STEPS)
@@ -26,18 +33,30 @@ class Limits(BaseModel):
     max_queued_requests: int = Field(64, ge=1, le=100_000, description="admitted (queued or running) requests")
     max_concurrent_streams: int = Field(128, ge=1, le=100_000)
     retry_after_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="RetryInfo delay when the queue is full")
+    max_prompt_chars: int = Field(4000, ge=1, le=1_000_000, description="longest prompt or negative prompt")
+    min_image_side: int = Field(32, ge=8, le=16_384, description="text-to-image: smallest width or height")
+    max_image_side: int = Field(2048, ge=8, le=16_384, description="text-to-image: largest width or height")
+    max_image_pixels: int = Field(
+        2048 * 2048, ge=64, le=2**28, description="text-to-image: largest width x height (memory grows with it)"
+    )
 
     @model_validator(mode="after")
     def _guidance_range(self) -> Limits:
         if self.min_guidance > self.max_guidance:
             raise ValueError(f"min_guidance={self.min_guidance} is above max_guidance={self.max_guidance}")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(f"min_image_side={self.min_image_side} is above max_image_side={self.max_image_side}")
         return self
+
+    def size_limits(self) -> SizeLimits:
+        """The image sizes text-to-image models accept."""
+        return SizeLimits(self.min_image_side, self.max_image_side, self.max_image_pixels)
 
 
 class Batching(BaseModel):
     """Request-level dynamic batching."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
     max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
@@ -51,7 +70,9 @@ class Batching(BaseModel):
 class Settings(BaseSettings):
     """Everything `create_server` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="SAMPLER_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="SAMPLER_", env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 or [::] to listen on all interfaces")
     port: int = Field(50051, ge=0, le=65_535, description="0 = pick a free port")
@@ -72,6 +93,9 @@ class Settings(BaseSettings):
     reflection: bool = True
     grace_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="drain period on SIGTERM/SIGINT")
     warmup: bool = Field(True, description="run the largest batch shape once before reporting SERVING")
+    prompt_cache_size: int = Field(
+        256, ge=0, le=1_000_000, description="encoded prompts kept (LRU, shared by the text-to-image models)"
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
@@ -117,4 +141,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     return Settings.model_construct(**{name: getattr(loaded, name) for name in Settings.model_fields})
 
 
-__all__ = ["Batching", "Limits", "Settings", "load_settings"]
+def describe_error(error: ValidationError) -> str:
+    """One line naming each invalid setting, its value (never a secret's) and what is wrong."""
+    parts = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        given = problem.get("input")
+        secret = any(name == s or name.startswith(f"{s}.") for s in SECRET_SETTINGS)
+        if name and not secret and isinstance(given, str | int | float | bool):
+            parts.append(f"{name}={quote(given)}: {message}")
+        else:
+            parts.append(f"{name}: {message}" if name else message)
+    return "invalid settings: " + "; ".join(parts)
+
+
+__all__ = ["Batching", "Limits", "Settings", "describe_error", "load_settings"]

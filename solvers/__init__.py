@@ -23,7 +23,7 @@ from .errors import (
     UnreachableNFEError,
 )
 from .registry import MAX_STEPS, SOLVERS, Params, SolverSpec, describe, list_solvers
-from .sampling import MAX_SEED, SampleResult, make_noise, nfe_of, sample
+from .sampling import MAX_SEED, SampleResult, make_noise, nfe_of, sample, start_step
 from .schedules import SCHEDULES, build_sigmas, fit_vp_betas
 
 __all__ = [
@@ -54,4 +54,5 @@ __all__ = [
     "make_noise",
     "nfe_of",
     "sample",
+    "start_step",
 ]

@@ -8,6 +8,7 @@ while the history fills. AFS puts d_0 = x_0 / sqrt(1 + sigma_0^2) into the histo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated
 
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor
 
 from .contract import Denoiser
+from .errors import InvalidParameterError
 from .quadrature import lagrange_integrals
 from .registry import Params, register
-from .schedules import fit_vp_betas, vp_time
+from .schedules import fit_vp_betas, vp_sigma, vp_time
 from .stepping import Progress, direction, evaluate, push
 
 # Adams-Bashforth weights for equal steps, newest direction first (also AMED-Plugin's iPNDM base).
@@ -162,9 +164,45 @@ def sample_ipndm_v(
 
 class DEISParams(Params):
     max_order: Annotated[int, pydantic.Field(ge=1, le=3)] = 3
-    beta_d: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] | None = None
-    """VP schedule of the time variable; default: fitted to the model's sigma range, as time_uniform."""
-    beta_min: Annotated[float, pydantic.Field(allow_inf_nan=False)] | None = None
+    # VP schedule of the time variable (both or neither); default: fitted to the model's sigma range,
+    # as time_uniform (17.5 and -0.005 for EDM's 0.002..80). The VP SDE literature uses beta_d
+    # 19.9, beta_min 0.1; the bounds leave orders of magnitude around those. Whether a pair is
+    # usable also depends on the grid (a beta_min far below zero makes VP time a large number whose
+    # low bits carry sigma): `check_deis_grid` refuses such grids before sampling.
+    beta_d: Annotated[float, pydantic.Field(ge=0.01, le=1000, allow_inf_nan=False)] | None = None
+    beta_min: Annotated[float, pydantic.Field(ge=-1000, le=1000, allow_inf_nan=False)] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _both_or_neither(self) -> DEISParams:
+        if (self.beta_d is None) != (self.beta_min is None):
+            raise ValueError("beta_d and beta_min together, or neither (then they are fitted to the model)")
+        return self
+
+    def betas(self, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+        """(beta_d, beta_min): the given pair, or the VP schedule fitted to the model's range."""
+        if self.beta_d is None or self.beta_min is None:
+            return fit_vp_betas(sigma_min, sigma_max)
+        return self.beta_d, self.beta_min
+
+
+# The largest relative error of sigma -> VP time -> sigma on a grid that DEIS accepts: float32
+# samples resolve 6e-8, so beyond 1e-6 the quadrature would integrate over the wrong intervals.
+DEIS_ROUND_TRIP_TOLERANCE = 1e-6
+
+
+def check_deis_grid(params: DEISParams, sigmas: Tensor, sigma_min: float, sigma_max: float) -> None:
+    """Refuse a VP time variable that cannot represent this grid (see DEISParams)."""
+    beta_d, beta_min = params.betas(sigma_min, sigma_max)
+    grid = sigmas.to(torch.float64)
+    taus = vp_time(grid, beta_d, beta_min)
+    error = float(((vp_sigma(taus, beta_d, beta_min) - grid).abs() / grid).max())
+    if not math.isfinite(error) or error > DEIS_ROUND_TRIP_TOLERANCE or not bool((taus[1:] < taus[:-1]).all()):
+        raise InvalidParameterError(
+            "solver_params.beta_min",
+            beta_min,
+            f"a VP schedule that resolves this grid (with beta_d={beta_d:g}, sigma -> VP time -> sigma "
+            f"is off by {error:.2g} relative; at most {DEIS_ROUND_TRIP_TOLERANCE:g} is usable)",
+        )
 
 
 @register(
@@ -174,6 +212,7 @@ class DEISParams(Params):
     evals_per_step=1,
     order=lambda p: p.max_order,
     warmup=lambda p: p.max_order - 1,
+    grid_check=check_deis_grid,
 )
 def sample_deis(
     denoiser: Denoiser,
@@ -195,10 +234,7 @@ def sample_deis(
     Returns:
         the state at sigmas[-1], shape and dtype of x.
     """
-    if params.beta_d is None or params.beta_min is None:
-        beta_d, beta_min = fit_vp_betas(denoiser.sigma_min, denoiser.sigma_max)
-    else:
-        beta_d, beta_min = params.beta_d, params.beta_min
+    beta_d, beta_min = params.betas(denoiser.sigma_min, denoiser.sigma_max)
     taus = vp_time(sigmas.to(torch.float64), beta_d, beta_min).tolist()
 
     def dsigma_dtau(tau: np.ndarray) -> np.ndarray:

@@ -31,7 +31,11 @@ from .stepping import Progress, direction, evaluate, push
 
 
 class DPMSolver2Params(Params):
-    r: Annotated[float, pydantic.Field(gt=0, lt=1, allow_inf_nan=False)] = 0.5
+    # The update adds (0.5 / r) h (d_mid - d), a finite difference whose float32 rounding (~1e-7
+    # relative) is amplified by 0.5 / r: 50x at r = 0.01, still far below the discretisation error;
+    # below that the step is rounding noise, and at r ~ 1e-300 it overflows. r = 1 puts the
+    # intermediate point on sigma_{i+1} (a Heun step in log sigma), still a valid second-order rule.
+    r: Annotated[float, pydantic.Field(ge=0.01, le=1, allow_inf_nan=False)] = 0.5
     """Position of the intermediate point in log sigma: s = sigma_{i+1}^r sigma_i^(1-r)."""
 
 
@@ -74,8 +78,13 @@ class DPMPPParams(Params):
     """Below 10 steps, lower the order on the final steps (official DPM-Solver's stabiliser)."""
     thresholding: bool = False
     """Dynamic thresholding (Imagen) of the data prediction; for pixel models in [-1, 1]."""
-    threshold_ratio: Annotated[float, pydantic.Field(gt=0, lt=1)] = 0.995
-    threshold_max: Annotated[float, pydantic.Field(ge=1)] = 1.0
+    # Any quantile works (0: the smallest |x0|, 1: the largest).
+    threshold_ratio: Annotated[float, pydantic.Field(ge=0, le=1, allow_inf_nan=False)] = 0.995
+    # The scale is clamped to [1, threshold_max] in the model's dtype: 65504 is the largest float16,
+    # so the clamp is representable in every dtype a model runs in (beyond float32's 3.4e38 torch
+    # cannot even convert it). Data predictions of pixel (+-1) and latent (a few units) models lie
+    # far below it, so larger values would mean "no clamp" anyway.
+    threshold_max: Annotated[float, pydantic.Field(ge=1, le=65504, allow_inf_nan=False)] = 1.0
 
 
 class DPMPP3MParams(DPMPPParams):
@@ -86,7 +95,9 @@ class DPMPP3MParams(DPMPPParams):
 def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Clamp each sample to its `ratio` quantile of |x0| (at least 1, at most max_value), rescaled."""
     flat = x0.reshape(x0.shape[0], -1).abs()
-    scale = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)
+    if flat.dtype not in (torch.float32, torch.float64):  # quantile takes only these
+        flat = flat.float()
+    scale = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).to(x0.dtype)
     scale = scale.reshape(-1, *([1] * (x0.dim() - 1)))
     return torch.maximum(torch.minimum(x0, scale), -scale) / scale
 

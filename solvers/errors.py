@@ -38,16 +38,33 @@ class UnknownScheduleError(UnknownNameError):
 
 
 class InvalidParameterError(SolverError, ValueError):
-    """One input field is invalid: `field` names it, `value` is what came, `allowed` what may."""
+    """One input field is invalid: `field` names it, `value` is what came, `allowed` what may.
+
+    Messages quote at most a short prefix of the value (see `quote`): values come from clients and
+    end up in status trailers and logs, which must stay small whatever was sent.
+    """
+
+    problem = "is invalid"
 
     def __init__(self, field: str, value: object, allowed: str, detail: str | None = None) -> None:
-        self.field = field
+        self.field = shorten(field)
         self.value = value
         self.allowed = allowed
-        text = f"{field}={_short(value)} is invalid: expected {allowed}"
+        self.detail = detail
+        text = f"{self.field}={self.describe()}"
         if detail:
             text += f" ({detail})"
         super().__init__(text)
+
+    def describe(self) -> str:
+        """The message without the field name: "<value> is invalid: expected <allowed>"."""
+        return f"{quote(self.value)} {self.problem}: expected {self.allowed}"
+
+
+class OutOfRangeError(InvalidParameterError):
+    """A number outside its range; `allowed` reads "lo..hi"."""
+
+    problem = "is out of range"
 
 
 class UnreachableNFEError(SolverError, ValueError):
@@ -90,6 +107,28 @@ class MissingPredictorError(SolverError, LookupError):
         super().__init__(f"no trained predictor for {key} (available: {have}); train one with: {train_command}")
 
 
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class MissingGridError(MissingPredictorError):
+    """A `learned` schedule found no stored grid for this request (same fields as
+    MissingPredictorError: what was looked for, what exists, the command that trains it)."""
+
+    def __init__(self, key: str, available: Sequence[str], train_command: str) -> None:
+        super().__init__(key, available, train_command)
+        have = "; ".join(self.available) if self.available else "none"
+        self.args = (f"no learned grid for {key} (available: {have}); train one with: {train_command}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+QUOTE_LIMIT = 64
+
+
+def shorten(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` cut to its first `limit` characters, with "…" when something was cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """How an error message shows a client's value: strings in quotes, numbers as written, lists and
+    the rest by repr, at most `limit` characters of it (then "…")."""
+    return shorten(repr(value), limit)

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 import pydantic
 
-from .errors import InvalidParameterError, UnknownNameError, UnknownSolverError, UnreachableNFEError
+from .errors import InvalidParameterError, OutOfRangeError, UnknownNameError, UnknownSolverError, UnreachableNFEError
 
 MAX_STEPS = 1000
 
@@ -85,30 +85,56 @@ def parse_params(model: type[P], value: P | Mapping[str, Any] | None, prefix: st
         first = exc.errors()[0]
         name = ".".join(str(part) for part in first["loc"])
         field_name = f"{prefix}.{name}" if name else prefix
+        given = first.get("input")
         if first["type"] == "extra_forbidden":
             valid = ", ".join(model.model_fields) or "no parameters"
-            raise InvalidParameterError(field_name, first.get("input"), f"a known parameter: {valid}") from None
-        allowed = _allowed_from_schema(model, str(first["loc"][0]) if first["loc"] else "")
-        raise InvalidParameterError(field_name, first.get("input"), allowed, first["msg"]) from None
+            raise InvalidParameterError(field_name, given, f"a known parameter: {valid}") from None
+        schema = model.model_json_schema().get("properties", {}).get(str(first["loc"][0]) if first["loc"] else "", {})
+        if first["type"] in _RANGE_ERRORS:
+            raise OutOfRangeError(field_name, given, _range_text(_numeric(schema))) from None
+        if first["type"] == "value_error":  # a model validator's ValueError: its text says what is expected
+            allowed = str(first["msg"]).removeprefix("Value error, ")
+            raise InvalidParameterError(field_name, given, allowed) from None
+        if first["type"] == "finite_number":
+            raise InvalidParameterError(field_name, given, "a finite number") from None
+        raise InvalidParameterError(field_name, given, _allowed_from_schema(schema), first["msg"]) from None
 
 
-def _allowed_from_schema(model: type[Params], name: str) -> str:
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _numeric(schema: dict[str, Any]) -> dict[str, Any]:
+    """The numeric branch of a field's schema (an optional field's is under anyOf)."""
+    branches: list[dict[str, Any]] = [schema, *schema.get("anyOf", [])]
+    return next((b for b in branches if b.get("type") in ("number", "integer")), schema)
+
+
+def _range_text(schema: dict[str, Any]) -> str:
+    """ "lo..hi" from a numeric schema, naming an excluded end: "0..1 (0 excluded)"."""
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    text = f"{'-inf' if low is None else f'{low:g}'}..{'inf' if high is None else f'{high:g}'}"
+    excluded = [f"{v:g}" for v in (schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")) if v is not None]
+    if excluded:
+        text += f" ({' and '.join(excluded)} excluded)"
+    if schema.get("type") == "integer":
+        text = f"an integer in {text}"
+    return text
+
+
+def _allowed_from_schema(schema: dict[str, Any]) -> str:
     """A short 'what is allowed' text from the field's JSON schema (type, range, choices)."""
-    schema = model.model_json_schema().get("properties", {}).get(name, {})
     if "enum" in schema:
         return "one of " + ", ".join(repr(v) for v in schema["enum"])
     if "const" in schema:
         return repr(schema["const"])
-    kind = schema.get("type", "a valid value")
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    if low is not None or high is not None:
-        left = "[" if "minimum" in schema else "("
-        right = "]" if "maximum" in schema else ")"
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        return f"{kind} in {left}{lo}, {hi}{right}"
-    return str(kind)
+    numeric = _numeric(schema)
+    if any(k in numeric for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+        return _range_text(numeric)
+    if "anyOf" in schema:
+        kinds = [str(branch.get("type", "a value")) for branch in schema["anyOf"]]
+        return " or ".join(kinds)
+    return str(schema.get("type", "a valid value"))
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,8 @@ class SolverSpec(Generic[P]):
         warmup_of: steps taken at lower order before the formula's full order applies
             (multistep solvers); the convergence test may replace them with exact states.
         needs_predictor: whether a trained predictor (AMED) is required.
+        grid_check: raises InvalidParameterError when the parameters cannot run on a grid
+            (params, sigmas, model sigma_min, model sigma_max); see `check_grid`.
     """
 
     name: str
@@ -137,6 +165,7 @@ class SolverSpec(Generic[P]):
     min_steps_of: Callable[[P], int] = field(default=lambda _p: 1)
     warmup_of: Callable[[P], int] = field(default=lambda _p: 0)
     needs_predictor: bool = False
+    grid_check: Callable[[P, Any, float, float], None] | None = None
 
     @property
     def order(self) -> int:
@@ -145,6 +174,13 @@ class SolverSpec(Generic[P]):
 
     def parse_params(self, value: P | Mapping[str, Any] | None) -> P:
         return parse_params(self.params, value, "solver_params")
+
+    def check_grid(self, params: P, sigmas: Any, sigma_min: float, sigma_max: float) -> None:
+        """Raise InvalidParameterError when sampling with `params` on `sigmas` (float64, the
+        schedule's grid for a model of range [sigma_min, sigma_max]) cannot give finite results.
+        Called before sampling starts, so a request is refused instead of failing half-way."""
+        if self.grid_check is not None:
+            self.grid_check(params, sigmas, sigma_min, sigma_max)
 
     def parameter_schema(self) -> dict[str, Any]:
         return self.params.model_json_schema()
@@ -204,6 +240,7 @@ def register(
     min_steps: Callable[[P], int] | None = None,
     warmup: Callable[[P], int] | None = None,
     needs_predictor: bool = False,
+    grid_check: Callable[[P, Any, float, float], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds a sampling function to SOLVERS (see SolverSpec for the fields)."""
 
@@ -221,6 +258,7 @@ def register(
                 min_steps_of=min_steps or (lambda _p: 1),
                 warmup_of=warmup or (lambda _p: 0),
                 needs_predictor=needs_predictor,
+                grid_check=grid_check,
             ),
         )
         return fn

@@ -31,8 +31,8 @@ class SampleResult:
         images: the samples at sigmas[-1] (or D(x, sigma_min) with final_denoise), shape of the noise.
         nfe: denoiser calls per sample, counted.
         network_evals: nfe x evals_per_call (2 per call under classifier-free guidance), counted.
-        sigmas: the float64 grid that was used, shape (steps + 1,).
-        steps: the number of intervals.
+        sigmas: the float64 grid that was run, shape (steps + 1,) (from the start step on, for img2img).
+        steps: the number of intervals run.
         solver: the solver's registry name.
     """
 
@@ -62,6 +62,25 @@ def _check_noise(noise: object) -> Tensor:
     return noise
 
 
+def start_step(steps: int, strength: float) -> int:
+    """Where an image-to-image run enters a grid of `steps` intervals over the full sigma range,
+    as diffusers' img2img pipelines do: after steps - int(steps * strength) intervals, so that
+    int(steps * strength) are run (strength 1: all of them, from pure noise).
+
+    Raises:
+        InvalidParameterError: strength outside (0, 1], or so small that no step would run.
+    """
+    steps = check_steps(steps)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise InvalidParameterError("strength", strength, "a number in (0, 1]")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InvalidParameterError(
+            "strength", strength, f"at least {1 / steps:.6g} with steps={steps} (int(steps * strength) >= 1)"
+        )
+    return steps - run
+
+
 def sample(
     denoiser: Denoiser,
     noise: Tensor,
@@ -73,8 +92,11 @@ def sample(
     solver_params: Params | Mapping[str, Any] | None = None,
     afs: bool = False,
     predictor: Any = None,
+    grid: Tensor | None = None,
     callback: StepCallback | None = None,
     final_denoise: bool = False,
+    init: Tensor | None = None,
+    start: int = 0,
 ) -> SampleResult:
     """Integrate the probability-flow ODE from sigma_max-scaled noise down to sigmas[-1].
 
@@ -88,8 +110,14 @@ def sample(
         solver_params: the solver's parameters (a mapping or its Params model).
         afs: analytical first step: the first direction costs no call (saves 1 NFE).
         predictor: the trained predictor of solvers that need one (AMED); else None.
+        grid: the stored sigmas of the `learned` schedule, float64 (steps + 1,) (solvers/learned
+            finds them); validated like any grid. Ignored by the other schedules.
         callback: called after each step with a StepInfo; return True to cancel.
         final_denoise: end with D(x, sigmas[-1]), one more counted call.
+        init: image-to-image: the clean start (B, ...) (e.g. encoded latents), shape of the noise;
+            the run starts from init + sigmas[start] * noise. None: from noise alone.
+        start: enter the grid of `steps` intervals after this many (see start_step); the steps
+            from there on are run and counted. 0 with init is None.
     Returns:
         SampleResult with the images and the counted nfe and network_evals.
     Raises:
@@ -109,6 +137,21 @@ def sample(
             "afs", afs, f"afs=False with steps={steps}: that AFS run would make no network call"
         )
     noise = _check_noise(noise)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
+        raise InvalidParameterError("start", start, f"an integer in 0..{steps - 1}")
+    if init is not None:
+        if not isinstance(init, Tensor) or init.shape != noise.shape:
+            shape = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+            raise InvalidParameterError("init", shape, f"a tensor of the noise's shape {tuple(noise.shape)}")
+        if afs:
+            # AFS's free first direction assumes D = 0 at the start: true of noise, not of an image.
+            raise InvalidParameterError("afs", afs, "False when sampling from an init image")
+    if start and steps - start < min_steps:
+        raise InvalidParameterError(
+            "start", start, f"at most {steps - min_steps}: solver {solver!r} needs {min_steps} steps"
+        )
+    if start and spec.needs_predictor:
+        raise InvalidParameterError("start", start, f"0: solver {solver!r}'s predictor is trained on the whole grid")
     if spec.needs_predictor and predictor is None:
         raise MissingPredictorError(f"solver {solver!r}", [], f"sampler-amed train --solver {solver}")
     if not spec.needs_predictor and predictor is not None:
@@ -120,14 +163,20 @@ def sample(
         sigma_max=denoiser.sigma_max,
         sigma_levels=denoiser.sigma_levels,
         params=schedule_params,
+        grid=grid,
     )
+    spec.check_grid(params, sigmas, denoiser.sigma_min, denoiser.sigma_max)
+    sigmas = sigmas[start:]
+    run = steps - start
     counter = CountingDenoiser(denoiser)
     x = noise * sigmas[0].item()
+    if init is not None:
+        x = init.to(dtype=noise.dtype, device=noise.device) + x
     extra = {"predictor": predictor} if spec.needs_predictor else {}
-    x = spec.fn(counter, x, sigmas, params=params, afs=afs, progress=Progress(callback, steps), **extra)
+    x = spec.fn(counter, x, sigmas, params=params, afs=afs, progress=Progress(callback, run), **extra)
     if final_denoise:
         x = counter(x, per_sample_sigma(sigmas[-1].item(), x))
-    return SampleResult(x, counter.calls, counter.network_evals, sigmas, steps, solver)
+    return SampleResult(x, counter.calls, counter.network_evals, sigmas, run, solver)
 
 
 def make_noise(
@@ -155,4 +204,4 @@ def nfe_of(solver: str, steps: int, afs: bool = False, final_denoise: bool = Fal
     return SOLVERS.get(solver).nfe(check_steps(steps), afs) + int(final_denoise)
 
 
-__all__ = ["MAX_SEED", "SampleResult", "make_noise", "nfe_of", "sample"]
+__all__ = ["MAX_SEED", "SampleResult", "make_noise", "nfe_of", "sample", "start_step"]

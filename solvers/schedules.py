@@ -11,6 +11,9 @@ Every schedule returns float64 sigmas of length steps + 1, strictly decreasing, 
 - `discrete`: the trained levels of a discrete-time model, picked with leading / trailing /
   linspace spacing (the diffusers conventions), always ending at the smallest trained sigma.
 - `custom`: an explicit list, validated.
+- `learned`: a grid trained for one model, solver, NFE, AFS and guidance (GITS or LD3,
+  solvers/learned), looked up by the caller in the artifact store and passed in as `grid`;
+  validated here like any other grid.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidParameterError, UnknownScheduleError
-from .registry import Params, Registry, parse_params
+from .registry import MAX_STEPS, Params, Registry, parse_params
 
 PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 
@@ -38,8 +41,16 @@ class RangeParams(Params):
     sigma_max: PositiveFloat | None = None
 
 
+# rho of the polynomial and time-uniform grids. The grids are computed relative to their top end,
+# so no rho overflows (the textbook smax^(1/rho) does below rho ~ 0.007 for smax = 80). rho = 0.01
+# already puts every sigma but the last within 7% of the top at 1000 steps (one jump to the
+# bottom); much lower, consecutive sigmas coincide in float64. Above 100 the polynomial grid is
+# indistinguishable from `logsnr` (its rho -> infinity limit).
+Rho = Annotated[float, pydantic.Field(ge=0.01, le=100, allow_inf_nan=False)]
+
+
 class PolynomialParams(RangeParams):
-    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 7.0
+    rho: Rho = 7.0
 
 
 class LogSNRParams(RangeParams):
@@ -47,8 +58,12 @@ class LogSNRParams(RangeParams):
 
 
 class TimeUniformParams(RangeParams):
-    rho: Annotated[float, pydantic.Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
-    eps_s: Annotated[float, pydantic.Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-3
+    rho: Rho = 1.0
+    # VP time of sigma_min (sigma_max sits at t = 1). fit_vp_betas also needs
+    # eps_s (2 - eps_s) log(1 + sigma_max^2) > log(1 + sigma_min^2), checked per model: 4.9e-6 for
+    # EDM's 0.002..80, so 1e-6 leaves room for models with a smaller sigma_min. Up to 0.99 the grid
+    # still spans [eps_s, 1] with finite betas.
+    eps_s: Annotated[float, pydantic.Field(ge=1e-6, le=0.99, allow_inf_nan=False)] = 1e-3
 
 
 class DiscreteParams(Params):
@@ -58,7 +73,15 @@ class DiscreteParams(Params):
 
 
 class CustomParams(Params):
-    sigmas: list[float]
+    sigmas: Annotated[list[float], pydantic.Field(min_length=2, max_length=MAX_STEPS + 1)]
+
+
+LEARNED_METHODS = ("gits", "ld3")
+
+
+class LearnedParams(Params):
+    method: Literal["gits", "ld3"] = "gits"
+    """Which trained grid: GITS (dynamic programming over a fine grid) or LD3 (trained sigmas)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,8 @@ class ScheduleSpec:
     params: type[Params]
     fn: Callable[..., Tensor]
     needs_levels: bool = False
+    needs_grid: bool = False
+    """A stored grid (the `learned` schedule): the caller looks it up and passes it as `grid`."""
 
     def parse_params(self, value: Params | Mapping[str, Any] | None) -> Params:
         return parse_params(self.params, value, "schedule_params")
@@ -80,10 +105,10 @@ ScheduleFn = TypeVar("ScheduleFn", bound=Callable[..., Tensor])
 
 
 def _register(
-    name: str, description: str, params: type[Params], *, needs_levels: bool = False
+    name: str, description: str, params: type[Params], *, needs_levels: bool = False, needs_grid: bool = False
 ) -> Callable[[ScheduleFn], ScheduleFn]:
     def wrap(fn: ScheduleFn) -> ScheduleFn:
-        SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels))
+        SCHEDULES.add(name, ScheduleSpec(name, description, params, fn, needs_levels, needs_grid))
         return fn
 
     return wrap
@@ -107,11 +132,10 @@ def _u(steps: int) -> Tensor:
 @_register("polynomial", "Karras et al. (EDM) polynomial spacing in sigma, rho=7 by default", PolynomialParams)
 def polynomial(steps: int, sigma_min: float, sigma_max: float, params: PolynomialParams, **_: Any) -> Tensor:
     lo, hi = _range(params, sigma_min, sigma_max)
-    inv = 1.0 / params.rho
-    # float ** float is typed Any (it may be complex); both bases are positive here.
-    hi_root: float = hi**inv
-    lo_root: float = lo**inv
-    sigmas = (hi_root + _u(steps) * (lo_root - hi_root)) ** params.rho
+    # (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho with hi^(1/rho) factored out (no overflow);
+    # float ** float is typed Any (it may be complex): the base is positive here.
+    ratio: float = (lo / hi) ** (1.0 / params.rho)
+    sigmas = hi * (1.0 + _u(steps) * (ratio - 1.0)) ** params.rho
     sigmas[0], sigmas[-1] = hi, lo  # exact endpoints despite rounding in the power
     return sigmas
 
@@ -155,7 +179,11 @@ def vp_sigma(t: Tensor, beta_d: float, beta_min: float) -> Tensor:
 
 def vp_time(sigma: Tensor, beta_d: float, beta_min: float) -> Tensor:
     """The inverse of `vp_sigma`: the positive root of beta_d t^2 / 2 + beta_min t = log(1 + sigma^2)."""
-    return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+    level = torch.log1p(sigma**2)
+    root = torch.sqrt(beta_min**2 + 2 * beta_d * level)
+    if beta_min > 0:  # the same root without the cancellation of root - beta_min
+        return 2 * level / (root + beta_min)
+    return (root - beta_min) / beta_d
 
 
 @_register(
@@ -219,6 +247,22 @@ def custom(steps: int, params: CustomParams, **_: Any) -> Tensor:
     return torch.tensor(params.sigmas, dtype=torch.float64)
 
 
+@_register(
+    "learned",
+    "a grid trained for this model, solver, NFE, AFS and guidance (method gits or ld3; sampler-amed train-schedule)",
+    LearnedParams,
+    needs_grid=True,
+)
+def learned(steps: int, params: LearnedParams, grid: Tensor | None, **_: Any) -> Tensor:
+    if grid is None:  # the caller resolves the grid; a bare call has nothing to step along
+        raise InvalidParameterError(
+            "schedule", "learned", "a stored grid: look it up in the artifact store (sampler-amed list)"
+        )
+    if grid.numel() != steps + 1:
+        raise InvalidParameterError("schedule", f"learned grid of {grid.numel()} sigmas", f"{steps + 1} sigmas")
+    return grid.to(torch.float64).cpu()
+
+
 def build_sigmas(
     schedule: str,
     steps: int,
@@ -227,8 +271,10 @@ def build_sigmas(
     sigma_max: float,
     sigma_levels: Tensor | None = None,
     params: Params | Mapping[str, Any] | None = None,
+    grid: Tensor | None = None,
 ) -> Tensor:
     """The grid of `schedule` for `steps` intervals within the model's [sigma_min, sigma_max].
+    `grid` is the stored grid of the `learned` schedule (ignored by the others).
 
     Returns:
         float64 CPU tensor (steps + 1,), strictly decreasing, last entry > 0, inside the range.
@@ -241,7 +287,9 @@ def build_sigmas(
         raise InvalidParameterError(
             "schedule", schedule, "a continuous-time schedule (this model has no trained sigma levels)"
         )
-    sigmas = spec.fn(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, params=parsed, sigma_levels=sigma_levels)
+    sigmas = spec.fn(
+        steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, params=parsed, sigma_levels=sigma_levels, grid=grid
+    )
     check_sigmas(sigmas, sigma_min, sigma_max, field="schedule_params.sigmas" if schedule == "custom" else "schedule")
     return sigmas
 

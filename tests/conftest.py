@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # No network at test time: hub ids must resolve from the local cache only. Set before anything
 # imports huggingface_hub, which reads it once.
@@ -31,6 +32,16 @@ def gmm() -> GaussianMixtureDenoiser:
 def gmm_small() -> GaussianMixtureDenoiser:
     """A 4-dimensional mixture, cheap enough for the step-by-step counting tests."""
     return GaussianMixtureDenoiser.smooth(dim=4, components=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight StableDiffusionPipeline ("sd") and StableDiffusionXLPipeline ("sdxl")
+    folders, saved once per session with save_pretrained; copy one before damaging it."""
+    from models.tiny_pipelines import TINY_KINDS, save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    return {kind: save_tiny_pipeline(kind, root / kind) for kind in TINY_KINDS}
 
 
 @pytest.fixture

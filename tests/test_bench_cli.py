@@ -141,3 +141,28 @@ def test_docs_results_sections_are_current(monkeypatch):
     makes of the committed bench/results."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the links and paths are relative to the root
     assert main(["report", "--check"]) == 0, "run `python -m bench report` and commit docs/"
+
+
+@pytest.mark.slow
+def test_serve_startup_times_a_real_server(tmp_path):
+    assert main(["serve-startup", "--runs", "1", "--no-warmup", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "serve-startup.json").read_text())["rows"]
+    assert 0 < row["reported_s"] < row["process_to_serving_s"]  # the server's clock starts after the interpreter
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+def test_t2i_speed_writes_its_rows(tmp_path, capsys, tiny_pipelines):
+    argv = ["t2i-speed", "--model", str(tiny_pipelines["sd"]), "--rounds", "1", "--steps", "2", "--batch", "2"]
+    assert main([*argv, "--width", "48", "--compare-diffusers", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "sampling / (NFE x forward)" in printed
+    assert "ours / diffusers' pipeline loop" in printed
+    with open(tmp_path / "t2i-speed.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["pipeline"], row["latent_shape"], row["nfe"]) == ("StableDiffusionPipeline", "4x8x12", "2")
+    for column in ("sampling_over_nfe_forwards", "text_encoding_ms", "vae_decoding_ms", "ours_over_diffusers_loop"):
+        assert float(row[column]) > 0
+    meta = json.loads((tmp_path / "t2i-speed.json").read_text())["meta"]
+    assert meta["command"]
+    assert main(["t2i-speed", "--model", "mnist", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    assert "expected a text-to-image pipeline" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from solvers import (
     UnreachableNFEError,
 )
 from solvers.amed import PredictorConfig, new_predictor
+from solvers.stepping import Progress
 
 # Every registered solver; the AMED ones get a table-mode predictor (the analytic model has no
 # bottleneck feature) whose heads are moved off the neutral start, so it is not dpm_solver_2.
@@ -248,3 +249,53 @@ def test_spec_is_complete(name):
     assert summary["order"] >= 1
     assert summary["parameters"]["type"] == "object"
     assert summary["needs_predictor"] is name.startswith("amed")
+
+
+def test_img2img_runs_the_tail_of_the_grid(name, gmm):
+    """From an init at step `start`, the run is the same solver on the grid's tail, counted as such."""
+    spec = solvers.SOLVERS.get(name)
+    steps = max(8, 2 * _min_steps(name))
+    start = steps - max(_min_steps(name), steps // 2)
+    noise = _noise(2, (2, 2, 2))
+    init = _noise(2, (2, 2, 2), seed0=10) * 0.5
+    if spec.needs_predictor:
+        with pytest.raises(InvalidParameterError, match=r"^start=.*trained on the whole grid"):
+            _run(gmm, noise, solver=name, steps=steps, init=init, start=start)
+        return
+    result = _run(gmm, noise, solver=name, steps=steps, init=init, start=start)
+    full = solvers.build_sigmas("polynomial", steps, sigma_min=gmm.sigma_min, sigma_max=gmm.sigma_max)
+    assert torch.equal(result.sigmas, full[start:])
+    assert result.steps == steps - start
+    assert result.nfe == solvers.nfe_of(name, steps - start)
+    # The solver's own loop over the tail of the grid, from init + sigma_start * noise.
+    tail = spec.fn(
+        gmm,
+        init + noise * full[start].item(),
+        full[start:],
+        params=spec.params(),
+        afs=False,
+        progress=Progress(None, 1),
+    )
+    torch.testing.assert_close(result.images, tail, rtol=0, atol=0)
+    with pytest.raises(InvalidParameterError, match=r"^afs=True .*init image"):
+        _run(gmm, noise, solver=name, steps=steps, init=init, start=start, afs=True)
+    with pytest.raises(InvalidParameterError, match=rf"^start={steps} .*0\.\.{steps - 1}"):
+        _run(gmm, noise, solver=name, steps=steps, init=init, start=steps)
+    with pytest.raises(InvalidParameterError, match=r"^init=\(3, 2, 2, 2\)"):
+        _run(gmm, noise, solver=name, steps=steps, init=_noise(3, (2, 2, 2)), start=start)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 25, 50, 100])
+def test_img2img_start_is_diffusers_rule(name, steps):
+    """diffusers' img2img get_timesteps: int(steps * strength) steps run, entering after the rest."""
+    del name  # the rule is the same for every solver
+    for strength in (0.01, 0.29, 0.3, 0.5, 0.7, 0.75, 0.999, 1.0):
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            with pytest.raises(InvalidParameterError, match=r"^strength="):
+                solvers.start_step(steps, strength)
+        else:
+            assert solvers.start_step(steps, strength) == steps - run
+    for bad in (0.0, -0.5, 1.5, float("nan"), True):
+        with pytest.raises(InvalidParameterError, match=r"^strength=.*\(0, 1\]"):
+            solvers.start_step(steps, bad)

@@ -35,7 +35,7 @@ PAIRED_ROUNDS = 15
 
 @pytest.fixture(scope="module")
 def mnist() -> models.DiffusionModel:
-    return models.load("mnist")
+    return models.class_conditional(models.load("mnist"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ SETTINGS = {"warmup": True, "warmup_iterations": 1, "min_rounds": 5}
 
 @pytest.fixture(scope="module")
 def mnist() -> models.DiffusionModel:
-    return models.load("mnist")
+    return models.class_conditional(models.load("mnist"))
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["conditional", "guided"])

@@ -33,7 +33,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import MissingPredictorError, SolverError
+from ..errors import MissingGridError, MissingPredictorError, SolverError
+from ..learned.grid import (
+    GRID_FILE_PREFIX,
+    GridCard,
+    GridKey,
+    GridLoadError,
+    is_grid_file,
+    read_grid,
+    train_schedule_command,
+)
 
 ARTIFACT_VERSION = 1
 
@@ -278,16 +287,23 @@ def train_command(key: PredictorKey, model: str) -> str:
 
 
 class PredictorStore:
-    """The predictors in some folders, found by key (the first folder holding a key wins); loaded once and kept."""
+    """The trained artifacts in some folders, found by key: AMED predictors and learned grids (the
+    first folder holding a key wins). Predictors are loaded once and kept; grids are read (and
+    validated) when the store is built."""
 
     def __init__(self, folders: Sequence[Path]) -> None:
         self.cards: dict[PredictorKey, Path] = {}
+        self.grids: dict[GridKey, tuple[Path, GridCard]] = {}
         self.problems: list[str] = []
         for folder in folders:
             for card_path in sorted(Path(folder).glob("*.json")):
                 try:
+                    if _claims_grid(card_path):
+                        grid = read_grid(card_path)
+                        self.grids.setdefault(grid.key(), (card_path, grid))
+                        continue
                     card = read_card(card_path)
-                except PredictorLoadError as error:
+                except (PredictorLoadError, GridLoadError) as error:
                     self.problems.append(str(error))
                     continue
                 self.cards.setdefault(card.key(), card_path)
@@ -305,8 +321,14 @@ class PredictorStore:
     def keys(self, model_fingerprint: str | None = None) -> list[PredictorKey]:
         return [k for k in self.cards if model_fingerprint is None or k.model_fingerprint == model_fingerprint]
 
+    def grid_keys(self, model_fingerprint: str | None = None) -> list[GridKey]:
+        return [k for k in self.grids if model_fingerprint is None or k.model_fingerprint == model_fingerprint]
+
     def has(self, key: PredictorKey) -> bool:
         return key in self.cards
+
+    def has_grid(self, key: GridKey) -> bool:
+        return key in self.grids
 
     def find(self, key: PredictorKey, model: str, device: torch.device | str = "cpu") -> AMEDPredictor:
         """The predictor for `key`.
@@ -323,6 +345,29 @@ class PredictorStore:
         if cache_key not in self._loaded:
             self._loaded[cache_key] = load_predictor(self.cards[key], device)[0]
         return self._loaded[cache_key]
+
+    def find_grid(self, key: GridKey, model: str) -> Tensor:
+        """The sigmas of the learned grid for `key`, float64 (steps + 1,).
+
+        Raises:
+            MissingGridError: none matches; lists the grids this model has and the command that
+                trains the missing one.
+        """
+        if key not in self.grids:
+            available = [k.describe() for k in self.grid_keys(key.model_fingerprint)]
+            raise MissingGridError(key.describe(), available, train_schedule_command(key, model))
+        return torch.tensor(self.grids[key][1].sigmas, dtype=torch.float64)
+
+
+def _claims_grid(path: Path) -> bool:
+    """Whether the JSON file at `path` is a learned grid: it says so, or (unreadable) it is named
+    like one; anything else is read as a predictor card."""
+    if path.name.startswith(GRID_FILE_PREFIX):
+        return True
+    try:
+        return is_grid_file(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
 
 
 def sigma_pair(

@@ -72,9 +72,9 @@ class AMEDPluginParams(Params):
         if self.max_order is not None:
             limit = MAX_ORDER[self.base] if self.base in MULTISTEP else None
             if limit is None:
-                raise ValueError(f"max_order applies to the multistep bases {', '.join(MULTISTEP)}, not {self.base}")
+                raise ValueError(f"max_order only with a multistep base ({', '.join(MULTISTEP)}), not {self.base}")
             if self.max_order > limit:
-                raise ValueError(f"max_order for base {self.base} is 1..{limit}")
+                raise ValueError(f"max_order in 1..{limit} for base {self.base}")
         return self
 
 

@@ -25,51 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,sampler_service/gen/sampler/v1/sampler.proto\x12\nsampler.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa3\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06solver\x18\x02 \x01(\t\x12.\n\rsolver_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x05steps\x18\x04 \x01(\rH\x00\x12\r\n\x03nfe\x18\x05 \x01(\rH\x00\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x30\n\x0fschedule_params\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03\x61\x66s\x18\x08 \x01(\x08\x12\x13\n\x0bnum_samples\x18\t \x01(\r\x12\r\n\x05seeds\x18\n \x03(\x04\x12\x16\n\tbase_seed\x18\x0b \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06labels\x18\x0c \x03(\x05\x12\x10\n\x08guidance\x18\r \x03(\x02\x12/\n\routput_format\x18\x0e \x01(\x0e\x32\x18.sampler.v1.OutputFormat\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x15\n\rpreview_every\x18\x10 \x01(\rB\x08\n\x06\x62udgetB\x0c\n\n_base_seed\"\xb0\x01\n\rGenerateEvent\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.sampler.v1.PlanResponseH\x00\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.sampler.v1.ProgressH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.sampler.v1.SampleResultH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05\x65vent\"[\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\r\n\x05sigma\x18\x03 \x01(\x01\x12#\n\x08previews\x18\x04 \x03(\x0b\x32\x11.sampler.v1.Image\"p\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.sampler.v1.OutputFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\"d\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x18\n\x10sampling_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x12\n\nbatch_rows\x18\x04 \x01(\r\"\xda\x01\n\x0cSampleResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x10\n\x08guidance\x18\x04 \x01(\x02\x12\x0b\n\x03nfe\x18\x05 \x01(\r\x12\x15\n\rnetwork_evals\x18\x06 \x01(\r\x12\x0e\n\x06sigmas\x18\x07 \x03(\x01\x12\"\n\x06timing\x18\x08 \x01(\x0b\x32\x12.sampler.v1.Timing\x12 \n\x05image\x18\t \x01(\x0b\x32\x11.sampler.v1.Image\x12\x12\n\nrequest_id\x18\n \x01(\t\"y\n\x10GenerateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.sampler.v1.SampleResult\x12&\n\x04plan\x18\x02 \x01(\x0b\x32\x18.sampler.v1.PlanResponse\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"Z\n\x0fPredictorStatus\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x15\n\rtrain_command\x18\x04 \x01(\t\"\xed\x01\n\x0cPlanResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06solver\x18\x02 \x01(\t\x12\x10\n\x08schedule\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x0b\n\x03nfe\x18\x05 \x01(\r\x12\x15\n\rnetwork_evals\x18\x06 \x01(\r\x12\x0e\n\x06sigmas\x18\x07 \x03(\x01\x12\x15\n\rreachable_nfe\x18\x08 \x03(\r\x12.\n\tpredictor\x18\t \x01(\x0b\x32\x1b.sampler.v1.PredictorStatus\x12\x13\n\x0bnum_samples\x18\n \x01(\r\x12\r\n\x05seeds\x18\x0b \x03(\x04\"\x13\n\x11ListModelsRequest\"\x9e\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05width\x18\x06 \x01(\r\x12\x12\n\nnum_labels\x18\x07 \x01(\r\x12\x13\n\x0blabel_names\x18\x08 \x03(\t\x12\x12\n\nnull_class\x18\t \x01(\x05\x12\x11\n\tsigma_min\x18\n \x01(\x01\x12\x11\n\tsigma_max\x18\x0b \x01(\x01\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0f \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sampler.v1.ModelInfo\"\x14\n\x12ListSolversRequest\"\x8a\x02\n\nSolverInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\r\x12\x1d\n\x15parameter_schema_json\x18\x04 \x01(\t\x12\x16\n\x0e\x65vals_per_step\x18\x05 \x01(\r\x12\x11\n\tmin_steps\x18\x06 \x01(\r\x12\x15\n\rreachable_nfe\x18\x07 \x03(\r\x12\x19\n\x11reachable_nfe_afs\x18\x08 \x03(\r\x12\x17\n\x0fneeds_predictor\x18\t \x01(\x08\x12\x35\n\npredictors\x18\n \x03(\x0b\x32!.sampler.v1.PredictorAvailability\"A\n\x15PredictorAvailability\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03nfe\x18\x02 \x03(\r\x12\x0c\n\x04keys\x18\x03 \x03(\t\">\n\x13ListSolversResponse\x12\'\n\x07solvers\x18\x01 \x03(\x0b\x32\x16.sampler.v1.SolverInfo\"\x16\n\x14GetServerInfoRequest\"\x9c\x02\n\nServerInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x1f\n\x17max_samples_per_request\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmin_guidance\x18\x05 \x01(\x02\x12\x14\n\x0cmax_guidance\x18\x06 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\t \x01(\x01\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\x12\x15\n\rauth_required\x18\x0b \x01(\x08*c\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x1d\n\x19OUTPUT_FORMAT_RAW_FLOAT32\x10\x02\x32\xc9\x03\n\x0eSamplerService\x12\x44\n\x08Generate\x12\x1b.sampler.v1.GenerateRequest\x1a\x19.sampler.v1.GenerateEvent0\x01\x12J\n\rGenerateUnary\x12\x1b.sampler.v1.GenerateRequest\x1a\x1c.sampler.v1.GenerateResponse\x12=\n\x04Plan\x12\x1b.sampler.v1.GenerateRequest\x1a\x18.sampler.v1.PlanResponse\x12K\n\nListModels\x12\x1d.sampler.v1.ListModelsRequest\x1a\x1e.sampler.v1.ListModelsResponse\x12N\n\x0bListSolvers\x12\x1e.sampler.v1.ListSolversRequest\x1a\x1f.sampler.v1.ListSolversResponse\x12I\n\rGetServerInfo\x12 .sampler.v1.GetServerInfoRequest\x1a\x16.sampler.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,sampler_service/gen/sampler/v1/sampler.proto\x12\nsampler.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa3\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06solver\x18\x02 \x01(\t\x12.\n\rsolver_params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x05steps\x18\x04 \x01(\rH\x00\x12\r\n\x03nfe\x18\x05 \x01(\rH\x00\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x30\n\x0fschedule_params\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03\x61\x66s\x18\x08 \x01(\x08\x12\x13\n\x0bnum_samples\x18\t \x01(\r\x12\r\n\x05seeds\x18\n \x03(\x04\x12\x16\n\tbase_seed\x18\x0b \x01(\x04H\x01\x88\x01\x01\x12\x0e\n\x06labels\x18\x0c \x03(\x05\x12\x10\n\x08guidance\x18\r \x03(\x02\x12/\n\routput_format\x18\x0e \x01(\x0e\x32\x18.sampler.v1.OutputFormat\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x15\n\rpreview_every\x18\x10 \x01(\r\x12\x0e\n\x06prompt\x18\x11 \x03(\t\x12\x17\n\x0fnegative_prompt\x18\x12 \x03(\t\x12\r\n\x05width\x18\x13 \x01(\r\x12\x0e\n\x06height\x18\x14 \x01(\r\x12\x12\n\ninit_image\x18\x15 \x01(\x0c\x12\x15\n\x08strength\x18\x16 \x01(\x02H\x02\x88\x01\x01\x42\x08\n\x06\x62udgetB\x0c\n\n_base_seedB\x0b\n\t_strength\"\xb0\x01\n\rGenerateEvent\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.sampler.v1.PlanResponseH\x00\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.sampler.v1.ProgressH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.sampler.v1.SampleResultH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05\x65vent\"[\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\r\n\x05sigma\x18\x03 \x01(\x01\x12#\n\x08previews\x18\x04 \x03(\x0b\x32\x11.sampler.v1.Image\"p\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.sampler.v1.OutputFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\"d\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x18\n\x10sampling_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x12\n\nbatch_rows\x18\x04 \x01(\r\"\xf2\x01\n\x0cSampleResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x10\n\x08guidance\x18\x04 \x01(\x02\x12\x0b\n\x03nfe\x18\x05 \x01(\r\x12\x15\n\rnetwork_evals\x18\x06 \x01(\r\x12\x0e\n\x06sigmas\x18\x07 \x03(\x01\x12\"\n\x06timing\x18\x08 \x01(\x0b\x32\x12.sampler.v1.Timing\x12 \n\x05image\x18\t \x01(\x0b\x32\x11.sampler.v1.Image\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0e\x64ropped_tokens\x18\x0b \x01(\r\"y\n\x10GenerateResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.sampler.v1.SampleResult\x12&\n\x04plan\x18\x02 \x01(\x0b\x32\x18.sampler.v1.PlanResponse\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"Z\n\x0fPredictorStatus\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x15\n\rtrain_command\x18\x04 \x01(\t\"\xce\x02\n\x0cPlanResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06solver\x18\x02 \x01(\t\x12\x10\n\x08schedule\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x0b\n\x03nfe\x18\x05 \x01(\r\x12\x15\n\rnetwork_evals\x18\x06 \x01(\r\x12\x0e\n\x06sigmas\x18\x07 \x03(\x01\x12\x15\n\rreachable_nfe\x18\x08 \x03(\r\x12.\n\tpredictor\x18\t \x01(\x0b\x32\x1b.sampler.v1.PredictorStatus\x12\x13\n\x0bnum_samples\x18\n \x01(\r\x12\r\n\x05seeds\x18\x0b \x03(\x04\x12\x14\n\x0clatent_shape\x18\x0c \x03(\r\x12\r\n\x05width\x18\r \x01(\r\x12\x0e\n\x06height\x18\x0e \x01(\r\x12\x12\n\nstart_step\x18\x0f \x01(\r\x12\x16\n\x0e\x64ropped_tokens\x18\x10 \x03(\r\"\x13\n\x11ListModelsRequest\"\xa3\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05width\x18\x06 \x01(\r\x12\x12\n\nnum_labels\x18\x07 \x01(\r\x12\x13\n\x0blabel_names\x18\x08 \x03(\t\x12\x12\n\nnull_class\x18\t \x01(\x05\x12\x11\n\tsigma_min\x18\n \x01(\x01\x12\x11\n\tsigma_max\x18\x0b \x01(\x01\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0f \x01(\t\x12#\n\x04kind\x18\x10 \x01(\x0e\x32\x15.sampler.v1.ModelKind\x12\x14\n\x0clatent_shape\x18\x11 \x03(\r\x12\x15\n\rsize_multiple\x18\x12 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x13 \x01(\r\x12\x16\n\x0epipeline_class\x18\x14 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sampler.v1.ModelInfo\"\x14\n\x12ListSolversRequest\"\x8a\x02\n\nSolverInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\r\x12\x1d\n\x15parameter_schema_json\x18\x04 \x01(\t\x12\x16\n\x0e\x65vals_per_step\x18\x05 \x01(\r\x12\x11\n\tmin_steps\x18\x06 \x01(\r\x12\x15\n\rreachable_nfe\x18\x07 \x03(\r\x12\x19\n\x11reachable_nfe_afs\x18\x08 \x03(\r\x12\x17\n\x0fneeds_predictor\x18\t \x01(\x08\x12\x35\n\npredictors\x18\n \x03(\x0b\x32!.sampler.v1.PredictorAvailability\"A\n\x15PredictorAvailability\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03nfe\x18\x02 \x03(\r\x12\x0c\n\x04keys\x18\x03 \x03(\t\">\n\x13ListSolversResponse\x12\'\n\x07solvers\x18\x01 \x03(\x0b\x32\x16.sampler.v1.SolverInfo\"\x16\n\x14GetServerInfoRequest\"\x80\x03\n\nServerInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x1f\n\x17max_samples_per_request\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmin_guidance\x18\x05 \x01(\x02\x12\x14\n\x0cmax_guidance\x18\x06 \x01(\x02\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\t \x01(\x01\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\x12\x15\n\rauth_required\x18\x0b \x01(\x08\x12\x18\n\x10max_prompt_chars\x18\x0c \x01(\r\x12\x16\n\x0emin_image_side\x18\r \x01(\r\x12\x16\n\x0emax_image_side\x18\x0e \x01(\r\x12\x18\n\x10max_image_pixels\x18\x0f \x01(\x04*c\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x1d\n\x19OUTPUT_FORMAT_RAW_FLOAT32\x10\x02*g\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cMODEL_KIND_CLASS_CONDITIONAL\x10\x01\x12\x1c\n\x18MODEL_KIND_TEXT_TO_IMAGE\x10\x02\x32\xc9\x03\n\x0eSamplerService\x12\x44\n\x08Generate\x12\x1b.sampler.v1.GenerateRequest\x1a\x19.sampler.v1.GenerateEvent0\x01\x12J\n\rGenerateUnary\x12\x1b.sampler.v1.GenerateRequest\x1a\x1c.sampler.v1.GenerateResponse\x12=\n\x04Plan\x12\x1b.sampler.v1.GenerateRequest\x1a\x18.sampler.v1.PlanResponse\x12K\n\nListModels\x12\x1d.sampler.v1.ListModelsRequest\x1a\x1e.sampler.v1.ListModelsResponse\x12N\n\x0bListSolvers\x12\x1e.sampler.v1.ListSolversRequest\x1a\x1f.sampler.v1.ListSolversResponse\x12I\n\rGetServerInfo\x12 .sampler.v1.GetServerInfoRequest\x1a\x16.sampler.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sampler_service.gen.sampler.v1.sampler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=2780
-  _globals['_OUTPUTFORMAT']._serialized_end=2879
+  _globals['_OUTPUTFORMAT']._serialized_start=3262
+  _globals['_OUTPUTFORMAT']._serialized_end=3361
+  _globals['_MODELKIND']._serialized_start=3363
+  _globals['_MODELKIND']._serialized_end=3466
   _globals['_GENERATEREQUEST']._serialized_start=91
-  _globals['_GENERATEREQUEST']._serialized_end=510
-  _globals['_GENERATEEVENT']._serialized_start=513
-  _globals['_GENERATEEVENT']._serialized_end=689
-  _globals['_PROGRESS']._serialized_start=691
-  _globals['_PROGRESS']._serialized_end=782
-  _globals['_IMAGE']._serialized_start=784
-  _globals['_IMAGE']._serialized_end=896
-  _globals['_TIMING']._serialized_start=898
-  _globals['_TIMING']._serialized_end=998
-  _globals['_SAMPLERESULT']._serialized_start=1001
-  _globals['_SAMPLERESULT']._serialized_end=1219
-  _globals['_GENERATERESPONSE']._serialized_start=1221
-  _globals['_GENERATERESPONSE']._serialized_end=1342
-  _globals['_PREDICTORSTATUS']._serialized_start=1344
-  _globals['_PREDICTORSTATUS']._serialized_end=1434
-  _globals['_PLANRESPONSE']._serialized_start=1437
-  _globals['_PLANRESPONSE']._serialized_end=1674
-  _globals['_LISTMODELSREQUEST']._serialized_start=1676
-  _globals['_LISTMODELSREQUEST']._serialized_end=1695
-  _globals['_MODELINFO']._serialized_start=1698
-  _globals['_MODELINFO']._serialized_end=1984
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1986
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2045
-  _globals['_LISTSOLVERSREQUEST']._serialized_start=2047
-  _globals['_LISTSOLVERSREQUEST']._serialized_end=2067
-  _globals['_SOLVERINFO']._serialized_start=2070
-  _globals['_SOLVERINFO']._serialized_end=2336
-  _globals['_PREDICTORAVAILABILITY']._serialized_start=2338
-  _globals['_PREDICTORAVAILABILITY']._serialized_end=2403
-  _globals['_LISTSOLVERSRESPONSE']._serialized_start=2405
-  _globals['_LISTSOLVERSRESPONSE']._serialized_end=2467
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2469
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2491
-  _globals['_SERVERINFO']._serialized_start=2494
-  _globals['_SERVERINFO']._serialized_end=2778
-  _globals['_SAMPLERSERVICE']._serialized_start=2882
-  _globals['_SAMPLERSERVICE']._serialized_end=3339
+  _globals['_GENERATEREQUEST']._serialized_end=638
+  _globals['_GENERATEEVENT']._serialized_start=641
+  _globals['_GENERATEEVENT']._serialized_end=817
+  _globals['_PROGRESS']._serialized_start=819
+  _globals['_PROGRESS']._serialized_end=910
+  _globals['_IMAGE']._serialized_start=912
+  _globals['_IMAGE']._serialized_end=1024
+  _globals['_TIMING']._serialized_start=1026
+  _globals['_TIMING']._serialized_end=1126
+  _globals['_SAMPLERESULT']._serialized_start=1129
+  _globals['_SAMPLERESULT']._serialized_end=1371
+  _globals['_GENERATERESPONSE']._serialized_start=1373
+  _globals['_GENERATERESPONSE']._serialized_end=1494
+  _globals['_PREDICTORSTATUS']._serialized_start=1496
+  _globals['_PREDICTORSTATUS']._serialized_end=1586
+  _globals['_PLANRESPONSE']._serialized_start=1589
+  _globals['_PLANRESPONSE']._serialized_end=1923
+  _globals['_LISTMODELSREQUEST']._serialized_start=1925
+  _globals['_LISTMODELSREQUEST']._serialized_end=1944
+  _globals['_MODELINFO']._serialized_start=1947
+  _globals['_MODELINFO']._serialized_end=2366
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2368
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2427
+  _globals['_LISTSOLVERSREQUEST']._serialized_start=2429
+  _globals['_LISTSOLVERSREQUEST']._serialized_end=2449
+  _globals['_SOLVERINFO']._serialized_start=2452
+  _globals['_SOLVERINFO']._serialized_end=2718
+  _globals['_PREDICTORAVAILABILITY']._serialized_start=2720
+  _globals['_PREDICTORAVAILABILITY']._serialized_end=2785
+  _globals['_LISTSOLVERSRESPONSE']._serialized_start=2787
+  _globals['_LISTSOLVERSRESPONSE']._serialized_end=2849
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2851
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2873
+  _globals['_SERVERINFO']._serialized_start=2876
+  _globals['_SERVERINFO']._serialized_end=3260
+  _globals['_SAMPLERSERVICE']._serialized_start=3469
+  _globals['_SAMPLERSERVICE']._serialized_end=3926
 # @@protoc_insertion_point(module_scope)

@@ -13,12 +13,21 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_UNSPECIFIED: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_PNG: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_RAW_FLOAT32: _ClassVar[OutputFormat]
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_CLASS_CONDITIONAL: _ClassVar[ModelKind]
+    MODEL_KIND_TEXT_TO_IMAGE: _ClassVar[ModelKind]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_RAW_FLOAT32: OutputFormat
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_CLASS_CONDITIONAL: ModelKind
+MODEL_KIND_TEXT_TO_IMAGE: ModelKind
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "solver", "solver_params", "steps", "nfe", "schedule", "schedule_params", "afs", "num_samples", "seeds", "base_seed", "labels", "guidance", "output_format", "request_id", "preview_every")
+    __slots__ = ("model", "solver", "solver_params", "steps", "nfe", "schedule", "schedule_params", "afs", "num_samples", "seeds", "base_seed", "labels", "guidance", "output_format", "request_id", "preview_every", "prompt", "negative_prompt", "width", "height", "init_image", "strength")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     SOLVER_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +44,12 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     solver: str
     solver_params: _struct_pb2.Struct
@@ -51,7 +66,13 @@ class GenerateRequest(_message.Message):
     output_format: OutputFormat
     request_id: str
     preview_every: int
-    def __init__(self, model: _Optional[str] = ..., solver: _Optional[str] = ..., solver_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., steps: _Optional[int] = ..., nfe: _Optional[int] = ..., schedule: _Optional[str] = ..., schedule_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., afs: _Optional[bool] = ..., num_samples: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., base_seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[_Iterable[float]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    prompt: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompt: _containers.RepeatedScalarFieldContainer[str]
+    width: int
+    height: int
+    init_image: bytes
+    strength: float
+    def __init__(self, model: _Optional[str] = ..., solver: _Optional[str] = ..., solver_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., steps: _Optional[int] = ..., nfe: _Optional[int] = ..., schedule: _Optional[str] = ..., schedule_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., afs: _Optional[bool] = ..., num_samples: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., base_seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[_Iterable[float]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., prompt: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("accepted", "progress", "result", "request_id")
@@ -104,7 +125,7 @@ class Timing(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., sampling_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("index", "seed", "label", "guidance", "nfe", "network_evals", "sigmas", "timing", "image", "request_id")
+    __slots__ = ("index", "seed", "label", "guidance", "nfe", "network_evals", "sigmas", "timing", "image", "request_id", "dropped_tokens")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +136,7 @@ class SampleResult(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     index: int
     seed: int
     label: int
@@ -125,7 +147,8 @@ class SampleResult(_message.Message):
     timing: Timing
     image: Image
     request_id: str
-    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., label: _Optional[int] = ..., guidance: _Optional[float] = ..., nfe: _Optional[int] = ..., network_evals: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    dropped_tokens: int
+    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., label: _Optional[int] = ..., guidance: _Optional[float] = ..., nfe: _Optional[int] = ..., network_evals: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., request_id: _Optional[str] = ..., dropped_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("results", "plan", "request_id")
@@ -150,7 +173,7 @@ class PredictorStatus(_message.Message):
     def __init__(self, required: _Optional[bool] = ..., available: _Optional[bool] = ..., key: _Optional[str] = ..., train_command: _Optional[str] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("model", "solver", "schedule", "steps", "nfe", "network_evals", "sigmas", "reachable_nfe", "predictor", "num_samples", "seeds")
+    __slots__ = ("model", "solver", "schedule", "steps", "nfe", "network_evals", "sigmas", "reachable_nfe", "predictor", "num_samples", "seeds", "latent_shape", "width", "height", "start_step", "dropped_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +185,11 @@ class PlanResponse(_message.Message):
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     solver: str
     schedule: str
@@ -173,14 +201,19 @@ class PlanResponse(_message.Message):
     predictor: PredictorStatus
     num_samples: int
     seeds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., solver: _Optional[str] = ..., schedule: _Optional[str] = ..., steps: _Optional[int] = ..., nfe: _Optional[int] = ..., network_evals: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., reachable_nfe: _Optional[_Iterable[int]] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., num_samples: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+    latent_shape: _containers.RepeatedScalarFieldContainer[int]
+    width: int
+    height: int
+    start_step: int
+    dropped_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., solver: _Optional[str] = ..., schedule: _Optional[str] = ..., steps: _Optional[int] = ..., nfe: _Optional[int] = ..., network_evals: _Optional[int] = ..., sigmas: _Optional[_Iterable[float]] = ..., reachable_nfe: _Optional[_Iterable[int]] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., num_samples: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., start_step: _Optional[int] = ..., dropped_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "description", "ready", "channels", "height", "width", "num_labels", "label_names", "null_class", "sigma_min", "sigma_max", "prediction_type", "device", "dtype", "fingerprint")
+    __slots__ = ("name", "description", "ready", "channels", "height", "width", "num_labels", "label_names", "null_class", "sigma_min", "sigma_max", "prediction_type", "device", "dtype", "fingerprint", "kind", "latent_shape", "size_multiple", "max_prompt_tokens", "pipeline_class")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +229,11 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_CLASS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     ready: bool
@@ -211,7 +249,12 @@ class ModelInfo(_message.Message):
     device: str
     dtype: str
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., ready: _Optional[bool] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_labels: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., null_class: _Optional[int] = ..., sigma_min: _Optional[float] = ..., sigma_max: _Optional[float] = ..., prediction_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    kind: ModelKind
+    latent_shape: _containers.RepeatedScalarFieldContainer[int]
+    size_multiple: int
+    max_prompt_tokens: int
+    pipeline_class: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., ready: _Optional[bool] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_labels: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., null_class: _Optional[int] = ..., sigma_min: _Optional[float] = ..., sigma_max: _Optional[float] = ..., prediction_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., fingerprint: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., size_multiple: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., pipeline_class: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -268,7 +311,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required")
+    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required", "max_prompt_chars", "min_image_side", "max_image_side", "max_image_pixels")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +323,10 @@ class ServerInfo(_message.Message):
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     api_version: str
     server_version: str
     max_samples_per_request: int
@@ -291,4 +338,8 @@ class ServerInfo(_message.Message):
     max_queue_delay_ms: float
     max_queued_requests: int
     auth_required: bool
-    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    max_prompt_chars: int
+    min_image_side: int
+    max_image_side: int
+    max_image_pixels: int
+    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,366 @@
+"""The service as a Ray Serve application: `sampler.v1.SamplerService` behind Ray Serve's gRPC proxy,
+one application per model, each replica running the project's own servicer and engine.
+
+Nothing about a request is handled here: every RPC is delegated to `server.SamplerServicer` over a
+`server.Service` built inside the replica (`build_service`), so validation, error codes and
+google.rpc details, batching, seeds and metrics are the single server's. This module only adapts
+Ray's request context to what the servicer expects and maps health to Ray's.
+
+How a request finds its replica: the proxy routes on the `application` metadata key (the client's
+`--ray` flag sends the model name; `--metadata application=NAME` does it by hand). Each
+application holds one deployment, `Sampler`, whose replicas each load that one model. Batching
+happens inside each replica's engine (requests that land on the same replica merge); Ray's router
+spreads requests over replicas by their queue lengths (power of two choices).
+
+Health: a replica whose model failed to load stays up but reports unhealthy (`check_health`
+raises), so Ray replaces it while the other replicas and applications keep serving; its requests
+get UNAVAILABLE meanwhile. Drain: Ray stops routing to a replica it is stopping and waits up to
+`graceful_shutdown_timeout_s` for its requests in flight; `__del__` then stops the engine.
+
+Ray is an optional dependency (`pip install "diffusion-sampler-service[ray]"`); nothing else in
+the package imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import torch
+from grpc_status import rpc_status
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.schema import ServeDeploySchema
+
+from models.errors import ModelError
+
+from .errors import NotReady, ServiceError
+from .gen.sampler.v1 import sampler_pb2 as pb
+from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
+from .interceptors import TokenInterceptor
+from .server import SamplerServicer, Service, build_service, load_served
+from .settings import load_settings
+
+log = logging.getLogger("sampler_service.ray")
+
+# What the proxy's gRPC options must list so that it serves our service (deploy/ray/serve.yaml).
+SERVICER_FUNCTION = "sampler_service.ray_app.add_to_ray_proxy"
+# How Ray words the error of a request whose replica died (ray.exceptions.RayActorError).
+_REPLICA_DIED = ("The actor died", "The actor is dead", "actor died unexpectedly")
+DEPLOYMENT_NAME = "Sampler"
+BUILDER = "sampler_service.ray_app:build"  # a Serve config's import_path for our applications
+
+
+class Aborted(Exception):
+    """Raised by `RayContext.abort_with_status`, like grpc's own abort: the status is already set."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+class RayContext:
+    """The part of `grpc.aio.ServicerContext` the servicer uses, over Ray Serve's request context.
+
+    Ray's proxy copies code, details and trailing metadata from this context onto the real call
+    (with each streamed message, and at the end of a unary call), so the google.rpc details that
+    `abort_with_status` packs into `grpc-status-details-bin` reach the client as from the server.
+    """
+
+    def __init__(self, ray_context: RayServegRPCContext) -> None:
+        self.ray_context = ray_context
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self.ray_context.invocation_metadata())
+
+    def time_remaining(self) -> float | None:
+        """Ray's context does not carry the client's deadline (the proxy enforces request_timeout_s)."""
+        return None
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        self.ray_context.set_code(status.code)
+        self.ray_context.set_details(status.details)
+        # Ray keeps its request_id entry and appends ours.
+        self.ray_context.set_trailing_metadata(list(status.trailing_metadata or ()))
+        raise Aborted(status)
+
+
+def add_to_ray_proxy(servicer: Any, server: Any) -> None:
+    """Register `sampler.v1.SamplerService` on Ray Serve's gRPC proxy (`grpc_servicer_functions`).
+
+    The generated `add_SamplerServiceServicer_to_server` does the registering; around it, each of
+    the proxy's method handlers is wrapped so that a request whose replica died (killed, node lost)
+    ends UNAVAILABLE, as the single server's clients expect of a server that went away and as
+    retry policies key on, instead of the INTERNAL that Ray's proxy (2.60) answers for it. Where a
+    Ray version has no `service_handler_factory` on its proxy server, registration is plain.
+    """
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is None:
+        log.warning("Ray's gRPC proxy has no service_handler_factory: a dead replica's requests end INTERNAL")
+        pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+        return
+
+    def wrapped(service_method: str, streaming_type: Any) -> Callable[..., Any]:
+        return _replica_death_is_unavailable(factory(service_method=service_method, streaming_type=streaming_type))
+
+    server.service_handler_factory = wrapped
+    try:
+        pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+    finally:
+        server.service_handler_factory = factory
+
+
+def _replica_death_is_unavailable(handler: Callable[..., Any]) -> Callable[..., Any]:
+    def relabel(context: grpc.aio.ServicerContext) -> None:
+        details = context.details() or ""
+        if isinstance(details, bytes):
+            details = details.decode(errors="replace")
+        if context.code() == grpc.StatusCode.INTERNAL and any(text in details for text in _REPLICA_DIED):
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(f"the replica serving this request stopped: {details.splitlines()[0]}")
+
+    if inspect.isasyncgenfunction(handler):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for message in handler(request, context):
+                yield message
+            relabel(context)
+
+        return streaming
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        response = await handler(request, context)
+        relabel(context)
+        return response
+
+    return unary
+
+
+class ReplicaOptions(BaseModel):
+    """The arguments of one application (`args:` in deploy/ray/serve.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("mnist", description="the model this application serves (a name in the models config)")
+    settings: Path | None = Field(None, description="the service's TOML settings file (models_config, limits, ...)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="settings that win over the file")
+    torch_threads: int = Field(1, ge=1, le=1024, description="intra-op threads per replica (match num_cpus)")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64, health_check_period_s=2.0)
+class SamplerDeployment:
+    """One replica: the project's servicer and engine for one model."""
+
+    async def __init__(self, options: ReplicaOptions) -> None:  # type: ignore[misc]  # Ray awaits it
+        torch.set_num_threads(options.torch_threads)
+        self.options = options
+        self.failure: str | None = None
+        settings = load_settings(options.settings, **options.overrides)
+        try:
+            served = load_served(settings, names=[options.model])
+        except ModelError as error:
+            # The replica stays up and unhealthy (check_health), so Ray replaces it; the
+            # application and its other replicas keep serving.
+            self.failure = f"model {options.model!r} failed to load: {error}"
+            log.error(self.failure)
+            served = {}
+        self.service: Service = await build_service(settings, served)
+        self.servicer = SamplerServicer(self.service)
+        # Ray's proxy takes no interceptors: the replica checks the bearer token itself.
+        token = settings.token()
+        self.auth = TokenInterceptor(token) if token is not None else None
+        await self.service.start()
+
+    def check_health(self) -> None:
+        """Ray calls this every `health_check_period_s`; raising marks the replica unhealthy."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+
+    async def _unary(
+        self,
+        method: Callable[[Any, Any], Awaitable[Any]],
+        request: Any,
+        grpc_context: RayServegRPCContext,
+        empty: type[Any],
+    ) -> Any:
+        if self.failure is not None:
+            await _refuse(grpc_context, NotReady(self.failure))
+            return empty()
+        refused = self._unauthenticated(grpc_context)
+        if refused is not None:
+            await _refuse(grpc_context, refused)
+            return empty()
+        try:
+            return await method(request, RayContext(grpc_context))
+        except Aborted:
+            # The status is on the context; Ray's proxy sends it instead of this message.
+            return empty()
+
+    def _unauthenticated(self, grpc_context: RayServegRPCContext) -> ServiceError | None:
+        return self.auth.check(grpc_context.invocation_metadata()) if self.auth is not None else None
+
+    async def Plan(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.PlanResponse:
+        return await self._unary(self.servicer.Plan, request, grpc_context, pb.PlanResponse)
+
+    async def GenerateUnary(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> pb.GenerateResponse:
+        return await self._unary(self.servicer.GenerateUnary, request, grpc_context, pb.GenerateResponse)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ListModelsResponse:
+        return await self._unary(self.servicer.ListModels, request, grpc_context, pb.ListModelsResponse)
+
+    async def ListSolvers(
+        self, request: pb.ListSolversRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ListSolversResponse:
+        return await self._unary(self.servicer.ListSolvers, request, grpc_context, pb.ListSolversResponse)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, grpc_context: RayServegRPCContext) -> pb.ServerInfo:
+        return await self._unary(self.servicer.GetServerInfo, request, grpc_context, pb.ServerInfo)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        refused = NotReady(self.failure) if self.failure is not None else self._unauthenticated(grpc_context)
+        if refused is not None:
+            await _refuse(grpc_context, refused)
+            yield pb.GenerateEvent()
+            return
+        try:
+            async for event in self.servicer.Generate(request, RayContext(grpc_context)):
+                yield event
+        except Aborted:
+            # Ray's proxy copies the status set on the context onto the call only when a message
+            # passes (an exception raised from a stream arrives as INTERNAL in Ray 2.60: the
+            # wrapper it makes of it does not deserialize). So a failed stream ends with one
+            # empty event, then the same status and details as the single server; SamplerClient
+            # skips the empty event.
+            yield pb.GenerateEvent()
+
+    async def __del__(self) -> None:
+        """Ray has waited for the requests in flight (graceful_shutdown_timeout_s); stop the engine."""
+        await self.service.drain()
+        await self.service.engine.stop()
+
+
+async def _refuse(grpc_context: RayServegRPCContext, error: ServiceError) -> None:
+    """Set the error's status (code, message, google.rpc details) on the context, as the server's abort does."""
+    with contextlib.suppress(Aborted):
+        await RayContext(grpc_context).abort_with_status(rpc_status.to_status(error.to_status()))
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application builder named by `import_path: sampler_service.ray_app:build` in a Serve config."""
+    options = ReplicaOptions.model_validate(args)
+    return SamplerDeployment.bind(options)  # type: ignore[attr-defined]  # a serve.Deployment once decorated
+
+
+# ---- starting it: `sampler-service ray --config deploy/ray/serve.yaml` ------------------------
+
+
+def read_config(path: Path, *, grpc_port: int | None = None, replicas: int | None = None) -> ServeDeploySchema:
+    """A Serve config file, validated; relative `settings` and `overrides.models_config` paths in an
+    application's args are resolved against the file's folder (as the models config does for its
+    sources), so the config works from any working directory.
+
+    Args:
+        grpc_port: replaces grpc_options.port (0 is not allowed by Ray: pick a free port).
+        replicas: a fixed replica count for every deployment instead of its autoscaling.
+
+    Raises:
+        FileNotFoundError, ValueError (pydantic.ValidationError): naming the file or the field.
+    """
+    import yaml
+
+    path = Path(path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a Ray Serve config (a mapping with applications:)")
+    for application in document.get("applications") or []:
+        args = application.get("args") or {}
+        if args.get("settings"):
+            args["settings"] = str((path.parent / args["settings"]).resolve())
+        overrides = args.get("overrides") or {}
+        if overrides.get("models_config"):
+            overrides["models_config"] = str((path.parent / overrides["models_config"]).resolve())
+        if replicas is not None:
+            for deployment in application.get("deployments") or []:
+                deployment.pop("autoscaling_config", None)
+                deployment["num_replicas"] = replicas
+    if grpc_port is not None:
+        document.setdefault("grpc_options", {})["port"] = grpc_port
+    config = ServeDeploySchema.model_validate(document)
+    for application in config.applications:
+        if application.import_path == BUILDER:
+            try:
+                ReplicaOptions.model_validate(application.args)
+            except ValidationError as error:
+                raise ValueError(f"{path}: application {application.name!r}: {error}") from None
+    functions = config.grpc_options.grpc_servicer_functions
+    if SERVICER_FUNCTION not in functions:
+        raise ValueError(f"{path}: grpc_options.grpc_servicer_functions={functions} must list {SERVICER_FUNCTION}")
+    return config
+
+
+def deploy(config: ServeDeploySchema, *, timeout: float = 300.0) -> None:
+    """Start Serve on the connected Ray cluster with the config's proxy options and deploy its
+    applications (what `serve run CONFIG` does); return once every application is RUNNING.
+
+    Raises:
+        RuntimeError: an application failed to deploy or was not running within `timeout` seconds.
+    """
+    import time
+
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+        proxy_location=config.proxy_location,
+    )
+    client.deploy_apps(config)
+    names = [application.name for application in config.applications]
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = serve.status().applications
+        states = {name: statuses[name].status if name in statuses else "NOT_STARTED" for name in names}
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        failed = {name: statuses[name].message for name, state in states.items() if state == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"applications failed to deploy: {failed}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"applications not running after {timeout:.0f} s: {states}")
+        time.sleep(0.5)
+
+
+def drain(config: ServeDeploySchema) -> None:
+    """Delete the config's applications, each replica first finishing its requests in flight
+    (within its graceful_shutdown_timeout_s), then stop Serve. `serve.shutdown()` alone stops the
+    proxies at once, cutting the streams they carry."""
+    for application in config.applications:
+        serve.delete(application.name, _blocking=True)
+    serve.shutdown()
+
+
+__all__ = [
+    "DEPLOYMENT_NAME",
+    "SERVICER_FUNCTION",
+    "RayContext",
+    "ReplicaOptions",
+    "SamplerDeployment",
+    "add_to_ray_proxy",
+    "build",
+    "deploy",
+    "drain",
+    "read_config",
+]

@@ -1,0 +1,34 @@
+"""Learned time schedules: sigma grids trained for one model, solver, NFE, AFS and guidance.
+
+- `grid`: the artifact (a validated JSON card holding the sigmas) and its key;
+- `gits`: GITS (Chen et al., ICML 2024): dynamic programming over a fine grid on the local error
+  of the given solver along a few teacher trajectories;
+- `ld3`: LD3 (Tong et al., ICLR 2025): the sigmas trained against a teacher with the soft
+  per-sample surrogate loss.
+
+The `learned` schedule (schedules.py) steps along a grid the caller looked up in the store.
+"""
+
+from .grid import (
+    GRID_SELECTION_SEED_BASE,
+    GRID_TRAINING_SEED_BASE,
+    GridCard,
+    GridKey,
+    GridLoadError,
+    grid_key,
+    read_grid,
+    save_grid,
+    train_schedule_command,
+)
+
+__all__ = [
+    "GRID_SELECTION_SEED_BASE",
+    "GRID_TRAINING_SEED_BASE",
+    "GridCard",
+    "GridKey",
+    "GridLoadError",
+    "grid_key",
+    "read_grid",
+    "save_grid",
+    "train_schedule_command",
+]

@@ -1,0 +1,297 @@
+"""Learned schedules: GITS and LD3 grids on the exact Gaussian mixture beat the polynomial grid for
+the same solver and NFE against the exact ODE solution; the artifact is found by key and refused
+when the key is wrong or the file is corrupt; the CLI, the sweep and the service use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+import solvers
+from models.analytic import GaussianMixtureDenoiser, reference_solution
+from solvers import InvalidParameterError, MissingPredictorError
+from solvers.amed import PredictorStore
+from solvers.errors import MissingGridError
+from solvers.learned import GridCard, GridLoadError, grid_key, read_grid, save_grid
+from solvers.learned.gits import GITSSettings, dynamic_program, train_gits
+from solvers.learned.ld3 import LD3Settings, grid_of, logits_of, train_ld3
+from solvers.learned.student import Student, Teacher
+
+SHAPE = (8,)
+TRAIN = range(2**41, 2**41 + 100)
+SELECT = range(2**42, 2**42 + 64)
+
+
+def _noise(seeds):
+    return solvers.make_noise(list(seeds), SHAPE, dtype=torch.float64)
+
+
+def _card(model, solver: str, params: dict, method: str, nfe: int, afs: bool, sigmas: torch.Tensor) -> GridCard:
+    spec = solvers.SOLVERS.get(solver)
+    return GridCard(
+        model="gmm",
+        model_fingerprint="gmm-smooth-8-3-0",
+        solver=solver,
+        solver_params=spec.parse_params(params).model_dump(),
+        method=method,
+        nfe=nfe,
+        steps=len(sigmas) - 1,
+        afs=afs,
+        guidance=1.0,
+        sigmas=sigmas.tolist(),
+    )
+
+
+def _key(solver: str, params: dict, method: str, nfe: int, afs: bool = False):
+    return grid_key(
+        model_fingerprint="gmm-smooth-8-3-0",
+        solver=solver,
+        solver_params=solvers.SOLVERS.get(solver).parse_params(params).model_dump(),
+        method=method,
+        nfe=nfe,
+        afs=afs,
+        guidance=1.0,
+    )
+
+
+@pytest.mark.parametrize("method", ["gits", "ld3"])
+@pytest.mark.parametrize(
+    ("solver", "params"), [("ipndm", {"max_order": 2}), ("unipc", {}), ("dpmpp_2m", {}), ("euler", {})]
+)
+def test_learned_grid_beats_the_polynomial_grid_on_the_exact_model(tmp_path: Path, method, solver, params):
+    """Trained on the mixture, stored, found by key, sampled along: the learned grid's error against
+    the exact solution (DOP853) is well below the polynomial (rho 7) grid's, same solver, same NFE."""
+    model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
+    nfe = 4
+    student = Student.of(solver, params, afs=False)
+
+    def make_batch(seeds):
+        return model, _noise(seeds)
+
+    if method == "gits":
+        settings = GITSSettings(candidates=32, trajectories=16, selection=64)
+        result = train_gits(
+            student, nfe, make_batch, settings=settings, training_seeds=TRAIN[:16], selection_seeds=SELECT
+        )
+    else:
+        ld3 = LD3Settings(trajectories=100, epochs=6, teacher=Teacher(steps=64))
+        result = train_ld3(student, nfe, make_batch, settings=ld3, training_seeds=TRAIN, selection_seeds=SELECT)
+    save_grid(_card(model, solver, params, method, nfe, False, result.sigmas), tmp_path / "grid.json")
+    grid = PredictorStore([tmp_path]).find_grid(_key(solver, params, method, nfe), "gmm")
+
+    test = _noise(range(10**7, 10**7 + 200))
+    exact = reference_solution(model, test * model.sigma_max, model.sigma_max, model.sigma_min)[0]
+    steps = student.steps_for(nfe)
+    plain = solvers.sample(model, test, solver=solver, steps=steps, solver_params=params)
+    learned = solvers.sample(
+        model, test, solver=solver, steps=steps, solver_params=params, schedule="learned", grid=grid
+    )
+    assert learned.nfe == plain.nfe == nfe
+    torch.testing.assert_close(learned.sigmas, result.sigmas, rtol=0, atol=0)
+
+    def rmse(images):
+        return float((images - exact).pow(2).mean().sqrt())
+
+    assert rmse(learned.images) < 0.7 * rmse(plain.images), (rmse(learned.images), rmse(plain.images))
+
+
+def test_dynamic_program_finds_the_cheapest_path():
+    """On a cost where every interval costs its length squared, the cheapest S-interval path over
+    an equally spaced candidate grid is the equal split (and coeff 1 weighs every interval alike)."""
+    points = 13
+    index = torch.arange(points, dtype=torch.float64)
+    cost = (index[None, :] - index[:, None]) ** 2
+    cost[torch.tril(torch.ones(points, points, dtype=torch.bool))] = float("inf")
+    path, value = dynamic_program(cost, 4, 1.0)
+    assert path == [0, 3, 6, 9, 12]
+    assert value == 4 * 9
+    with pytest.raises(InvalidParameterError, match="steps=13"):
+        dynamic_program(cost, 13, 1.0)
+
+
+def test_ld3_parameterisation_round_trips_and_stays_decreasing():
+    sigmas = solvers.build_sigmas("polynomial", 6, sigma_min=0.002, sigma_max=80.0)
+    torch.testing.assert_close(grid_of(logits_of(sigmas), 0.002, 80.0), sigmas, rtol=1e-12, atol=0)
+    wild = grid_of(torch.tensor([30.0, -30.0, 0.0, 5.0, -5.0, 1.0], dtype=torch.float64), 0.002, 80.0)
+    assert bool((wild[1:] < wild[:-1]).all())
+    assert (wild[0].item(), wild[-1].item()) == (80.0, 0.002)
+
+
+def test_a_grid_with_the_wrong_key_is_refused(tmp_path: Path, gmm):
+    """The store finds a grid only under its full key (solver, parameters, method, NFE, AFS,
+    guidance, model): anything else is a MissingGridError listing what exists and the command
+    that trains the missing grid; a grid of the wrong length is refused by the schedule."""
+    sigmas = solvers.build_sigmas("logsnr", 4, sigma_min=0.002, sigma_max=80.0)
+    save_grid(_card(gmm, "ipndm", {"max_order": 2}, "gits", 4, False, sigmas), tmp_path / "a.json")
+    store = PredictorStore([tmp_path])
+    assert store.has_grid(_key("ipndm", {"max_order": 2}, "gits", 4))
+    for wrong in (
+        _key("ipndm", {"max_order": 3}, "gits", 4),
+        _key("ipndm", {"max_order": 2}, "ld3", 4),
+        _key("ipndm", {"max_order": 2}, "gits", 5),
+        _key("ipndm", {"max_order": 2}, "gits", 4, afs=True),
+        _key("unipc", {}, "gits", 4),
+    ):
+        with pytest.raises(MissingGridError) as caught:
+            store.find_grid(wrong, "gmm")
+        assert isinstance(caught.value, MissingPredictorError)  # the service maps both alike
+        text = str(caught.value)
+        assert text.startswith("no learned grid for")
+        assert "available: model gmm-smooth-8 learned grid method=gits solver=ipndm" in text
+        assert f"sampler-amed train-schedule --method {wrong.method} --model gmm --solver {wrong.solver}" in text
+        assert f"--nfe {wrong.nfe}" in text
+    noise = _noise(range(3))
+    with pytest.raises(InvalidParameterError, match="learned grid of 5 sigmas"):
+        solvers.sample(gmm, noise, solver="ipndm", steps=5, schedule="learned", grid=sigmas)
+    with pytest.raises(InvalidParameterError, match="a stored grid"):
+        solvers.sample(gmm, noise, solver="ipndm", steps=4, schedule="learned")
+    outside = sigmas * 2  # above the model's sigma_max
+    with pytest.raises(InvalidParameterError, match="inside the model's range"):
+        solvers.sample(gmm, noise, solver="ipndm", steps=4, schedule="learned", grid=outside)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"artifact": "learned_grid", "model": "gmm"', "not a valid learned grid"),
+        ("sigmas", None),
+        ("steps", "expected 5"),
+        ("increasing", "strictly decreasing"),
+    ],
+)
+def test_a_corrupt_grid_file_is_refused_naming_the_file(tmp_path: Path, gmm, content, problem):
+    sigmas = solvers.build_sigmas("logsnr", 4, sigma_min=0.002, sigma_max=80.0)
+    card = json.loads(_card(gmm, "ipndm", {}, "gits", 4, False, sigmas).model_dump_json())
+    path = tmp_path / "grid-bad.json"
+    if content == "sigmas":
+        card["sigmas"] = "not a list"
+        text = json.dumps(card)
+    elif content == "steps":
+        card["sigmas"] = card["sigmas"][:-1]
+        text = json.dumps(card)
+    elif content == "increasing":
+        card["sigmas"] = card["sigmas"][::-1]
+        text = json.dumps(card)
+    else:
+        text = content
+    path.write_text(text)
+    with pytest.raises(GridLoadError) as caught:
+        read_grid(path)
+    assert str(path) in str(caught.value)
+    if problem:
+        assert problem in str(caught.value)
+    store = PredictorStore([tmp_path])  # the store skips it and says why, naming the file
+    assert not store.grids
+    (reported,) = store.problems
+    assert reported.startswith(f"{path}: not a valid learned grid")
+
+
+def test_train_schedule_command_lists_and_the_sweep_and_service_use_the_grid(tmp_path: Path, capsys):
+    """`sampler-amed train-schedule` on the shipped model (a tiny GITS run) writes a grid card with
+    its seeds, teacher, losses and cost; `list` shows it; a sweep row on the learned schedule steps
+    along it; Plan over gRPC resolves it, and a missing one is refused with the training command."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    out = tmp_path / "grids"
+    args = ["train-schedule", "--method", "gits", "--model", "mnist", "--solver", "ipndm"]
+    args += ["--solver-params", '{"max_order": 2}', "--nfe", "3", "--candidates", "6", "--trajectories", "2"]
+    assert amed_main([*args, "--selection", "2", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+    (path,) = out.glob("*.json")
+    assert path.name == "grid-gits-ipndm-max_order2-nfe3-noafs-w1.json"
+    card = read_grid(path)
+    assert (card.solver, card.method, card.nfe, card.steps, card.afs) == ("ipndm", "gits", 3, 3, False)
+    assert card.training["first_noise_seed"] == 2**41
+    assert card.training["selection_first_noise_seed"] == 2**42
+    assert card.training["teacher"] == "heun"
+    assert card.training["network_evals"] > 0
+    assert card.training["loss"] > 0
+    assert card.training["command"]  # the argv of the process that trained it
+    capsys.readouterr()
+    assert amed_main(["list", "--dir", str(out)]) == 0
+    assert "learned grid method=gits solver=ipndm" in capsys.readouterr().out
+
+    sweep = ["fd-vs-nfe", "--solvers", "ipndm", "--solver-params", '{"ipndm": {"max_order": 2}}', "--nfe", "3"]
+    sweep += ["--schedule", "learned", "--schedule-params", '{"method": "gits"}', "--num-samples", "16"]
+    sweep += ["--batch-size", "16", "--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0"]
+    sweep += ["--device", "cpu", "--grid", "0", "--predictor-dir", str(out), "--out", str(tmp_path / "sweep")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(sweep) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert (row["schedule"], row["nfe"], row["steps"]) == ("learned", 3, 3)
+    assert row["rmse_ref"] > 0
+    capsys.readouterr()
+    assert bench_main([*sweep[:6], "4", *sweep[7:]]) == 2
+    assert "sampler-amed train-schedule --method gits --model mnist --solver ipndm" in capsys.readouterr().err
+    assert bench_main([*sweep, "--seed-base", str(2**41)]) == 2  # its training noises are not a benchmark's
+    assert "which overlap" in capsys.readouterr().err
+
+    _service_resolves_the_grid(out, card)
+
+
+def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
+    from sampler_service.jobs import ServedModel
+    from sampler_service.settings import load_settings
+    from tests.test_service import SERVED, RunningServer, request, rpc_error
+
+    served = SERVED.get(load_settings(None, port=0, device="cpu"))["mnist"]  # the session's loaded model
+    mine = {"mnist": ServedModel("mnist", served.model, served.description, predictors=PredictorStore([folder]))}
+    running = RunningServer(served=mine, warmup=False)
+    try:
+        params = {"solver": "ipndm", "nfe": 3, "schedule": "learned"}
+        plan = running.stub.Plan(request(**params, solver_params={"max_order": 2}, schedule_params={"method": "gits"}))
+        assert list(plan.sigmas) == pytest.approx(card.sigmas, rel=1e-12)
+        assert plan.predictor.required
+        assert plan.predictor.available
+        assert "learned grid method=gits solver=ipndm" in plan.predictor.key
+        result = running.stub.GenerateUnary(
+            request(**params, solver_params={"max_order": 2}, schedule_params={"method": "gits"}, seeds=[1])
+        )
+        assert list(result.plan.sigmas) == pytest.approx(card.sigmas, rel=1e-12)
+        missing = request(**params, solver_params={"max_order": 2}, schedule_params={"method": "ld3"})
+        plan = running.stub.Plan(missing)
+        assert plan.predictor.required
+        assert not plan.predictor.available
+        assert "sampler-amed train-schedule --method ld3 --model mnist --solver ipndm" in plan.predictor.train_command
+        error = rpc_error(lambda: running.stub.GenerateUnary(missing))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "learned grid method=ld3 solver=ipndm" in error.details()
+        assert "train-schedule --method ld3" in error.details()
+    finally:
+        running.stop()
+
+
+def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path):
+    """AMED on a learned grid (tiny): the plugin's grid is learned with the neutral predictor, its
+    predictor is then trained on that grid (`train --schedule learned`), and a sweep row of the
+    plugin on the learned schedule finds both by key."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    out = tmp_path / "artifacts"
+    plugin = ["--solver", "amed_plugin", "--nfe", "3", "--afs", "--threads", "1", "--out", str(out), "--quiet"]
+    args = ["train-schedule", "--method", "gits", "--model", "mnist", "--solver-params", '{"base": "ipndm"}']
+    assert amed_main([*args, *plugin, "--candidates", "5", "--trajectories", "2", "--selection", "2"]) == 0
+    (grid_path,) = out.glob("grid-*.json")
+    grid = read_grid(grid_path)
+    assert (grid.solver, grid.solver_params["base"], grid.steps) == ("amed_plugin", "ipndm", 2)
+    train = ["train", "--model", "mnist", "--schedule", "learned", "--schedule-params", '{"method": "gits"}']
+    assert amed_main([*train, *plugin, "--trajectories", "4", "--batch-size", "4", "--grid-dir", str(out)]) == 0
+    store = PredictorStore([out])
+    (key,) = store.keys()
+    assert (key.schedule, key.schedule_params, key.nfe) == ("learned", '{"method":"gits"}', 3)
+    assert (key.sigma_max, key.sigma_min) == (grid.sigmas[0], grid.sigmas[-1])
+
+    sweep = ["fd-vs-nfe", "--solvers", "amed_plugin", "--nfe", "3", "--afs", "--schedule", "learned"]
+    sweep += ["--schedule-params", '{"method": "gits"}', "--num-samples", "16", "--batch-size", "16"]
+    sweep += ["--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0", "--device", "cpu", "--grid", "0"]
+    sweep += ["--predictor-dir", str(out), "--out", str(tmp_path / "sweep")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(sweep) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert (row["schedule"], row["solver"], row["predictor_trajectories"]) == ("learned", "amed_plugin", 4)
+    assert row["rmse_ref"] > 0
