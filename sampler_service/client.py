@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -478,6 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as error:
         print(f"sampler-client: {error}", file=sys.stderr)
         return 1 if error.code == "UNAVAILABLE" else 2
+    except BrokenPipeError:
+        # The reader went away (`sampler-client list-solvers | head`): stop quietly, as other tools
+        # do, and keep the interpreter from reporting the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

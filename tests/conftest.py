@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # No network at test time: hub ids must resolve from the local cache only. Set before anything
@@ -20,6 +22,18 @@ from models.analytic import GaussianMixtureDenoiser
 torch.set_num_threads(1)
 
 TRAINING_FREE = [spec.name for spec in solvers.list_solvers() if not spec.needs_predictor]
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a command's main() in-process (sampler-service, bench) gets the JSON log
+    handler on pytest's captured stderr, which is closed after the test: put the root logger back so
+    later tests do not log into a closed file."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:], root.level = saved[0], saved[1]
 
 
 @pytest.fixture(scope="session")

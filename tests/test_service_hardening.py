@@ -328,3 +328,19 @@ def test_client_flags_after_the_command_defaults_shown_errors_once(
     for name in ("list-models", "list-solvers", "server-info"):
         line = next(line for line in usage.splitlines() if line.strip().startswith(name))
         assert len(line.split()) > 1, f"{name} has no help text"
+
+
+def test_client_output_into_a_closed_pipe_stops_without_a_traceback(server: RunningServer) -> None:
+    """`sampler-client list-solvers | head -1`: the reader leaves early; the client stops quietly."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "sampler_service.client", "list-solvers", "--target", f"127.0.0.1:{server.port}"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()  # gone before the answer arrives: every write meets a broken pipe
+        error = process.stderr.read().decode()
+        process.wait(60)
+    assert "Traceback" not in error, error
+    assert "BrokenPipeError" not in error, error
