@@ -3,14 +3,15 @@
     python -m bench report            # rewrites docs/benchmarks.md and docs/amed.md between their markers
     python -m bench report --check    # exit 1 when a docs file is not what the results say
 
-Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each tier
-it writes the in-domain FD, the reference RMSE and the class accuracy by solver (rows) and NFE
-(columns) on the polynomial schedule, then each solver on its best schedule of those measured
-(lowest mean log rmse_ref over the NFE both schedules reached), then the rows on other settings
-(AFS, `time_uniform`), where AMED's rows sit beside the training-free solvers they compete with,
-with each predictor's training cost, and redraws `bench/results/fd-vs-nfe.png`,
-`fd-vs-nfe-other.png` and each `step-error-*/step-error.png` from its JSON: all of that goes into
-docs/benchmarks.md. Each `amed-ablation-*/results.json` becomes a table of its variants in docs/amed.md.
+Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each model
+and tier (rows of different models never share a table) it writes the in-domain FD, the reference
+RMSE and the class accuracy by solver (rows) and NFE (columns) on the polynomial schedule, then
+each solver on its best schedule of those measured (lowest mean log rmse_ref over the NFE both
+schedules reached), then the rows on other settings (AFS, `time_uniform`), where AMED's rows sit
+beside the training-free solvers they compete with, with each predictor's training cost, and
+redraws `bench/results/fd-vs-nfe.png` and `fd-vs-nfe-other.png` (for the model with the most rows)
+and each `step-error-*/step-error.png` from its JSON: all of that goes into docs/benchmarks.md.
+Each `amed-ablation-*/results.json` becomes a table of its variants in docs/amed.md.
 Links to pictures are written relative to the docs file, so they work on GitHub and in a checkout.
 """
 
@@ -81,6 +82,14 @@ def load_rows(results: Path) -> tuple[list[dict[str, Any]], list[str]]:
         rows.extend(r for r in document["rows"] if r.get("reachable"))
         commands.append(f"{document['meta']['command']}  # {path.parent.name}, git {_short(document['meta'])}")
     return rows, commands
+
+
+def main_model(rows: list[dict[str, Any]]) -> str:
+    """The model the plots show: the one with the most rows (the others have their tables only)."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row["model"]] += 1
+    return max(sorted(counts), key=lambda model: counts[model])
 
 
 def _short(meta: dict[str, Any]) -> str:
@@ -240,8 +249,8 @@ def render_sweep(rows: list[dict[str, Any]], commands: list[str], results: Path,
             f"{SWEEP.end}"
         )
     parts = [SWEEP.start, GENERATED]
-    for tier in sorted({r["tier"] for r in rows}):
-        tier_rows = [r for r in rows if r["tier"] == tier]
+    for model, tier in sorted({(r["model"], r["tier"]) for r in rows}):
+        tier_rows = [r for r in rows if r["model"] == model and r["tier"] == tier]
         sample = tier_rows[0]
         plain = [r for r in tier_rows if is_plain(r)]
         polynomial = [r for r in plain if r["schedule"] == "polynomial"]
@@ -284,7 +293,7 @@ def render_sweep(rows: list[dict[str, Any]], commands: list[str], results: Path,
             parts.append("\nThe AMED rows' predictors and what training them cost (this tier's device):\n")
             parts.append(predictor_costs(tier_rows))
     parts.append(f"\n![quality versus NFE]({link(results / 'fd-vs-nfe.png', folder)})\n")
-    if not all(is_plain(r) for r in rows):
+    if not all(is_plain(r) for r in rows if r["model"] == main_model(rows)):
         other_plot = link(results / "fd-vs-nfe-other.png", folder)
         parts.append(f"![quality versus NFE, other settings, AMED included]({other_plot})\n")
     parts.append("Commands (each run's results.json records its revision, device and library versions):\n")
@@ -326,10 +335,11 @@ def run(args: argparse.Namespace) -> int:
         return 1 if stale else 0
     for path in stale:
         path.write_text(updates[path][1], encoding="utf-8")
-    polynomial = [r for r in rows if is_plain(r) and r["schedule"] == "polynomial"]
+    plotted = [r for r in rows if r["model"] == main_model(rows)] if rows else []
+    polynomial = [r for r in plotted if is_plain(r) and r["schedule"] == "polynomial"]
     if polynomial:
         plot(polynomial, args.results / "fd-vs-nfe.png", label=solver_name)
-    other = [r for r in rows if not is_plain(r)]
+    other = [r for r in plotted if not is_plain(r)]
     if other:
         plot(other, args.results / "fd-vs-nfe-other.png", label=other_name)
     for path in sorted(args.results.glob("step-error-*/step-error.json")):

@@ -246,3 +246,21 @@ def test_bootstrap_interval_covers_the_expected_distance() -> None:
         intervals = [bootstrap_interval(s, reference, resamples=100) for s in sets]
         coverage = np.mean([low <= expected <= high for low, high in intervals])
         assert coverage >= 0.8, (shift, coverage)
+
+
+def test_report_keeps_each_models_rows_in_its_own_tables() -> None:
+    """Sweeps of two models in one tier (the committed `mnist` and `mnist-flow` runs) are reported in
+    two blocks: `mnist`'s tables are the same with or without the other model's rows beside them."""
+    root = Path(__file__).resolve().parents[1]
+    rows, commands = report.load_rows(root / "bench" / "results")
+    assert {"mnist", "mnist-flow"} <= {r["model"] for r in rows}
+
+    def mnist_block(text: str) -> str:
+        block = text.split("**Tier cpu**: model `mnist` (", 1)[1]
+        return block.split("**Tier", 1)[0].split("![quality versus NFE]", 1)[0]
+
+    args = (commands, root / "bench" / "results", root / "docs")
+    both = report.render_sweep(rows, *args)
+    alone = report.render_sweep([r for r in rows if r["model"] == "mnist"], *args)
+    assert mnist_block(both) == mnist_block(alone)
+    assert "**Tier cpu**: model `mnist-flow` (" in both
