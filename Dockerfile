@@ -35,7 +35,8 @@ COPY models models
 COPY provenance provenance
 COPY sampler_service sampler_service
 COPY protos protos
-# The runtime only (`pip install .`, no extras): no bench/, so the two console scripts that point
+# The runtime and the [text] extra (transformers, tokenizers: SD / SDXL pipelines), nothing for
+# benchmarks or tests: no bench/, so the two console scripts that point
 # into it (sampler-bench, sampler-amed) are removed rather than left to fail. Train AMED predictors
 # with sampler-amed from a checkout and mount their folder. TORCH_SPEC is pinned above (hadolint
 # cannot see through the build argument).
