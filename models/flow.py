@@ -10,7 +10,7 @@ and since x_t = (1 - t) x0_hat + t eps_hat with v = eps_hat - x0_hat, the data p
     D(x, sigma) = x_t - t v(x_t, t) = (x - sigma v) / (1 + sigma),    x_t = x / (1 + sigma).
 
 The EDM probability-flow ODE dx/dsigma = (x - D) / sigma is then the flow ODE dx_t/dt = v
-written in other coordinates (DOCNOTES-flow.md has the derivation), so every solver of the
+written in other coordinates (docs/models.md, "Rectified-flow models", has the derivation), so every solver of the
 registry runs a flow model unchanged. Its range is finite only for t < 1: pure noise (t = 1) is
 sigma = inf, so a schedule starts at t_max < 1.
 
