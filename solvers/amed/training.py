@@ -35,8 +35,8 @@ from torch import Tensor
 from ..contract import CountingDenoiser, Denoiser, StepInfo
 from ..registry import SOLVERS
 from ..stepping import Progress
-from .predictor import AMEDPredictor, PredictorConfig
 from .bases import MULTISTEP
+from .predictor import AMEDPredictor, PredictorConfig
 from .solver import History, IntervalUpdate, amed_interval
 
 # Training noise seeds start here: far above the seeds benchmarks score with (seed_base + k, small),
