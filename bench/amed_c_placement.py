@@ -15,6 +15,11 @@ lr 5e-3, dc 0.01, seed 0, polynomial, AFS) and each predictor is scored under bo
 2. a sweep row on the sweep's seeds, labels and reference (bench/sweep.py): in-domain FD with its
    bootstrap interval, `rmse_ref`, class accuracy.
 The predictors are scratch (not shipped); out/results.csv and results.json carry the provenance.
+
+`--model gmm` runs the same study on the exact Gaussian mixture (8 dimensions, sigma in [0.002, 80],
+float64, a table-mode predictor: the model has no bottleneck feature), where it is cheap: every
+NFE 3-10 with and without AFS, and `rmse_exact` against the exact ODE solution instead of the
+sweep row.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 
 import provenance
 import solvers
+from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers.amed import History, IntervalUpdate, PredictorConfig, amed_interval
 from solvers.amed.predictor import AMEDPredictor
 from solvers.amed.training import TrainingSettings, new_predictor, teacher_states, train_predictor
@@ -37,6 +43,7 @@ from solvers.contract import CountingDenoiser, Denoiser
 
 from .amed import _conditioning
 from .arguments import options_of, positive_int, positive_int_list
+from .errors import BenchError
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import quantise
 from .sweep import SingleProcess, SweepConfig, _reference_chunk, bootstrap_interval, prepare
@@ -54,22 +61,22 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="mnist")
+    parser.add_argument("--model", default="mnist", help="a sweep model, or gmm (the exact Gaussian mixture)")
     parser.add_argument("--nfe", type=positive_int_list, default=[5], help="odd (AFS): 3, 5, 7, 9")
     parser.add_argument("--num-samples", type=positive_int, default=1000)
     parser.add_argument("--held-out", type=positive_int, default=256)
     parser.add_argument("--trajectories", type=positive_int, default=1000)
     parser.add_argument("--batch-size", type=positive_int, default=100)
     parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--cache", type=Path, required=True, help="the sweep's cache (its reference)")
+    parser.add_argument("--cache", type=Path, default=None, help="the sweep's cache (its reference); not for gmm")
     parser.add_argument("--out", type=Path, required=True)
     parser.set_defaults(handler=run)
 
 
 def plugin_run(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, update: IntervalUpdate, predictor: AMEDPredictor
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, update: IntervalUpdate, predictor: AMEDPredictor, afs: bool = True
 ) -> Tensor:
-    """AMED-Plugin from x at sigmas[0] (AFS on the first interval), as solvers.sample runs it."""
+    """AMED-Plugin from x at sigmas[0] (AFS on the first interval if asked), as solvers.sample runs it."""
     counter = CountingDenoiser(denoiser)
     history = History()
     s = sigmas.tolist()
@@ -83,17 +90,87 @@ def plugin_run(
                 s[i + 1],
                 update=update,
                 history=history,
-                use_afs=i == 0,
+                use_afs=afs and i == 0,
                 predictor_grad=False,
             )
             x, history = result.x, result.history
     return x
 
 
+def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    """The study on the exact Gaussian mixture (see the module docstring)."""
+    model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0, sigma_min=0.002, sigma_max=80.0)
+    shape = (2, 2, 2)
+    settings = TrainingSettings(
+        trajectories=args.trajectories,
+        batch_size=args.batch_size,
+        lr=5e-3,
+        teacher="dpm_solver_2",
+        teacher_params={},
+        teacher_substeps=SUBSTEPS,
+        seed=0,
+        objective="interval",
+    )
+    held_seeds = list(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + args.held_out))
+    noise = solvers.make_noise(held_seeds, shape, dtype=torch.float64)
+    rows: list[dict[str, Any]] = []
+    for nfe in args.nfe:
+        afs = nfe % 2 == 1  # 2 S - AFS calls: odd NFE with AFS, even without
+        steps = (nfe + int(afs)) // 2
+        sigmas = solvers.build_sigmas("polynomial", steps, sigma_min=0.002, sigma_max=80.0)
+        teacher_sigmas = solvers.build_sigmas("polynomial", (SUBSTEPS + 1) * steps, sigma_min=0.002, sigma_max=80.0)
+        x0 = noise * 80.0
+        teacher = teacher_states(model, x0, teacher_sigmas, "dpm_solver_2", {}, SUBSTEPS + 1)[-1]
+        exact = reference_solution(model, x0, 80.0, 0.002)[0].reshape(teacher.shape)
+        predictors = {}
+        for placement in PLACEMENTS:
+            predictor = new_predictor(PredictorConfig(), settings.seed).double()
+            summary = train_predictor(
+                predictor,
+                update=IntervalUpdate("dpm_solver_2", 1, c_scales=placement),
+                sigmas=sigmas,
+                teacher_sigmas=teacher_sigmas,
+                afs=afs,
+                make_batch=lambda seeds: (model, solvers.make_noise(seeds, shape, dtype=torch.float64)),
+                settings=settings,
+            )
+            predictors[placement] = (predictor, summary)
+        for trained_for, (predictor, summary) in predictors.items():
+            for placement in PLACEMENTS:
+                update = IntervalUpdate("dpm_solver_2", 1, c_scales=placement)
+                x = plugin_run(model, x0, sigmas, update, predictor, afs=afs)
+                row = {
+                    "model": "gmm",
+                    "nfe": nfe,
+                    "steps": steps,
+                    "afs": afs,
+                    "trained_for": trained_for,
+                    "placement": placement,
+                    "rmse_teacher": float((x - teacher).flatten(1).pow(2).mean(1).sqrt().mean()),
+                    "rmse_exact": float((x - exact).flatten(1).pow(2).mean(1).sqrt().mean()),
+                    "final_loss": sum(summary.final_loss),
+                    "held_out": args.held_out,
+                    "git_rev": (meta.get("git") or {}).get("revision"),
+                }
+                rows.append(row)
+                print(
+                    f"gmm NFE {nfe} afs={afs} trained for {trained_for}, run with {placement}: "
+                    f"rmse_teacher {row['rmse_teacher']:.5f} rmse_exact {row['rmse_exact']:.5f}",
+                    file=sys.stderr,
+                )
+    provenance.write_csv(args.out / "results-gmm.csv", rows)
+    provenance.write_json(args.out / "results-gmm.json", meta, rows)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = provenance.collect(options_of(args))
+    if args.model == "gmm":
+        return gmm_study(args, meta)
+    if args.cache is None:
+        raise BenchError(f"--model {args.model}: give --cache, the sweep's cache with its reference")
     config = SweepConfig(model=args.model, solvers=["dpm_solver_2"], nfe=args.nfe, num_samples=args.num_samples)
     context = prepare(config, args.cache, SingleProcess())
     model, scorer, labels = context.model, context.scorer, context.labels
