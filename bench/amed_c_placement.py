@@ -18,13 +18,15 @@ The predictors are scratch (not shipped); out/results.csv and results.json carry
 
 `--model gmm` runs the same study on the exact Gaussian mixture (8 dimensions, sigma in [0.002, 80],
 float64, a table-mode predictor: the model has no bottleneck feature), where it is cheap: every
-NFE 3-10 with and without AFS, and `rmse_exact` against the exact ODE solution instead of the
-sweep row.
+NFE 3-10 (odd with AFS, even without), several training seeds (`--seeds`), and `rmse_exact`
+against the exact ODE solution instead of the sweep row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ from solvers.amed.training import TrainingSettings, new_predictor, teacher_state
 from solvers.contract import CountingDenoiser, Denoiser
 
 from .amed import _conditioning
-from .arguments import options_of, positive_int, positive_int_list
+from .arguments import int_list, options_of, positive_int, positive_int_list
 from .errors import BenchError
 from .frechet import FeatureStats, frechet_distance
 from .mnist_quality import quantise
@@ -67,6 +69,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--held-out", type=positive_int, default=256)
     parser.add_argument("--trajectories", type=positive_int, default=1000)
     parser.add_argument("--batch-size", type=positive_int, default=100)
+    parser.add_argument("--seeds", type=int_list, default=[0], help="training seeds (gmm: one predictor each)")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="the sweep's cache (its reference); not for gmm")
     parser.add_argument("--out", type=Path, required=True)
@@ -123,8 +126,8 @@ def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:
         teacher = teacher_states(model, x0, teacher_sigmas, "dpm_solver_2", {}, SUBSTEPS + 1)[-1]
         exact = reference_solution(model, x0, 80.0, 0.002)[0].reshape(teacher.shape)
         predictors = {}
-        for placement in PLACEMENTS:
-            predictor = new_predictor(PredictorConfig(), settings.seed).double()
+        for seed, placement in itertools.product(args.seeds, PLACEMENTS):
+            predictor = new_predictor(PredictorConfig(), seed).double()
             summary = train_predictor(
                 predictor,
                 update=IntervalUpdate("dpm_solver_2", 1, c_scales=placement),
@@ -132,10 +135,10 @@ def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:
                 teacher_sigmas=teacher_sigmas,
                 afs=afs,
                 make_batch=lambda seeds: (model, solvers.make_noise(seeds, shape, dtype=torch.float64)),
-                settings=settings,
+                settings=dataclasses.replace(settings, seed=seed),
             )
-            predictors[placement] = (predictor, summary)
-        for trained_for, (predictor, summary) in predictors.items():
+            predictors[seed, placement] = (predictor, summary)
+        for (seed, trained_for), (predictor, summary) in predictors.items():
             for placement in PLACEMENTS:
                 update = IntervalUpdate("dpm_solver_2", 1, c_scales=placement)
                 x = plugin_run(model, x0, sigmas, update, predictor, afs=afs)
@@ -144,6 +147,7 @@ def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:
                     "nfe": nfe,
                     "steps": steps,
                     "afs": afs,
+                    "seed": seed,
                     "trained_for": trained_for,
                     "placement": placement,
                     "rmse_teacher": float((x - teacher).flatten(1).pow(2).mean(1).sqrt().mean()),
@@ -154,7 +158,7 @@ def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:
                 }
                 rows.append(row)
                 print(
-                    f"gmm NFE {nfe} afs={afs} trained for {trained_for}, run with {placement}: "
+                    f"gmm NFE {nfe} afs={afs} seed {seed} trained for {trained_for}, run with {placement}: "
                     f"rmse_teacher {row['rmse_teacher']:.5f} rmse_exact {row['rmse_exact']:.5f}",
                     file=sys.stderr,
                 )
