@@ -4,8 +4,8 @@
         --out bench/results/amed-c-placement-cpu
 
 With d_i the direction at sigma_i, d_s the one at the learned intermediate point and h the step:
-- "direction" (ours): x_{i+1} = x_i + h [(1 - 1/(2r)) d_i + c/(2r) d_s];
-- "update" (the official AMED code): x_{i+1} = x_i + c h [(1 - 1/(2r)) d_i + 1/(2r) d_s].
+- "direction" (this project's until issue 18): x_{i+1} = x_i + h [(1 - 1/(2r)) d_i + c/(2r) d_s];
+- "update" (the official AMED code, sampled since): x_{i+1} = x_i + c h [(1 - 1/(2r)) d_i + 1/(2r) d_s].
 They agree at r = 1/2 and differ by (c - 1) h (1 - 1/(2r)) d_i. c is trained together with r, so
 a predictor belongs to its placement: for each NFE both are trained with the plugin's recipe
 (`sampler-amed train`'s defaults: the base as teacher with M = 2, 1000 trajectories at batch 100,

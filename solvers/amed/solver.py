@@ -19,7 +19,8 @@ Each sub-step is the base solver's own step rule (`euler_step`, `dpm_solver_2_st
 `adams_bashforth_step` with `ipndm_coefficients` / `ipndm_v_coefficients`, `dpmpp_step`), the very
 functions the base's loop calls, here given per-sample sigmas and c as their `scale`:
 - euler: both sub-steps are Euler steps; the second is x_s + c (sigma_{i+1} - s_i) d_s;
-- dpm_solver_2: its own intermediate point is s_i: x_{i+1} = x_i + h [(1 - 1/(2r)) d_i + c/(2r) d_s];
+- dpm_solver_2: its own intermediate point is s_i: x_{i+1} = x_i + c h [(1 - 1/(2r)) d_i + d_s/(2r)],
+  c on the whole update as in the official code (docs/amed.md says why; `IntervalUpdate.c_scales`);
 - ipndm: Adams-Bashforth with the fixed equal-step weights of order min(max_order, history) on
   every merged-grid step, the intermediate directions kept in the history;
 - ipndm_v: the same with variable-step weights (the integrals of the Lagrange basis through the
@@ -54,15 +55,15 @@ from .predictor import AMEDPredictor, log_interpolate
 class IntervalUpdate:
     """Which update an interval uses: `amed`, or a plugin base with its order limit.
 
-    `c_scales` (dpm_solver_2 only): c multiplies the intermediate direction's term ("direction",
-    what sampling uses) or the whole update ("update", the official AMED code). The two agree at
-    r = 1/2; docs/amed.md says why "direction" is kept (bench amed-c-placement measures both).
+    `c_scales` (dpm_solver_2 only): c multiplies the whole update ("update", the official AMED code
+    and what sampling uses) or only the intermediate direction's term ("direction"). The two agree
+    at r = 1/2; bench amed-c-placement measures both and docs/amed.md says why "update" is kept.
     """
 
     kind: str
     """"amed", or a name from PLUGIN_BASES."""
     max_order: int = 1
-    c_scales: Literal["direction", "update"] = "direction"
+    c_scales: Literal["direction", "update"] = "update"
 
     def __post_init__(self) -> None:
         if self.kind != "amed" and self.kind not in PLUGIN_BASES:
