@@ -54,12 +54,31 @@ class Limits(BaseModel):
 
 
 class Batching(BaseModel):
-    """Request-level dynamic batching."""
+    """How requests share the model: step-level (evaluations of all requests) or request-level batching."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
+    mode: Literal["step", "request"] = Field(
+        "request",
+        description="step: each forward holds the pending evaluations of all active requests, whatever their "
+        "solver, steps and guidance; request: a batch merges whole requests with equal solver, steps, schedule "
+        "and guidance passes (text-to-image models always batch by request)",
+    )
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
-    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
+    max_queue_delay_ms: float = Field(
+        5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="how long a batch waits for company (step mode: how long a tick waits for the active "
+        "requests' next evaluations)",
+    )
+    share_rows: int = Field(
+        8,
+        ge=1,
+        le=65_536,
+        description="step mode: while other requests are active, one evaluation takes at most this many rows of "
+        "a forward (the rest in the next ones), so a large request does not slow a small one's steps",
+    )
     adaptive_delay: bool = Field(
         True,
         description="end the wait once the expected company is here: as many requests as the last batch held "
