@@ -73,17 +73,33 @@ class Batching(BaseModel):
         "requests' next evaluations)",
     )
     share_rows: int = Field(
-        8,
+        4,
         ge=1,
         le=65_536,
-        description="step mode: while other requests are active, one evaluation takes at most this many rows of "
-        "a forward (the rest in the next ones), so a large request does not slow a small one's steps",
+        description="step mode: while other requests are active, one evaluation takes at most as many rows of a "
+        "forward as the largest other one, and at least this many (the rest in the next forwards), so a large "
+        "request does not slow a small one's steps",
     )
     adaptive_delay: bool = Field(
         True,
         description="end the wait once the expected company is here: as many requests as the last batch held "
         "plus those that queued while it ran (a lone request under no load starts at once)",
     )
+
+
+class Threads(BaseModel):
+    """torch's thread pools (threads.py explains the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    intra_op: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads; unset: half the CPUs this process may use (affinity and cgroup "
+        "quota), 1..8",
+    )
+    inter_op: int | None = Field(None, ge=1, le=1024, description="torch inter-op threads; unset: 1")
 
 
 class Settings(BaseSettings):
@@ -102,6 +118,7 @@ class Settings(BaseSettings):
         default_factory=list, description="AMED predictor folders, searched before each model's amed/"
     )
     batching: Batching = Batching()
+    threads: Threads = Threads()
     limits: Limits = Limits()
     auth_token: SecretStr | None = Field(None, description="bearer token clients must send; unset = no auth")
     auth_token_file: Path | None = Field(None, description="read the bearer token from this file")
@@ -175,4 +192,4 @@ def describe_error(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
-__all__ = ["Batching", "Limits", "Settings", "describe_error", "load_settings"]
+__all__ = ["Batching", "Limits", "Settings", "Threads", "describe_error", "load_settings"]

@@ -17,10 +17,11 @@ the next tick waits for every active request to have posted, at most `max_queue_
 first pending evaluation, so that requests stay in one tick instead of splitting into cohorts.
 
 Selection: evaluations are served in the order they were posted (ties: the older request first),
-so nobody starves. While other requests are active, one evaluation takes at most `share_rows` rows
-of a tick; the rest of it waits for the next tick, at the front. A long request thus shares the
-model with a newcomer in small ticks (forward time grows with rows on a CPU) and has whole ticks
-to itself when alone.
+so nobody starves. While other requests are active, one evaluation takes at most as many rows of a
+tick as the largest other pending evaluation (and at least `share_rows`); the rest of it waits for
+the next tick, at the front. A large request thus shares the model with small ones in small ticks
+(forward time grows with rows on a CPU), requests of similar size are never split, and a request
+alone has whole ticks to itself.
 
 Faults stay with the request that causes them: a tick that runs out of memory is re-run in halves
 by samples (a single sample fails alone with OUT_OF_MEMORY); a tick that raises anything else is
@@ -136,6 +137,7 @@ class StepBatcher:
         self.stopping = False
         self.ticks = 0
         self.rows = 0
+        self.tick_ended = 0.0
         self.thread = threading.Thread(target=self._loop, name=f"ticks-{name}", daemon=True)
 
     def start(self) -> None:
@@ -197,6 +199,7 @@ class StepBatcher:
                     log.exception("tick failed")
                     for chunk in chunks:
                         chunk.evaluation.fail(error)
+                self.tick_ended = time.perf_counter()
 
     def _next_tick(self) -> list[Chunk] | None:
         """Under the lock: wait for work, gather, drop the cancelled, select. None when stopping."""
@@ -206,8 +209,9 @@ class StepBatcher:
                 self.lock.wait()
                 continue
             # Wait for every active request to post (they are computing their next step), at
-            # most gather_seconds from the first pending evaluation.
-            first = min(e.posted for e in self.pending)
+            # most gather_seconds from the first pending evaluation or the end of the last tick,
+            # whichever is later (a split evaluation stays pending from an earlier tick).
+            first = max(min(e.posted for e in self.pending), self.tick_ended)
             while not self.stopping:
                 waiting = {id(e.owner) for e in self.pending}
                 if self.active <= waiting:
@@ -228,11 +232,12 @@ class StepBatcher:
             evaluation.fail(RequestGone("cancelled"))
 
     def _select(self) -> list[Chunk]:
-        """Rows of this tick: evaluations in posting order (older request first on ties); one
-        takes at most share_rows while other requests are active; an evaluation that does not
-        fit keeps its place for the next tick."""
+        """Rows of this tick: evaluations in posting order (older request first on ties); while
+        other requests are active, one evaluation takes at most as many rows as the largest other
+        pending one, and at least share_rows; what does not fit keeps its place for the next tick."""
         budget = self.max_batch_size
         shared = len(self.active | {id(e.owner) for e in self.pending}) > 1
+        remaining = {id(e): e.rows_of(e.taken, e.size) for e in self.pending}
         chunks: list[Chunk] = []
         for evaluation in sorted(self.pending, key=lambda e: (e.posted, e.age)):
             if budget <= 0:
@@ -244,7 +249,10 @@ class StepBatcher:
                     evaluation.taken = evaluation.size
                     budget -= rows
                 continue
-            cap = min(budget, self.share_rows) if shared else budget
+            cap = budget
+            if shared:
+                others = [r for e in self.pending if e.owner is not evaluation.owner for r in (remaining[id(e)],)]
+                cap = min(budget, max([self.share_rows, *others]))
             start = stop = evaluation.taken
             rows = 0
             while stop < evaluation.size:
