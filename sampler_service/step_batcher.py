@@ -136,6 +136,7 @@ class StepBatcher:
         self.active: set[int] = set()  # ids of the requests whose solver threads are running
         self.stopping = False
         self.ticks = 0
+        self.shared_ticks = 0  # forwards that held rows of more than one request
         self.rows = 0
         self.tick_ended = 0.0
         self.thread = threading.Thread(target=self._loop, name=f"ticks-{name}", daemon=True)
@@ -308,6 +309,7 @@ class StepBatcher:
 
     def _count(self, chunks: list[Chunk], rows: int) -> None:
         self.ticks += 1
+        self.shared_ticks += _owners(chunks) > 1
         self.rows += rows
         if self.on_tick is not None:
             self.on_tick(rows)
