@@ -564,24 +564,12 @@ def _solve(
     init: torch.Tensor | None,
 ) -> solvers.SampleResult:
     """The job's solver over `noise` with `denoiser` (a bound model, or a step-mode proxy)."""
+    if job.sampling is None:  # require_predictor refuses such jobs before admission
+        raise RuntimeError(f"request {job.request_id}: no sampling plan (its learned grid is missing)")
     predictor = None
     if job.predictor is not None:
         predictor = job.served.predictors.find(job.predictor, job.served.name, device=job.served.model.device)
-    return solvers.sample(
-        denoiser,
-        noise,
-        solver=job.spec.name,
-        steps=job.steps,
-        schedule=job.schedule,
-        schedule_params=job.schedule_params,
-        solver_params=job.solver_params,
-        afs=job.afs,
-        predictor=predictor,
-        grid=job.sigmas if job.grid is not None else None,
-        callback=callback,
-        init=init,
-        start=job.key.start_step,
-    )
+    return solvers.sample(denoiser, noise, plan=job.sampling, predictor=predictor, callback=callback, init=init)
 
 
 def _rows(items: list[BatchItem]) -> int:

@@ -30,60 +30,34 @@ data-free training loop (training.py) both call, so what is trained is what is s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
 import numpy as np
-import pydantic
 import torch
 from torch import Tensor
 
 from ..adams import AB_WEIGHTS
 from ..contract import CountingDenoiser, Denoiser
 from ..errors import InvalidParameterError
-from ..registry import Params, register
+from ..registry import register
 from ..stepping import Progress, afs_denoised
+from .bases import BASES, MULTISTEP, PLUGIN_BASES, AMEDParams, AMEDPluginParams
 from .predictor import AMEDPredictor, log_interpolate
 
 # Gauss-Legendre on [-1, 1] with 4 points: exact for the Lagrange basis of up to 4 nodes.
 _GL_NODES, _GL_WEIGHTS = (tuple(float(v) for v in a) for a in np.polynomial.legendre.leggauss(4))
-BASES = ("euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m")
-MAX_ORDER = {"euler": 1, "dpm_solver_2": 2, "ipndm": 4, "ipndm_v": 4, "dpmpp_2m": 3}
-MULTISTEP = ("ipndm", "ipndm_v", "dpmpp_2m")
-
-
-class AMEDParams(Params):
-    """AMED-Solver has no free parameters: r, c (and a) come from the trained predictor."""
-
-
-class AMEDPluginParams(Params):
-    base: Literal["euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"] = "ipndm"
-    """The solver run on the merged grid."""
-    max_order: Annotated[int, pydantic.Field(ge=1, le=4)] | None = None
-    """Multistep order limit: ipndm and ipndm_v 1-4 (default 4), dpmpp_2m 1-3 (default 2); none for
-    the others."""
-
-    def order_limit(self) -> int:
-        if self.max_order is None:
-            return {"ipndm": 4, "ipndm_v": 4, "dpmpp_2m": 2}.get(self.base, 1)
-        return self.max_order
-
-    @pydantic.model_validator(mode="after")
-    def _check_order(self) -> AMEDPluginParams:
-        if self.max_order is not None:
-            limit = MAX_ORDER[self.base] if self.base in MULTISTEP else None
-            if limit is None:
-                raise ValueError(f"max_order only with a multistep base ({', '.join(MULTISTEP)}), not {self.base}")
-            if self.max_order > limit:
-                raise ValueError(f"max_order in 1..{limit} for base {self.base}")
-        return self
 
 
 @dataclass
 class IntervalUpdate:
     """Which update an interval uses: `amed`, or a plugin base with its order limit."""
 
-    kind: Literal["amed", "euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"]
+    kind: str
+    """"amed", or a name from PLUGIN_BASES."""
     max_order: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind != "amed" and self.kind not in PLUGIN_BASES:
+            raise ValueError(f"update {self.kind!r}: expected amed or one of {', '.join(BASES)}")
 
     @property
     def multistep(self) -> bool:
@@ -316,11 +290,11 @@ def sample_amed(
 
 @register(
     "amed_plugin",
-    description="AMED-Plugin: a base solver (euler, dpm_solver_2, ipndm, ipndm_v, dpmpp_2m) on the grid merged with "
+    description=f"AMED-Plugin: a base solver ({', '.join(BASES)}) on the grid merged with "
     "learned intermediate times; a trained predictor reads the U-Net bottleneck; 2 calls per step",
     params=AMEDPluginParams,
     evals_per_step=2,
-    order=lambda p: {"euler": 1}.get(p.base, 2),
+    order=lambda p: PLUGIN_BASES[p.base].order,
     needs_predictor=True,
 )
 def sample_amed_plugin(
@@ -339,10 +313,6 @@ def sample_amed_plugin(
 
 
 __all__ = [
-    "BASES",
-    "MULTISTEP",
-    "AMEDParams",
-    "AMEDPluginParams",
     "History",
     "IntervalResult",
     "IntervalUpdate",
