@@ -139,6 +139,7 @@ class StepBatcher:
         self.shared_ticks = 0  # forwards that held rows of more than one request
         self.rows = 0
         self.tick_ended = 0.0
+        self._bound_labels: tuple[tuple[int, ...] | None, solvers.Denoiser] | None = None
         self.thread = threading.Thread(target=self._loop, name=f"ticks-{name}", daemon=True)
 
     def start(self) -> None:
@@ -330,6 +331,15 @@ class StepBatcher:
         evaluation.finished = evaluation.size
         evaluation.done.set()
 
+    def _denoiser(self, labels: Tensor | None) -> solvers.Denoiser:
+        """The unguided denoiser of these row labels; the last one is reused while the labels stay
+        the same (binding costs about 0.5 ms, 6% of a one-row forward of the mnist model on a CPU)."""
+        key = tuple(labels.tolist()) if labels is not None else None
+        if self._bound_labels is None or self._bound_labels[0] != key:
+            denoiser = self.model.conditioned(labels) if labels is not None else self.model.conditioned()
+            self._bound_labels = (key, denoiser)
+        return self._bound_labels[1]
+
     def _forward(self, chunks: list[Chunk]) -> None:
         """One forward of the chunks' network rows; each evaluation's rows are combined with its guidance."""
         model = self.model
@@ -360,8 +370,7 @@ class StepBatcher:
         x_all = torch.cat(xs)
         self._count(chunks, int(x_all.shape[0]))
         with torch.inference_mode():
-            denoiser = model.conditioned(torch.cat(labels)) if labels else model.conditioned()
-            out = denoiser(x_all, torch.cat(sigmas))
+            out = self._denoiser(torch.cat(labels) if labels else None)(x_all, torch.cat(sigmas))
         offset = 0
         for chunk, cond, uncond in layout:
             e, a, b = chunk.evaluation, chunk.start, chunk.stop

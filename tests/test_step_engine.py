@@ -136,6 +136,7 @@ def test_deadline_exceeded_in_step_mode_releases_the_request(step_server: Runnin
 
 def test_progress_and_previews_in_step_mode(step_server: RunningServer) -> None:
     events = list(step_server.stub.Generate(request(steps=4, seeds=[1, 2], labels=[1, 2], preview_every=2)))
+    assert step_server.stub.GetServerInfo(pb.GetServerInfoRequest()).batching_mode == "step"
     steps = [e.progress.step for e in events if e.WhichOneof("event") == "progress"]
     assert steps[-1] == 4
     previews = [e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.previews]
