@@ -19,6 +19,9 @@ Two servers run side by side (`sampler-service serve` subprocesses on loopback, 
    against the same request on the idle server (goal: <= 3 x). A short request that does not finish
    within --short-timeout seconds is recorded as timed out.
 
+0. Forward cost (in process, no server): seconds per network row of one forward at 1..128 rows,
+   what fuller forwards can buy on this device (scenario "forward": images = rows per forward).
+
 Writes <out>/serve-mixed.csv and .json with the provenance of the run.
 """
 
@@ -93,7 +96,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads, servers and here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["lone", "mixed", "long"], help="scenarios to skip")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["forward", "lone", "mixed", "long"], help="scenarios to skip"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -185,6 +190,38 @@ def _generate(stub: Any, fields: dict[str, Any], timeout: float | None = None) -
     began = time.perf_counter()
     response = stub.GenerateUnary(pb.GenerateRequest(**fields), timeout=timeout)
     return time.perf_counter() - began, response
+
+
+def _forward_cost(model: models.DiffusionModel) -> list[dict[str, Any]]:
+    """In process: seconds per network row of one unguided forward at 1..128 rows (what fuller
+    forwards can buy), three interleaved passes, median."""
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128)
+    times: dict[int, list[float]] = {rows: [] for rows in sizes}
+    with torch.inference_mode():
+        inputs = {
+            rows: (
+                model.conditioned(torch.zeros(rows, dtype=torch.int64, device=model.device)),
+                torch.randn(rows, *model.sample_shape, device=model.device),
+                torch.full((rows,), 5.0, device=model.device),
+            )
+            for rows in sizes
+        }
+        for denoiser, x, sigma in inputs.values():
+            denoiser(x, sigma)
+        for _ in range(3):
+            for rows, (denoiser, x, sigma) in inputs.items():
+                began, count = time.perf_counter(), 0
+                while time.perf_counter() - began < 0.5:
+                    denoiser(x, sigma)
+                    count += 1
+                times[rows].append((time.perf_counter() - began) / count)
+    out = []
+    for rows, values in times.items():
+        seconds = statistics.median(values)
+        row = _row("forward", "in-process", 0, 3, rows, seconds, [seconds], float(rows), None)
+        row["rows_per_s"] = rows / seconds
+        out.append(row)
+    return out
 
 
 def _lone(args: argparse.Namespace, servers: Servers, model: models.DiffusionModel) -> list[dict[str, Any]]:
@@ -346,19 +383,22 @@ def run(args: argparse.Namespace) -> int:
         model = models.class_conditional(models.load(args.model, device=args.device))
     except models.ModelError as error:
         raise BenchError(str(error)) from None
-    servers = Servers(args)
     rows: list[dict[str, Any]] = []
-    try:
-        if "lone" not in args.skip:
-            rows += _lone(args, servers, model)
-            for row in rows[-2:]:
-                print(f"lone, {row['mode']}: {row['latency_p50_s']:.4f} s, {row['ratio']:.3f} x in-process", flush=True)
-        if "mixed" not in args.skip:
-            rows += _mixed(args, servers)
-        if "long" not in args.skip:
-            rows += _long_and_short(args, servers)
-    finally:
-        servers.close()
+    if "forward" not in args.skip:
+        rows += _forward_cost(model)
+    if {"lone", "mixed", "long"} - set(args.skip):
+        servers = Servers(args)
+        try:
+            if "lone" not in args.skip:
+                rows += _lone(args, servers, model)
+                for row in rows[-2:]:
+                    print(f"lone, {row['mode']}: {row['latency_p50_s']:.4f} s, {row['ratio']:.3f} x in-process")
+            if "mixed" not in args.skip:
+                rows += _mixed(args, servers)
+            if "long" not in args.skip:
+                rows += _long_and_short(args, servers)
+        finally:
+            servers.close()
     meta["device"]["torch_threads"] = torch.get_num_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     provenance.write_csv(args.out / "serve-mixed.csv", rows, COLUMNS)

@@ -59,7 +59,7 @@ class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     mode: Literal["step", "request"] = Field(
-        "step",
+        "request",
         description="step: each forward holds the pending evaluations of all active requests, whatever their "
         "solver, steps and guidance; request: a batch merges whole requests with equal solver, steps, schedule "
         "and guidance passes (text-to-image models always batch by request)",
