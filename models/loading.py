@@ -40,7 +40,8 @@ from .errors import (
 )
 from .files import DIFFUSERS_WEIGHTS, digest, read_json, weight_files
 from .flow import FLOW_SCHEDULERS, FlowSchedule
-from .pipelines import TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
+from .flow_pipelines import load_flow_pipeline
+from .pipelines import FLOW_PIPELINE_CLASSES, TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
 from .prompts import DEFAULT_CACHE_SIZE, PromptCache
 from .text_to_image import ModelKind, SizeLimits, TextToImageModel
 
@@ -414,7 +415,7 @@ def load(
             text pipeline; None: the plain ones. `dtype` still decides the precision it runs in.
     Returns:
         a DiffusionModel (kind "class-conditional": a UNet, optionally with labels) or a
-        TextToImageModel (kind "text-to-image": a StableDiffusion / SDXL pipeline folder).
+        TextToImageModel (kind "text-to-image": a StableDiffusion, SDXL, SD3 or Flux pipeline folder).
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedSchedulerError, UnsupportedModelError,
         InvalidDeviceError.
@@ -426,6 +427,21 @@ def load(
         if null_class is not None:
             raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
         return load_text_pipeline(
+            root,
+            pipeline,
+            name=name or str(source),
+            source=str(source),
+            device=torch_device,
+            dtype=torch_dtype,
+            text_encoder_device=torch_device if text_encoder_device is None else resolve_device(text_encoder_device),
+            cache=prompt_cache if prompt_cache is not None else PromptCache(DEFAULT_CACHE_SIZE),
+            limits=size_limits or SizeLimits(),
+            variant=variant,
+        )
+    if pipeline in FLOW_PIPELINE_CLASSES:
+        if null_class is not None:
+            raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
+        return load_flow_pipeline(
             root,
             pipeline,
             name=name or str(source),
