@@ -94,7 +94,8 @@ class ModelFiles:
     Attributes:
         kind: "builtin", "directory" or "hub".
         root: the folder the source named (the snapshot folder for a hub id).
-        unet_dir: the folder holding the UNet's config.json and weights.
+        unet_dir: the folder holding the denoising network's config.json and weights (unet/, or a
+            flow pipeline's transformer/).
         scheduler_config: the scheduler's JSON config file.
     """
 
@@ -180,8 +181,9 @@ def _cached_snapshot(repo_id: str, hub_cache: Path | None) -> Path:
 
 
 def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFiles:
-    if (root / "unet").is_dir():
-        unet_dir = root / "unet"
+    network = next((root / name for name in ("unet", "transformer") if (root / name).is_dir()), None)
+    if network is not None:  # a pipeline: a UNet, or the transformer of SD3 / Flux
+        unet_dir = network
         candidates = [root / "scheduler" / "scheduler_config.json"]
     elif (root / "config.json").is_file():
         unet_dir = root
@@ -190,7 +192,9 @@ def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFi
         if kind == "builtin" and not root.exists():
             raise ModelLoadError(root, "the built-in model is missing from this checkout")
         raise ModelLoadError(
-            root, "not a diffusers model folder: expected unet/ and scheduler/ (a pipeline) or config.json (a UNet)"
+            root,
+            "not a diffusers model folder: expected unet/ or transformer/ and scheduler/ (a pipeline) or "
+            "config.json (a UNet)",
         )
     scheduler = next((c for c in candidates if c.is_file()), None)
     if scheduler is None:

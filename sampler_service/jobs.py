@@ -281,29 +281,6 @@ def build_job(
         elif spec.nfe(steps, afs) < 1:
             violations.append(Violation("afs", f"true with {steps} step(s) would make no network call"))
             steps = None
-    sigmas: Tensor | None = None
-    learned = solvers.SCHEDULES.get(schedule).needs_grid  # its grid is looked up below, once guidance is known
-    if steps is not None and schedule_params is not None and not learned:
-        sigmas = attempt(
-            lambda: solvers.build_sigmas(
-                schedule,
-                steps,
-                sigma_min=model.sigma_min,
-                sigma_max=model.sigma_max,
-                sigma_levels=model.sigma_levels,
-                params=schedule_params,
-            )
-        )
-    if sigmas is not None and solver_params is not None:
-        grid, params = sigmas, solver_params
-
-        def runnable() -> bool:  # what sampling would refuse is refused here, before admission
-            spec.check_grid(params, grid, model.sigma_min, model.sigma_max)
-            return True
-
-        if not attempt(runnable):
-            sigmas = None
-
     too_long = [
         Violation(name, f"{len(values)} values is too many: expected at most {limits.max_samples_per_request}")
         for name, values in (("seeds", request.seeds), ("labels", request.labels), ("guidance", request.guidance))
@@ -345,6 +322,33 @@ def build_job(
                 violations.append(Violation(name, f"{value} is not supported: model {served.name!r} samples {fixed}"))
         labels = _labels(request, served, count, violations)
     guidance = _guidance(request, served, count, labels, limits, violations)
+    # The noise range at the requested size: a model whose shift depends on the size (Flux's
+    # dynamic shift) spans another range at another size.
+    sigma_min, sigma_max, sigma_levels = model.sigma_min, model.sigma_max, model.sigma_levels
+    if isinstance(model, models.TextToImageModel) and text is not None:
+        sigma_min, sigma_max, sigma_levels = model.noise_range(text.height, text.width)
+    sigmas: Tensor | None = None
+    learned = solvers.SCHEDULES.get(schedule).needs_grid  # its grid is looked up below, once guidance is known
+    if steps is not None and schedule_params is not None and not learned:
+        sigmas = attempt(
+            lambda: solvers.build_sigmas(
+                schedule,
+                steps,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                sigma_levels=sigma_levels,
+                params=schedule_params,
+            )
+        )
+    if sigmas is not None and solver_params is not None:
+        grid, params = sigmas, solver_params
+
+        def runnable() -> bool:  # what sampling would refuse is refused here, before admission
+            spec.check_grid(params, grid, sigma_min, sigma_max)
+            return True
+
+        if not attempt(runnable):
+            sigmas = None
     output_format = OUTPUT_FORMATS.get(request.output_format)
     if output_format is None:
         violations.append(Violation("output_format", f"{request.output_format} is not one of PNG (1), RAW_FLOAT32 (2)"))
@@ -381,9 +385,9 @@ def build_job(
                 lambda: solvers.build_sigmas(
                     schedule,
                     steps,
-                    sigma_min=model.sigma_min,
-                    sigma_max=model.sigma_max,
-                    sigma_levels=model.sigma_levels,
+                    sigma_min=sigma_min,
+                    sigma_max=sigma_max,
+                    sigma_levels=sigma_levels,
                     params=schedule_params,
                     grid=grid,
                 )
@@ -402,6 +406,8 @@ def build_job(
     guided = labels is not None or text is not None
     conditional = any(w != 0 for w in guidance) if guided else True
     unconditional = any(w != 1 for w in guidance) if guided else False
+    if isinstance(model, models.TextToImageModel) and model.guidance_distilled:
+        conditional, unconditional = True, False  # guidance is the network's input: one pass
     start = text.start if text is not None else 0
     run_steps = steps - start  # img2img runs the grid's tail: its steps and NFE are what is counted
     nfe = spec.nfe(run_steps, afs)

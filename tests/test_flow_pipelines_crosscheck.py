@@ -43,7 +43,6 @@ from torch import Tensor
 import models
 from models.flow import FlowSchedule
 from models.flow_transformers import pack, unpack
-from models.tiny_pipelines import FLOW_KINDS, save_tiny_pipeline
 from solvers import make_noise, sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -68,9 +67,8 @@ SOLVER_PARAMS: dict[str, dict[str, Any] | None] = {
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flow-pipelines")
-    return {kind: save_tiny_pipeline(kind, root / kind) for kind in FLOW_KINDS}
+def folders(flow_pipelines: dict[str, Path]) -> dict[str, Path]:
+    return flow_pipelines
 
 
 @pytest.fixture(scope="module")
