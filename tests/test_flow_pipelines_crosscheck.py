@@ -43,7 +43,7 @@ from torch import Tensor
 import models
 from models.flow import FlowSchedule
 from models.flow_transformers import pack, unpack
-from solvers import make_noise, sample
+from solvers import make_noise, sample, start_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -288,3 +288,46 @@ def test_the_crosscheck_catches_a_missing_vae_shift(
         ref_latents, ref_images = run_theirs(kind, theirs[kind], "euler", 1.0, None)
         assert relative_difference(latents, ref_latents) <= REL_TOL  # sampling does not read the VAE
         assert relative_difference(images, ref_images) > 10 * REL_TOL
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_img2img_matches_the_diffusers_sd3_img2img_pipeline(
+    ours: dict[str, models.TextToImageModel], folders: dict[str, Path], strength: float
+) -> None:
+    """Image-to-image: ours enters the grid at start_step(S, strength) from init + sigma noise;
+    diffusers' at int(n - n strength) of its n = S + 1 grid points (the same index for these
+    strengths) from (1 - t) init + t noise, the same point in flow coordinates. Entering one
+    step later gives 0.23 relative on the latents."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    model = ours["sd3"]
+    init = model.encode(torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 2 - 1)
+    noise = make_noise([3, 4], model.latent_shape(SIZE, SIZE))
+    start = start_step(STEPS, strength)
+    with torch.no_grad():
+        result = sample(
+            model.conditioned(PROMPTS, NEGATIVE, 7.0, height=SIZE, width=SIZE),
+            noise,
+            solver="euler",
+            steps=STEPS,
+            schedule="discrete",
+            init=init,
+            start=start,
+            final_denoise=True,
+        )
+    pipeline = StableDiffusion3Img2ImgPipeline.from_pretrained(str(folders["sd3"]), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    assert int(STEPS + 1 - (STEPS + 1) * strength) == start
+    with torch.no_grad():
+        reference = pipeline(
+            prompt=PROMPTS,
+            negative_prompt=NEGATIVE,
+            image=init,  # latents (4 channels) are taken as the encoded image, as they are
+            strength=strength,
+            guidance_scale=7.0,
+            sigmas=unshifted_times(STEPS),
+            generator=[torch.Generator().manual_seed(seed) for seed in (3, 4)],  # one per sample, as make_noise
+            output_type="latent",
+        ).images
+    assert relative_difference(result.images, reference) <= REL_TOL
+    assert relative_difference(result.images, init) > 0.01  # it did move
