@@ -200,11 +200,17 @@ def run_theirs(
     else:
         arguments.update(negative_prompt=negative, guidance_scale=guidance)
         latents_in = start
+    last: list[Tensor] = []
+
+    def keep_latents(_pipeline: Any, _step: int, _t: Any, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        last[:] = [tensors["latents"].clone()]  # after the final step: what the VAE decodes
+        return tensors
+
     with torch.no_grad():
-        latents = pipeline(**arguments, latents=latents_in.clone(), output_type="latent").images
-        images = pipeline(**arguments, latents=latents_in.clone(), output_type="pt").images
-    if flux:
-        latents = unpack(latents, SIZE // 4, SIZE // 4)
+        images = pipeline(
+            **arguments, latents=latents_in.clone(), output_type="pt", callback_on_step_end=keep_latents
+        ).images
+    latents = unpack(last[0], SIZE // 4, SIZE // 4) if flux else last[0]
     return latents, images
 
 
