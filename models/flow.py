@@ -77,7 +77,8 @@ class FlowSchedule:
     shift: float = 1.0
     timestep_scale: float = 1000.0
     prediction_type: str = FLOW_PREDICTION
-    # Continuous in t: no trained levels for the `discrete` schedule.
+    # None: continuous in t, no levels for the `discrete` schedule (a bare flow UNet);
+    # with_trained_levels() sets the training grid (the SD3 / Flux pipelines).
     sigma_levels: Tensor | None = None
 
     def __post_init__(self) -> None:
