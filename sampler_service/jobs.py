@@ -283,8 +283,6 @@ def build_job(
         text = text_inputs(request, model, served.name, count, steps, limits, violations)
         labels = None
         if text is not None and text.init_image is not None:
-            if afs:
-                violations.append(Violation("afs", "false with init_image: AFS assumes the run starts from noise"))
             if spec.needs_predictor:
                 violations.append(
                     Violation(
