@@ -18,7 +18,15 @@ forward (`one_row_per_forward`): everything else (noise, the adapter's scaling, 
 solver) then sees the batch, and 0 there shows that all of the difference is the network's
 batch-size-dependent arithmetic, none of it a per-batch computation of ours.
 
-Writes bench/results/batch-invariance.csv and .json.
+With --gains it measures instead how much of one evaluation's difference each solver carries to
+the image: in float64, D at one evaluation of the run is perturbed by uniform noise of amplitude
+1e-4 and the largest change of the final image, divided by 1e-4, is that evaluation's gain
+(batch-invariance-gains.csv: solver, steps, evaluation, sigma, gain).
+
+    python -m bench batch-invariance --gains --solvers euler dpm_solver_2 heun dpmpp_2m --steps 3 10 \
+        --seeds 4 --out bench/results/batch-invariance-gains
+
+Writes bench/results/batch-invariance.csv and .json (or batch-invariance-gains.csv and .json).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[10])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--gains", action="store_true", help="per-evaluation gains in float64 (see above)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
 
@@ -142,6 +151,66 @@ def measure(model: models.DiffusionModel, seeds: int, batch: int, solver: str, s
     }
 
 
+GAIN_PERTURBATION = 1e-4
+GAIN_COLUMNS = ("solver", "steps", "evaluation", "sigma", "gain", "seeds", "device", "torch_threads")
+
+
+class _PerturbedAt:
+    """The denoiser, with D at call `index` (0-based; -1: none) plus a fixed uniform perturbation of
+    amplitude GAIN_PERTURBATION; records the sigma of every call."""
+
+    def __init__(self, inner: solvers.Denoiser, index: int) -> None:
+        self.inner, self.index = inner, index
+        self.sigmas: list[float] = []
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.sigma_levels, self.evals_per_call = inner.sigma_levels, inner.evals_per_call
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x, sigma)
+        if len(self.sigmas) == self.index:
+            generator = torch.Generator().manual_seed(1)
+            noise = torch.rand(out.shape, generator=generator, dtype=torch.float64) * 2 - 1
+            out = out + GAIN_PERTURBATION * noise.to(out)
+        self.sigmas.append(float(sigma[0]))
+        return out
+
+
+def gains(model: models.DiffusionModel, seeds: int, solver: str, steps: int) -> list[dict[str, Any]]:
+    """Each evaluation's gain (see the module docstring) for the seeds 0..seeds-1 as one batch."""
+    group = list(range(seeds))
+    labels = torch.tensor([seed % 10 for seed in group], device=model.device)
+    noise = solvers.make_noise(group, model.sample_shape, device=model.device, dtype=torch.float64)
+    rows = []
+    with torch.inference_mode():
+        unperturbed = _PerturbedAt(model.conditioned(labels, 1.0), -1)
+        base = solvers.sample(unperturbed, noise, solver=solver, steps=steps).images
+        for index, sigma in enumerate(unperturbed.sigmas):
+            perturbed = _PerturbedAt(model.conditioned(labels, 1.0), index)
+            images = solvers.sample(perturbed, noise, solver=solver, steps=steps).images
+            change = float((images - base).abs().max()) / GAIN_PERTURBATION
+            rows.append({"solver": solver, "steps": steps, "evaluation": index + 1, "sigma": sigma, "gain": change})
+    return rows
+
+
+def run_gains(args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    try:
+        model = models.class_conditional(models.load(args.model, device=args.device, dtype="float64"))
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    rows = []
+    for solver in args.solvers:
+        for steps in args.steps:
+            for row in gains(model, args.seeds, solver, steps):
+                rows.append(
+                    {**row, "seeds": args.seeds, "device": str(model.device), "torch_threads": torch.get_num_threads()}
+                )
+            line = " ".join(f"{r['gain']:.2f}" for r in rows if r["solver"] == solver and r["steps"] == steps)
+            print(f"{solver:>12} {steps:>3} steps: gain per evaluation {line}")
+    provenance.write_csv(args.out / "batch-invariance-gains.csv", rows, GAIN_COLUMNS)
+    provenance.write_json(args.out / "batch-invariance-gains.json", meta, rows)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -152,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         spec = solvers.SOLVERS.get(solver) if solver in solvers.SOLVERS else None
         if spec is None or spec.needs_predictor:
             raise BenchError(f"--solvers {solver!r}: expected registered training-free solvers")
+    if args.gains:
+        return run_gains(args, meta)
     rows = []
     for dtype in args.dtypes:
         try:

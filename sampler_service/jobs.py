@@ -282,13 +282,10 @@ def build_job(
     if isinstance(model, models.TextToImageModel):
         text = text_inputs(request, model, served.name, count, steps, limits, violations)
         labels = None
-        if text is not None and text.init_image is not None:
-            if spec.needs_predictor:
-                violations.append(
-                    Violation(
-                        "init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid"
-                    )
-                )
+        if text is not None and text.init_image is not None and spec.needs_predictor:
+            violations.append(
+                Violation("init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid")
+            )
         if text is not None and spec.needs_predictor and (text.height, text.width) != model.default_size:
             # Predictors read the UNet's bottleneck at the size they were trained at (sampler-amed
             # train samples the model's default size).
