@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,8 +64,10 @@ from solvers.amed import (
     PredictorStore,
     TrainingSettings,
     TrainingSummary,
+    load_predictor,
     new_predictor,
     predictor_key,
+    read_card,
     save_predictor,
     train_predictor,
 )
@@ -239,43 +242,17 @@ def train(args: argparse.Namespace) -> int:
         return predictor, settings, summary
 
     runs = [train_seed(seed) for seed in args.seeds]
-    chosen, selection = 0, {}
+    chosen = 0
+    selection: dict[str, Any] = {}
     if len(runs) > 1:  # keep the best on held-out noise (disjoint from training, grids and benchmarks)
-        seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
-        judge = Teacher(steps=args.selection_teacher_steps)
-        denoiser = conditioned(seeds)
-        noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
-        payload = {"teacher": judge.as_dict(), "seeds": seeds}
-        target = _cached(
-            args.teacher_cache,
+        chosen, selection = _select(
+            args,
             model,
-            args.guidance,
-            "finals",
-            payload,
-            lambda: [judge.final(denoiser, noise * model.sigma_max)],
-        )[0]
-        scores = []
-        for predictor, _, _ in runs:
-            with torch.no_grad():
-                final = Student(spec, params, args.afs, predictor).run(denoiser, noise * sigmas[0].item(), sigmas)
-            scores.append(rmse(final, target))
-        chosen = min(range(len(runs)), key=scores.__getitem__)
-        selection = {
-            "selection": {
-                "seeds": list(args.seeds),
-                "held_out_rmse": [round(v, 6) for v in scores],
-                "chosen_seed": args.seeds[chosen],
-                "spread": [round(min(scores), 6), round(max(scores), 6)],
-                "first_noise_seed": SELECTION_SEED_BASE,
-                "noises": args.selection,
-                "judge": judge.as_dict(),
-                "wall_seconds_all_seeds": round(sum(r[2].wall_seconds for r in runs), 2),
-            }
-        }
-        listed = ", ".join(f"seed {s}: {v:.4f}" for s, v in zip(args.seeds, scores, strict=True))
-        print(
-            f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping seed {args.seeds[chosen]}",
-            file=sys.stderr,
+            conditioned,
+            [Student(spec, params, args.afs, predictor) for predictor, _, _ in runs],
+            sigmas,
+            args.seeds,
+            [summary.wall_seconds for _, _, summary in runs],
         )
     predictor, settings, summary = runs[chosen]
     card = PredictorCard(
@@ -327,6 +304,106 @@ def train(args: argparse.Namespace) -> int:
         f"{summary.wall_seconds:.1f} s on {summary.device}; wrote {weights} and {card_path}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _select(
+    args: argparse.Namespace,
+    model: models.Model,
+    conditioned: Callable[[Sequence[int]], solvers.Denoiser],
+    students: Sequence[Student],
+    sigmas: torch.Tensor,
+    seeds: Sequence[int],
+    wall_seconds: Sequence[float],
+) -> tuple[int, dict[str, Any]]:
+    """Which of several trained predictors (one per training seed) has the lowest RMSE against a
+    Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and the record of it for the card."""
+    noises = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
+    judge = Teacher(steps=args.selection_teacher_steps)
+    denoiser = conditioned(noises)
+    noise = solvers.make_noise(noises, model.sample_shape, device=model.device)
+    payload = {"teacher": judge.as_dict(), "seeds": noises}
+    target = _cached(
+        args.teacher_cache,
+        model,
+        args.guidance,
+        "finals",
+        payload,
+        lambda: [judge.final(denoiser, noise * model.sigma_max)],
+    )[0]
+    scores = []
+    for student in students:
+        with torch.no_grad():
+            scores.append(rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target))
+    chosen = min(range(len(students)), key=scores.__getitem__)
+    listed = ", ".join(f"seed {seed}: {v:.4f}" for seed, v in zip(seeds, scores, strict=True))
+    print(
+        f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping seed {seeds[chosen]}", file=sys.stderr
+    )
+    return chosen, {
+        "selection": {
+            "seeds": list(seeds),
+            "held_out_rmse": [round(v, 6) for v in scores],
+            "chosen_seed": seeds[chosen],
+            "spread": [round(min(scores), 6), round(max(scores), 6)],
+            "first_noise_seed": SELECTION_SEED_BASE,
+            "noises": args.selection,
+            "judge": judge.as_dict(),
+            "wall_seconds_all_seeds": round(sum(wall_seconds), 2),
+        }
+    }
+
+
+def select(args: argparse.Namespace) -> int:
+    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
+    chosen and recorded exactly as `train --seeds` does, written to --out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    found: list[tuple[Path, PredictorCard]] = []
+    for folder in args.candidates:
+        cards = sorted(Path(folder).glob("*.json"))
+        if len(cards) != 1:
+            raise BenchError(f"{folder}: expected one predictor card, found {len(cards)}")
+        found.append((cards[0], read_card(cards[0])))
+    if len(found) < 2:
+        raise BenchError("select: give two or more candidate folders")
+    first = found[0][1]
+    for path, card in found[1:]:
+        if card.key() != first.key():
+            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
+    seeds = [int(card.training.get("seed", 0)) for _, card in found]
+    if len(set(seeds)) != len(seeds):
+        raise BenchError(f"select: the candidates repeat training seeds {seeds}")
+    if first.model_fingerprint != model.fingerprint:
+        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
+    spec = solvers.SOLVERS.get(first.solver)
+    if solvers.SCHEDULES.get(first.schedule).needs_grid:
+        raise BenchError("select: predictors on a learned grid are selected by `train --seeds`")
+    plugin = {"base": first.base, "max_order": first.base_max_order} if first.base else {}
+    params = spec.parse_params(plugin)
+    sigmas = solvers.build_sigmas(
+        first.schedule,
+        first.steps,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_levels=model.sigma_levels,
+        params=solvers.SCHEDULES.get(first.schedule).parse_params(first.schedule_params),
+    )
+    students = [Student(spec, params, first.afs, load_predictor(path, model.device)[0]) for path, _ in found]
+    walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
+    conditioned = _conditioning(model, [], first.guidance)
+    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls)
+    path, card = found[chosen]
+    best = card.model_copy(update={"training": {**card.training, **selection}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / path.stem
+    shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
+    stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    print(f"kept seed {seeds[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
     return 0
 
 
@@ -705,6 +782,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(handler=compare_schedules)
+    sel = commands.add_parser(
+        "select", help="keep the best of predictors trained apart for one key (one folder per seed)"
+    )
+    sel.add_argument("candidates", nargs="+", type=Path, help="folders holding one predictor each")
+    sel.add_argument("--model", default="mnist")
+    sel.add_argument("--guidance", type=float, default=1.0)
+    sel.add_argument("--selection", type=int, default=128, help="held-out noises")
+    sel.add_argument("--selection-teacher-steps", type=int, default=64)
+    sel.add_argument("--teacher-cache", type=Path, default=None)
+    sel.add_argument("--device", default="auto")
+    sel.add_argument("--threads", type=int, default=None)
+    sel.add_argument("--out", type=Path, required=True)
+    sel.set_defaults(handler=select)
     listing = commands.add_parser("list", help="list the predictors and learned grids in folders")
     listing.add_argument("--model", default=None, help="also the model's own amed/ folder")
     listing.add_argument("--dir", type=Path, action="append", default=[])

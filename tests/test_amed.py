@@ -374,7 +374,8 @@ def test_random_heads_start_near_but_not_at_the_midpoint():
 def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, capsys):
     """`--seeds 0,1`: both are trained, scored against a teacher on held-out noises (2**43 + k), and
     the better one is written, the same weights a single-seed run of it gives; the card records
-    every seed's score. A repeated or malformed seed list is refused by argparse."""
+    every seed's score. `select` over seeds trained apart chooses the same. A repeated or malformed
+    seed list is refused by argparse."""
     from safetensors.torch import load_file
 
     from bench.amed import main as amed_main
@@ -400,6 +401,17 @@ def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, cap
     alone = load_file(str(tmp_path / "one" / card_path.with_suffix(".safetensors").name))
     kept = load_file(str(card_path.with_suffix(".safetensors")))
     assert all(torch.equal(alone[name], kept[name]) for name in kept)
+
+    # trained apart (one folder per seed) and selected afterwards: the same choice and record
+    other = 1 - best
+    assert amed_main([*args, "--seed", str(other), "--out", str(tmp_path / "other")]) == 0
+    select = ["select", str(tmp_path / "one"), str(tmp_path / "other"), "--selection", "4"]
+    assert amed_main([*select, "--selection-teacher-steps", "4", "--out", str(tmp_path / "picked")]) == 0
+    picked_card = PredictorCard.model_validate_json((tmp_path / "picked" / card_path.name).read_text())
+    assert picked_card.training["selection"]["chosen_seed"] == best
+    assert sorted(picked_card.training["selection"]["held_out_rmse"]) == sorted(scores)
+    assert amed_main(["select", str(tmp_path / "one"), str(tmp_path / "one"), "--out", str(tmp_path / "x")]) == 2
+    assert "repeat training seeds" in capsys.readouterr().err
 
     capsys.readouterr()
     for bad in ("0,0", "0,x"):
