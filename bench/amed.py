@@ -375,9 +375,9 @@ def select(args: argparse.Namespace) -> int:
     for path, card in found[1:]:
         if card.key() != first.key():
             raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
+    if len({path.resolve() for path, _ in found}) != len(found):
+        raise BenchError("select: a candidate folder is given twice")
     seeds = [int(card.training.get("seed", 0)) for _, card in found]
-    if len(set(seeds)) != len(seeds):
-        raise BenchError(f"select: the candidates repeat training seeds {seeds}")
     if first.model_fingerprint != model.fingerprint:
         raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
     spec = solvers.SOLVERS.get(first.solver)
@@ -397,6 +397,17 @@ def select(args: argparse.Namespace) -> int:
     walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
     conditioned = _conditioning(model, [], first.guidance)
     chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls)
+    # candidates may differ in more than the seed (an earlier budget, another init): say how each was trained
+    selection["selection"]["candidates"] = [
+        {
+            "seed": seed,
+            "trajectories": card.training.get("trajectories"),
+            "batch_size": card.training.get("batch_size"),
+            "init": card.training.get("init", "neutral"),
+            "held_out_rmse": score,
+        }
+        for seed, (_, card), score in zip(seeds, found, selection["selection"]["held_out_rmse"], strict=True)
+    ]
     path, card = found[chosen]
     best = card.model_copy(update={"training": {**card.training, **selection}})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -410,8 +410,9 @@ def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, cap
     picked_card = PredictorCard.model_validate_json((tmp_path / "picked" / card_path.name).read_text())
     assert picked_card.training["selection"]["chosen_seed"] == best
     assert sorted(picked_card.training["selection"]["held_out_rmse"]) == sorted(scores)
+    assert [c["seed"] for c in picked_card.training["selection"]["candidates"]] == [best, other]
     assert amed_main(["select", str(tmp_path / "one"), str(tmp_path / "one"), "--out", str(tmp_path / "x")]) == 2
-    assert "repeat training seeds" in capsys.readouterr().err
+    assert "a candidate folder is given twice" in capsys.readouterr().err
 
     capsys.readouterr()
     for bad in ("0,0", "0,x"):
