@@ -1,6 +1,7 @@
 """AMED: the mean-value-direction solvers (`amed`, `amed_plugin`), their predictor network and its
 data-free training. Imports nothing of this project outside `solvers`."""
 
+from .bases import BASES, MULTISTEP, PLUGIN_BASES, AMEDParams, AMEDPluginParams, PluginBase
 from .predictor import (
     AMEDPredictor,
     Prediction,
@@ -10,12 +11,13 @@ from .predictor import (
     PredictorLoadError,
     PredictorStore,
     load_predictor,
+    new_card,
     predictor_key,
     read_card,
     save_predictor,
     train_command,
 )
-from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, IntervalUpdate, amed_interval
+from .solver import History, IntervalUpdate, amed_interval
 from .training import (
     HEAD_INITS,
     RECIPE_BATCH_SIZE,
@@ -33,6 +35,7 @@ __all__ = [
     "BASES",
     "HEAD_INITS",
     "MULTISTEP",
+    "PLUGIN_BASES",
     "RECIPE_BATCH_SIZE",
     "RECIPE_TRAJECTORIES",
     "SELECTION_SEED_BASE",
@@ -42,6 +45,7 @@ __all__ = [
     "AMEDPredictor",
     "History",
     "IntervalUpdate",
+    "PluginBase",
     "Prediction",
     "PredictorCard",
     "PredictorConfig",
@@ -52,6 +56,7 @@ __all__ = [
     "TrainingSummary",
     "amed_interval",
     "load_predictor",
+    "new_card",
     "new_predictor",
     "predictor_key",
     "read_card",
