@@ -17,6 +17,7 @@ from solvers.errors import SolverError
 from . import (
     accuracy,
     amed_ablation,
+    amed_c_placement,
     batch_invariance,
     fd_vs_nfe,
     final_order,
@@ -52,6 +53,7 @@ COMMANDS = (
     ray_load,
     batch_invariance,
     amed_ablation,
+    amed_c_placement,
     fuzz,
     t2i_speed,
 )

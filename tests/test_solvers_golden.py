@@ -6,7 +6,8 @@ with and without AFS, img2img entry and final denoise; float64 and float32; AMED
 away from its neutral start). The classic solvers must match bit for bit; AMED's per-sample
 updates now run through the base solvers' own step rules, whose coefficients are formed in another
 order (float64 per sample, then cast), so AMED matches to rounding: 1e-12 relative in float64,
-float32 to its own rounding amplified by the steps.
+float32 to its own rounding amplified by the steps. The 12-step dpmpp_3m case spells out the
+default it was recorded with (lower_order_final_below=10) since the default became every step count.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ data-free training loop (training.py) both call, so what is trained is what is s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -44,18 +45,24 @@ from ..dpm_solver import dpm_solver_2_step, dpmpp_step
 from ..errors import InvalidParameterError
 from ..euler_heun import euler_step
 from ..registry import register
-from ..stepping import Progress, Sigma, afs_denoised, direction
+from ..stepping import Progress, Sigma, afs_denoised, coefficient, direction
 from .bases import BASES, MULTISTEP, PLUGIN_BASES, AMEDParams, AMEDPluginParams
 from .predictor import AMEDPredictor, log_interpolate
 
 
 @dataclass
 class IntervalUpdate:
-    """Which update an interval uses: `amed`, or a plugin base with its order limit."""
+    """Which update an interval uses: `amed`, or a plugin base with its order limit.
+
+    `c_scales` (dpm_solver_2 only): c multiplies the intermediate direction's term ("direction",
+    what sampling uses) or the whole update ("update", the official AMED code). The two agree at
+    r = 1/2; docs/amed.md says why "direction" is kept (bench amed-c-placement measures both).
+    """
 
     kind: str
     """"amed", or a name from PLUGIN_BASES."""
     max_order: int = 1
+    c_scales: Literal["direction", "update"] = "direction"
 
     def __post_init__(self) -> None:
         if self.kind != "amed" and self.kind not in PLUGIN_BASES:
@@ -166,6 +173,8 @@ def amed_interval(
         x_next = euler_step(x, d_s, sigma_cur, sigma_next, scale=c)
     elif kind == "euler":
         x_next = euler_step(x_s, d_s, s, sigma_next, scale=c)
+    elif kind == "dpm_solver_2" and update.c_scales == "update":  # the official code: c on the whole update
+        x_next = x + coefficient(c, x) * (dpm_solver_2_step(x, d_cur, d_s, sigma_cur, sigma_next, r) - x)
     elif kind == "dpm_solver_2":  # s_i is DPM-Solver-2's own intermediate point, at its r
         x_next = dpm_solver_2_step(x, d_cur, d_s, sigma_cur, sigma_next, r, scale=c)
     elif kind in ("ipndm", "ipndm_v"):

@@ -41,7 +41,7 @@ def cases() -> list[dict[str, Any]]:
         ("dpmpp_2m", {"lower_order_final": False}, 6),
         ("dpmpp_2m", {"thresholding": True, "threshold_ratio": 0.9, "threshold_max": 1.5}, 6),
         ("dpmpp_3m", {"third_order": "upstream"}, 7),
-        ("dpmpp_3m", {}, 12),
+        ("dpmpp_3m", {"lower_order_final_below": 10}, 12),  # recorded when below 10 was the default
         ("unipc", {"order": 3, "variant": "bh1"}, 6),
         ("unipc", {"corrector": False}, 6),
         ("amed_plugin", {"base": "euler"}, 4),
