@@ -53,6 +53,7 @@ from solvers.amed import (
     PredictorConfig,
     PredictorStore,
     TrainingSettings,
+    new_card,
     new_predictor,
     predictor_key,
     save_predictor,
@@ -157,9 +158,10 @@ def train(args: argparse.Namespace) -> int:
             params=schedule_params,
         )
 
+    learned_grid = None
     if schedule_spec.needs_grid:  # a learned coarse grid: the teacher subdivides each interval geometrically
         store = PredictorStore([*args.grid_dir, predictor_folder(model, args.model)])
-        sigmas = store.find_grid(
+        learned_grid = store.find_grid(
             grid_key(
                 model_fingerprint=model.fingerprint,
                 solver=args.solver,
@@ -171,9 +173,21 @@ def train(args: argparse.Namespace) -> int:
             ),
             args.model,
         )
-        teacher_sigmas = subdivide(sigmas, substeps + 1)
-    else:
-        sigmas, teacher_sigmas = grid(steps), grid((substeps + 1) * steps)
+    # The student's run as sampling will run it: its grid and the predictor's key come from this plan.
+    plan = solvers.plan(
+        args.solver,
+        steps=steps,
+        schedule=args.schedule,
+        schedule_params=schedule_params,
+        solver_params=params,
+        afs=args.afs,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_levels=model.sigma_levels,
+        grid=learned_grid,
+    )
+    sigmas = plan.sigmas
+    teacher_sigmas = subdivide(sigmas, substeps + 1) if learned_grid is not None else grid((substeps + 1) * steps)
     conditioned = _conditioning(model, args.prompt, args.guidance)
 
     feature_shape = None
@@ -223,19 +237,10 @@ def train(args: argparse.Namespace) -> int:
         raise BenchError(f"--schedule {args.schedule}: {error}") from None
     finally:
         bar.close()
-    card = PredictorCard(
+    card = new_card(
+        plan,
         model=model.name,
         model_fingerprint=model.fingerprint,
-        solver=args.solver,
-        base=plugin.base if plugin else None,
-        base_max_order=plugin.order_limit() if plugin else None,
-        nfe=args.nfe,
-        steps=steps,
-        schedule=args.schedule,
-        schedule_params=schedule_params.model_dump(),
-        sigma_min=float(sigmas[-1]),
-        sigma_max=float(sigmas[0]),
-        afs=args.afs,
         guidance=args.guidance,
         config=config,
         training={
@@ -248,19 +253,7 @@ def train(args: argparse.Namespace) -> int:
             "host": meta.get("device"),
         },
     )
-    expected = predictor_key(
-        model_fingerprint=model.fingerprint,
-        solver=args.solver,
-        base=card.base,
-        base_max_order=card.base_max_order,
-        nfe=args.nfe,
-        schedule=args.schedule,
-        schedule_params=schedule_params.model_dump(),
-        sigma_min=float(sigmas[-1]),
-        sigma_max=float(sigmas[0]),
-        afs=args.afs,
-        guidance=args.guidance,
-    )
+    expected = predictor_key(plan, model_fingerprint=model.fingerprint, guidance=args.guidance)
     assert card.key() == expected  # what the service will look up
     out = args.out if args.out is not None else predictor_folder(model, args.model)
     weights, card_path = save_predictor(predictor, card, out / artifact_name(card))

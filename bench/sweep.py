@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 import models
 import provenance
 import solvers
-from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, read_card
+from solvers.amed import PredictorKey, PredictorStore, predictor_key, read_card
 from solvers.learned import grid_key
 
 from .errors import BenchError
@@ -421,7 +421,7 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     if steps is not None and solvers.SCHEDULES.get(config.schedule).needs_grid:
         grid = _grid_of(context, spec, solver_params, nfe)
     if spec.needs_predictor and steps is not None:
-        wanted, weights = _predictor_of(context, spec, solver_params, nfe, steps, grid)
+        wanted, weights = _predictor_of(context, spec, solver_params, steps, grid)
         card = read_card(context.predictors.cards[wanted])
         _check_held_out(card.training, config, wanted.describe())
         base.update(
@@ -484,7 +484,7 @@ def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) ->
 
 
 def _predictor_of(
-    context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int, steps: int, grid: Tensor | None = None
+    context: SweepContext, spec: Any, solver_params: dict[str, Any], steps: int, grid: Tensor | None = None
 ) -> tuple[PredictorKey, str]:
     """The AMED predictor a row needs and the SHA-256 of its weights (part of the row's cache key).
 
@@ -492,31 +492,19 @@ def _predictor_of(
         MissingPredictorError: none matches; the message carries the command that trains it.
     """
     config, model = context.config, context.model
-    params = spec.parse_params(solver_params)
-    schedule_params = solvers.SCHEDULES.get(config.schedule).parse_params(config.schedule_params)
-    sigmas = solvers.build_sigmas(
-        config.schedule,
-        steps,
+    plan = solvers.plan(
+        spec.name,
+        steps=steps,
+        schedule=config.schedule,
+        schedule_params=config.schedule_params,
+        solver_params=solver_params,
+        afs=config.afs,
         sigma_min=model.sigma_min,
         sigma_max=model.sigma_max,
         sigma_levels=model.sigma_levels,
-        params=schedule_params,
         grid=grid,
     )
-    plugin = params if isinstance(params, AMEDPluginParams) else None
-    wanted = predictor_key(
-        model_fingerprint=model.fingerprint,
-        solver=spec.name,
-        base=plugin.base if plugin else None,
-        base_max_order=plugin.order_limit() if plugin else None,
-        nfe=nfe,
-        schedule=config.schedule,
-        schedule_params=schedule_params.model_dump(),
-        sigma_min=float(sigmas[-1]),
-        sigma_max=float(sigmas[0]),
-        afs=config.afs,
-        guidance=config.guidance,
-    )
+    wanted = predictor_key(plan, model_fingerprint=model.fingerprint, guidance=config.guidance)
     if not context.predictors.has(wanted):
         context.predictors.find(wanted, config.model)  # raises MissingPredictorError with the command
     weights = context.predictors.cards[wanted].with_suffix(".safetensors")

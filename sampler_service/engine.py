@@ -402,20 +402,10 @@ class Engine:
 
         try:
             with torch.inference_mode():
+                if job.sampling is None:  # require_predictor refuses such jobs before admission
+                    raise RuntimeError(f"request {job.request_id}: no sampling plan (its learned grid is missing)")
                 result = solvers.sample(
-                    denoiser,
-                    noise,
-                    solver=job.spec.name,
-                    steps=job.steps,
-                    schedule=job.schedule,
-                    schedule_params=job.schedule_params,
-                    solver_params=job.solver_params,
-                    afs=job.afs,
-                    predictor=predictor,
-                    grid=job.sigmas if job.grid is not None else None,
-                    callback=callback,
-                    init=init,
-                    start=job.key.start_step,
+                    denoiser, noise, plan=job.sampling, predictor=predictor, callback=callback, init=init
                 )
                 # A text model's latents become images here (the VAE, batched); a pixel model's
                 # samples are sent as they are.

@@ -21,7 +21,7 @@ from torch import Tensor
 import models
 import solvers
 from solvers import MAX_SEED, Params, SolverSpec
-from solvers.amed import AMEDPluginParams, PredictorKey, PredictorStore, predictor_key, train_command
+from solvers.amed import PredictorKey, PredictorStore, predictor_key, train_command
 from solvers.errors import shorten
 from solvers.learned import GridKey, grid_key, train_schedule_command
 
@@ -139,12 +139,9 @@ class Job:
 
     request_id: str
     served: ServedModel
-    spec: SolverSpec[Any]
-    solver_params: Params
-    schedule: str
-    schedule_params: Params
-    steps: int  # intervals of the full grid (img2img enters it at text.start)
-    afs: bool
+    sampling: solvers.SamplingPlan | None
+    """The validated run the engine executes (None only while its learned grid is missing: Plan
+    reports that, Generate refuses it in require_predictor)."""
     seeds: tuple[int, ...]
     labels: tuple[int, ...] | None  # per sample; None for a model without labels
     guidance: tuple[float, ...]
@@ -152,10 +149,9 @@ class Job:
     preview_every: int
     plan: Plan
     key: MergeKey
-    sigmas: Tensor = field(repr=False)
     predictor: PredictorKey | None = None
     grid: GridKey | None = None
-    """The learned grid a `learned` schedule steps along (its sigmas are `sigmas`)."""
+    """The learned grid a `learned` schedule steps along (the plan's grid)."""
     text: TextInputs | None = None  # text-to-image conditioning; None for a class-conditional model
 
     @property
@@ -271,38 +267,7 @@ def build_job(
                 Violation("nfe", f"{request.nfe} needs {steps} steps; this server allows {limits.max_steps}")
             )
             steps = None
-    if steps is not None and solver_params is not None:
-        min_steps = spec.min_steps_of(solver_params)
-        if steps < min_steps:
-            violations.append(
-                Violation("steps", f"{steps} is too few: solver {spec.name!r} needs at least {min_steps}")
-            )
-            steps = None
-        elif spec.nfe(steps, afs) < 1:
-            violations.append(Violation("afs", f"true with {steps} step(s) would make no network call"))
-            steps = None
-    sigmas: Tensor | None = None
     learned = solvers.SCHEDULES.get(schedule).needs_grid  # its grid is looked up below, once guidance is known
-    if steps is not None and schedule_params is not None and not learned:
-        sigmas = attempt(
-            lambda: solvers.build_sigmas(
-                schedule,
-                steps,
-                sigma_min=model.sigma_min,
-                sigma_max=model.sigma_max,
-                sigma_levels=model.sigma_levels,
-                params=schedule_params,
-            )
-        )
-    if sigmas is not None and solver_params is not None:
-        grid, params = sigmas, solver_params
-
-        def runnable() -> bool:  # what sampling would refuse is refused here, before admission
-            spec.check_grid(params, grid, model.sigma_min, model.sigma_max)
-            return True
-
-        if not attempt(runnable):
-            sigmas = None
 
     too_long = [
         Violation(name, f"{len(values)} values is too many: expected at most {limits.max_samples_per_request}")
@@ -318,8 +283,6 @@ def build_job(
         text = text_inputs(request, model, served.name, count, steps, limits, violations)
         labels = None
         if text is not None and text.init_image is not None:
-            if afs:
-                violations.append(Violation("afs", "false with init_image: AFS assumes the run starts from noise"))
             if spec.needs_predictor:
                 violations.append(
                     Violation(
@@ -345,6 +308,11 @@ def build_job(
                 violations.append(Violation(name, f"{value} is not supported: model {served.name!r} samples {fixed}"))
         labels = _labels(request, served, count, violations)
     guidance = _guidance(request, served, count, labels, limits, violations)
+    # The noise range at the requested size: a model whose shift depends on the size (Flux's
+    # dynamic shift) spans another range at another size.
+    sigma_min, sigma_max, sigma_levels = model.sigma_min, model.sigma_max, model.sigma_levels
+    if isinstance(model, models.TextToImageModel) and text is not None:
+        sigma_min, sigma_max, sigma_levels = model.noise_range(text.height, text.width)
     output_format = OUTPUT_FORMATS.get(request.output_format)
     if output_format is None:
         violations.append(Violation("output_format", f"{request.output_format} is not one of PNG (1), RAW_FLOAT32 (2)"))
@@ -356,9 +324,8 @@ def build_job(
                 "(its predictor is trained for one guidance scale)",
             )
         )
-    if steps is not None and request.preview_every > steps:
-        violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
     wanted_grid: GridKey | None = None
+    grid: Tensor | None = None
     if learned and steps is not None and schedule_params is not None and solver_params is not None:
         wanted_grid = grid_key(
             model_fingerprint=model.fingerprint,
@@ -377,23 +344,34 @@ def build_job(
             )
         elif served.predictors.has_grid(wanted_grid):
             grid = served.predictors.find_grid(wanted_grid, served.name)
-            sigmas = attempt(
-                lambda: solvers.build_sigmas(
-                    schedule,
-                    steps,
-                    sigma_min=model.sigma_min,
-                    sigma_max=model.sigma_max,
-                    sigma_levels=model.sigma_levels,
-                    params=schedule_params,
-                    grid=grid,
-                )
+    grid_missing = wanted_grid is not None and grid is None
+    start = text.start if text is not None else 0
+    sampling: solvers.SamplingPlan | None = None
+    if steps is not None and solver_params is not None and schedule_params is not None and not grid_missing:
+        # The one place a request's run is validated and its grid built: the engine runs this plan.
+        sampling = attempt(
+            lambda: solvers.plan(
+                spec.name,
+                steps=steps,
+                schedule=schedule,
+                schedule_params=schedule_params,
+                solver_params=solver_params,
+                afs=afs,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                sigma_levels=sigma_levels,
+                grid=grid,
+                start=start,
+                image_to_image=text is not None and text.init_image is not None,
             )
-        else:
-            sigmas = torch.empty(0, dtype=torch.float64)  # Plan reports the missing grid; Generate refuses
+        )
+    if steps is not None and request.preview_every > steps:
+        violations.append(Violation("preview_every", f"{request.preview_every} is out of range: expected 0..{steps}"))
     if violations:
         raise InvalidRequest(violations)
+    # Without violations every part was parsed (a failed part adds one); the plan is missing only
+    # while its learned grid is (Plan reports that, Generate refuses it).
     assert steps is not None
-    assert sigmas is not None
     assert solver_params is not None
     assert schedule_params is not None
     assert output_format is not None
@@ -402,13 +380,13 @@ def build_job(
     guided = labels is not None or text is not None
     conditional = any(w != 0 for w in guidance) if guided else True
     unconditional = any(w != 1 for w in guidance) if guided else False
-    start = text.start if text is not None else 0
+    if isinstance(model, models.TextToImageModel) and model.guidance_distilled:
+        conditional, unconditional = True, False  # guidance is the network's input: one pass
     run_steps = steps - start  # img2img runs the grid's tail: its steps and NFE are what is counted
-    nfe = spec.nfe(run_steps, afs)
+    nfe = sampling.solver_nfe if sampling is not None else spec.nfe(run_steps, afs)
     wanted: PredictorKey | None = None
-    grid_missing = wanted_grid is not None and not served.predictors.has_grid(wanted_grid)
-    if spec.needs_predictor and not grid_missing:
-        wanted = _predictor_key(served, spec, solver_params, nfe, schedule, schedule_params, sigmas, afs, guidance)
+    if spec.needs_predictor and sampling is not None:
+        wanted = predictor_key(sampling, model_fingerprint=model.fingerprint, guidance=guidance[0] if guidance else 1.0)
     key_text = wanted.describe() if wanted is not None else ""
     command = train_command(wanted, served.name) if wanted is not None else ""
     available = wanted is not None and served.predictors.has(wanted)
@@ -424,7 +402,7 @@ def build_job(
         steps=run_steps,
         nfe=nfe,
         network_evals=nfe * (int(conditional) + int(unconditional)),
-        sigmas=tuple(sigmas[start:].tolist()),
+        sigmas=tuple(sampling.sigmas.tolist()) if sampling is not None else (),
         reachable_nfe=tuple(reachable_shown(spec, afs, solver_params, limits.max_steps)),
         needs_predictor=spec.needs_predictor or wanted_grid is not None,
         predictor_available=available,
@@ -456,12 +434,7 @@ def build_job(
     return Job(
         request_id=request_id,
         served=served,
-        spec=spec,
-        solver_params=solver_params,
-        schedule=schedule,
-        schedule_params=schedule_params,
-        steps=steps,
-        afs=afs,
+        sampling=sampling,
         seeds=tuple(seeds),
         labels=labels,
         guidance=guidance,
@@ -469,39 +442,9 @@ def build_job(
         preview_every=request.preview_every,
         plan=plan,
         key=key,
-        sigmas=sigmas,
         predictor=wanted,
         grid=wanted_grid,
         text=text,
-    )
-
-
-def _predictor_key(
-    served: ServedModel,
-    spec: SolverSpec[Any],
-    solver_params: Params,
-    nfe: int,
-    schedule: str,
-    schedule_params: Params,
-    sigmas: Tensor,
-    afs: bool,
-    guidance: tuple[float, ...],
-) -> PredictorKey:
-    """The predictor an AMED request needs (a predictor is trained for one guidance scale, so such
-    a request must use one: checked in _guidance)."""
-    plugin = solver_params if isinstance(solver_params, AMEDPluginParams) else None
-    return predictor_key(
-        model_fingerprint=served.model.fingerprint,
-        solver=spec.name,
-        base=plugin.base if plugin else None,
-        base_max_order=plugin.order_limit() if plugin else None,
-        nfe=nfe,
-        schedule=schedule,
-        schedule_params=schedule_params.model_dump(),
-        sigma_min=float(sigmas[-1]),
-        sigma_max=float(sigmas[0]),
-        afs=afs,
-        guidance=guidance[0] if guidance else 1.0,
     )
 
 

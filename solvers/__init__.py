@@ -3,7 +3,8 @@
     x = x0 + sigma * eps,    dx/dsigma = (x - D(x, sigma)) / sigma.
 
 Pure PyTorch (plus pydantic for parameter models); imports nothing else of this project.
-Use `sample(denoiser, noise, solver=..., steps=...)`; `list_solvers()` says what exists.
+Use `sample(denoiser, noise, solver=..., steps=...)`, or validate once with `plan(...)` and run the
+`SamplingPlan` with `sample(denoiser, noise, plan=...)`; `list_solvers()` says what exists.
 """
 
 # isort: off
@@ -22,8 +23,9 @@ from .errors import (
     UnknownSolverError,
     UnreachableNFEError,
 )
+from .planning import SamplingPlan, plan
 from .registry import MAX_STEPS, SOLVERS, Params, SolverSpec, describe, list_solvers
-from .sampling import MAX_SEED, SampleResult, make_noise, nfe_of, sample, start_step
+from .sampling import MAX_SEED, SampleResult, make_noise, nfe_of, run, sample, start_step
 from .schedules import SCHEDULES, build_sigmas, fit_vp_betas
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Params",
     "SampleResult",
     "SamplingCancelled",
+    "SamplingPlan",
     "SolverError",
     "SolverSpec",
     "StepCallback",
@@ -53,6 +56,8 @@ __all__ = [
     "list_solvers",
     "make_noise",
     "nfe_of",
+    "plan",
+    "run",
     "sample",
     "start_step",
 ]

@@ -9,7 +9,7 @@ while the history fills. AFS puts d_0 = x_0 / sqrt(1 + sigma_0^2) into the histo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import numpy as np
@@ -19,10 +19,10 @@ from torch import Tensor
 
 from .contract import Denoiser
 from .errors import InvalidParameterError
-from .quadrature import lagrange_integrals
+from .quadrature import lagrange_integrals, polynomial_lagrange_integrals
 from .registry import Params, register
 from .schedules import fit_vp_betas, vp_sigma, vp_time
-from .stepping import Progress, direction, evaluate, push
+from .stepping import Progress, Sigma, coefficient, direction, evaluate, push
 
 # Adams-Bashforth weights for equal steps, newest direction first (also AMED-Plugin's iPNDM base).
 AB_WEIGHTS = (
@@ -33,11 +33,35 @@ AB_WEIGHTS = (
 )
 
 
+def adams_bashforth_step(x: Tensor, directions: Sequence[Tensor], coefficients: Sequence[Sigma]) -> Tensor:
+    """x + sum_j coefficients[j] d_{-1-j}: the step every Adams-Bashforth rule here takes.
+
+    Args:
+        x: the state, shape (B, ...).
+        directions: the history, newest last (at least len(coefficients)).
+        coefficients: newest first; floats, or per-sample float64 (B,) (AMED-Plugin).
+    """
+    return x + sum(coefficient(c, x) * d for c, d in zip(coefficients, reversed(directions), strict=False))
+
+
+def ipndm_coefficients(sigma: Sigma, sigma_next: Sigma, order: int, scale: Sigma = 1.0) -> list[Sigma]:
+    """iPNDM's step coefficients, newest first: scale h w_j with the equal-step AB weights of `order`."""
+    h = sigma_next - sigma
+    return [scale * (h * w) for w in AB_WEIGHTS[order - 1]]
+
+
+def ipndm_v_coefficients(nodes: Sequence[Sigma], sigma_next: Sigma, scale: Sigma = 1.0) -> list[Sigma]:
+    """iPNDM-v's step coefficients, newest first: scale times the integrals from nodes[-1] to
+    sigma_next of the Lagrange basis through `nodes` (the history's sigmas, newest last)."""
+    weights = polynomial_lagrange_integrals(list(reversed(nodes)), nodes[-1], sigma_next)
+    return [scale * w for w in weights]
+
+
 def _adams_bashforth(
     denoiser: Denoiser,
     x: Tensor,
     sigmas: Tensor,
-    coefficients: list[list[float]],
+    coefficients: Sequence[Sequence[Sigma]],
     *,
     afs: bool,
     progress: Progress,
@@ -50,10 +74,7 @@ def _adams_bashforth(
     for i, coeffs in enumerate(coefficients):
         denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
         history = push(history, direction(x, denoised, s[i]), keep)
-        if i < len(exact_start):
-            x = exact_start[i]
-        else:
-            x = x + sum(c * d for c, d in zip(coeffs, reversed(history), strict=False))
+        x = exact_start[i] if i < len(exact_start) else adams_bashforth_step(x, history, coeffs)
         progress(i, s[i + 1], denoised, x)
     return x
 
@@ -92,17 +113,14 @@ def sample_ipndm(
         the state at sigmas[-1], shape and dtype of x.
     """
     s = sigmas.tolist()
-    coefficients = []
-    for i in range(len(s) - 1):
-        h = s[i + 1] - s[i]
-        coefficients.append([h * w for w in AB_WEIGHTS[min(params.max_order, i + 1) - 1]])
+    coefficients = [ipndm_coefficients(s[i], s[i + 1], min(params.max_order, i + 1)) for i in range(len(s) - 1)]
     return _adams_bashforth(
         denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
     )
 
 
 def _lagrange_coefficients(
-    nodes: list[float], max_order: int, weight: Callable[[np.ndarray], np.ndarray] | None, panels: int
+    nodes: list[float], max_order: int, weight: Callable[[np.ndarray], np.ndarray], panels: int
 ) -> list[list[float]]:
     """For each interval [nodes[i], nodes[i+1]]: integrals of the Lagrange basis through the
     last min(max_order, i + 1) nodes, newest first."""
@@ -117,7 +135,7 @@ def _lagrange_coefficients(
                 nodes[i + 1],
                 weight=weight,
                 panels=panels,
-                points_per_panel=None if weight is None else 5,
+                points_per_panel=5,
             )
         )
     return coefficients
@@ -156,7 +174,10 @@ def sample_ipndm_v(
     Returns:
         the state at sigmas[-1], shape and dtype of x.
     """
-    coefficients = _lagrange_coefficients(sigmas.tolist(), params.max_order, None, panels=1)
+    s = sigmas.tolist()
+    coefficients = [
+        ipndm_v_coefficients(s[max(0, i + 1 - params.max_order) : i + 1], s[i + 1]) for i in range(len(s) - 1)
+    ]
     return _adams_bashforth(
         denoiser, x, sigmas, coefficients, afs=afs, progress=progress, exact_start=tuple(exact_start)
     )

@@ -18,7 +18,7 @@ which the convergence test measures on the exact Gaussian-mixture model;
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import pydantic
@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from .contract import Denoiser
+from .euler_heun import euler_step
 from .registry import Params, register
-from .stepping import Progress, direction, evaluate, push
+from .stepping import Progress, Sigma, coefficient, direction, evaluate, expm1, log, push
 
 
 class DPMSolver2Params(Params):
@@ -37,6 +38,24 @@ class DPMSolver2Params(Params):
     # intermediate point on sigma_{i+1} (a Heun step in log sigma), still a valid second-order rule.
     r: Annotated[float, pydantic.Field(ge=0.01, le=1, allow_inf_nan=False)] = 0.5
     """Position of the intermediate point in log sigma: s = sigma_{i+1}^r sigma_i^(1-r)."""
+
+
+def dpm_solver_2_step(
+    x: Tensor, d: Tensor, d_mid: Tensor, sigma: Sigma, sigma_next: Sigma, r: Sigma, scale: Sigma = 1.0
+) -> Tensor:
+    """DPM-Solver-2's update x + h [(1 - 1/(2r)) d + scale/(2r) d_mid], h = sigma_next - sigma, from
+    the directions at sigma and at its intermediate point s = sigma_next^r sigma^(1 - r).
+
+    Args:
+        x, d: the state at sigma and its direction; d_mid: the direction at s; shape (B, ...).
+        sigma, sigma_next, r: floats, or per-sample float64 (B,) (AMED-Plugin's learned r).
+        scale: multiplies the intermediate direction's term (AMED's c; 1: the plain rule).
+    Returns:
+        the state at sigma_next, shape and dtype of x.
+    """
+    h = sigma_next - sigma
+    first, second = 1.0 - 0.5 / r, scale * 0.5 / r
+    return x + coefficient(h, x) * (coefficient(first, x) * d + coefficient(second, x) * d_mid)
 
 
 @register(
@@ -61,14 +80,12 @@ def sample_dpm_solver_2(
     s = sigmas.tolist()
     r = params.r
     for i in range(len(s) - 1):
-        h = s[i + 1] - s[i]
         denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
         d = direction(x, denoised, s[i])
         s_mid = s[i + 1] ** r * s[i] ** (1.0 - r)
-        x_mid = x + (s_mid - s[i]) * d
+        x_mid = euler_step(x, d, s[i], s_mid)
         denoised = evaluate(denoiser, x_mid, s_mid)
-        d_mid = direction(x_mid, denoised, s_mid)
-        x = x + h * ((1.0 - 0.5 / r) * d + (0.5 / r) * d_mid)
+        x = dpm_solver_2_step(x, d, direction(x_mid, denoised, s_mid), s[i], s[i + 1], r)
         progress(i, s[i + 1], denoised, x)
     return x
 
@@ -113,6 +130,54 @@ def _multistep_orders(steps: int, max_order: int, lower_order_final: bool) -> li
     return orders
 
 
+def dpmpp_step(
+    x: Tensor,
+    denoised: Sequence[Tensor],
+    sigmas: Sequence[Sigma],
+    sigma_next: Sigma,
+    order: int,
+    *,
+    third_factor: float = 2.0,
+    scale: Sigma = 1.0,
+) -> Tensor:
+    """One multistep DPM-Solver++ step of `order` (1-3) from sigmas[-1] to sigma_next, through the
+    last `order` data predictions (see the module docstring; `third_factor` 2: corrected, 1: upstream).
+
+    Args:
+        x: the state at sigmas[-1], shape (B, ...).
+        denoised: data predictions, newest last (at least `order`), shape of x each.
+        sigmas: their sigmas, newest last: floats, or per-sample float64 (B,) (AMED-Plugin's merged grid).
+        scale: multiplies the model terms (AMED's c; 1: the plain rule).
+    Returns:
+        the state at sigma_next, shape and dtype of x.
+    """
+    lam = [-log(v) for v in sigmas[-order:]]
+    h = -log(sigma_next) - lam[-1]
+    phi_1 = expm1(-h)  # e^{-h} - 1
+    ratio = coefficient(sigma_next / sigmas[-1], x)
+    d0 = denoised[-1]
+    if order == 2:
+        r = (lam[-1] - lam[-2]) / h
+        update = d0 + coefficient(0.5 / r, x) * (d0 - denoised[-2])
+        return ratio * x - coefficient(scale * phi_1, x) * update
+    if order == 3:
+        h0, h1 = lam[-1] - lam[-2], lam[-2] - lam[-3]
+        r0, r1 = h0 / h, h1 / h
+        d1_0 = (d0 - denoised[-2]) / coefficient(r0, x)
+        d1_1 = (denoised[-2] - denoised[-3]) / coefficient(r1, x)
+        d1 = d1_0 + coefficient(r0 / (r0 + r1), x) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / coefficient(r0 + r1, x)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        return (
+            ratio * x
+            - coefficient(scale * phi_1, x) * d0
+            + coefficient(scale * phi_2, x) * d1
+            - coefficient(scale * (third_factor * phi_3), x) * d2
+        )
+    return ratio * x - coefficient(scale * phi_1, x) * d0
+
+
 def _dpmpp_multistep(
     denoiser: Denoiser,
     x: Tensor,
@@ -126,7 +191,6 @@ def _dpmpp_multistep(
     exact_start: tuple[Tensor, ...],
 ) -> Tensor:
     s = sigmas.tolist()
-    lam = [-math.log(v) for v in s]
     steps = len(s) - 1
     orders = _multistep_orders(steps, max_order, params.lower_order_final)
     history: list[Tensor] = []  # data predictions, newest last
@@ -137,28 +201,9 @@ def _dpmpp_multistep(
         history = push(history, denoised, max_order)
         if i < len(exact_start):
             x = exact_start[i]
-            progress(i, s[i + 1], denoised, x)
-            continue
-        h = lam[i + 1] - lam[i]
-        phi_1 = math.expm1(-h)  # e^{-h} - 1
-        order = min(orders[i], len(history))
-        update = denoised
-        if order == 2:
-            r = (lam[i] - lam[i - 1]) / h
-            update = denoised + (0.5 / r) * (denoised - history[-2])
-            x = (s[i + 1] / s[i]) * x - phi_1 * update
-        elif order == 3:
-            h0, h1 = lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
-            r0, r1 = h0 / h, h1 / h
-            d1_0 = (denoised - history[-2]) / r0
-            d1_1 = (history[-2] - history[-3]) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            phi_2 = phi_1 / h + 1.0
-            phi_3 = phi_2 / h - 0.5
-            x = (s[i + 1] / s[i]) * x - phi_1 * denoised + phi_2 * d1 - (third_factor * phi_3) * d2
         else:
-            x = (s[i + 1] / s[i]) * x - phi_1 * denoised
+            order = min(orders[i], len(history))
+            x = dpmpp_step(x, history, s[i + 1 - order : i + 1], s[i + 1], order, third_factor=third_factor)
         progress(i, s[i + 1], denoised, x)
     return x
 

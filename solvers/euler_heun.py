@@ -9,7 +9,21 @@ from torch import Tensor
 
 from .contract import Denoiser
 from .registry import NoParams, register
-from .stepping import Progress, direction, evaluate
+from .stepping import Progress, Sigma, coefficient, direction, evaluate
+
+
+def euler_step(x: Tensor, d: Tensor, sigma: Sigma, sigma_next: Sigma, scale: Sigma = 1.0) -> Tensor:
+    """The Euler step x + scale (sigma_next - sigma) d (`euler`'s rule; AMED-Plugin runs it on its
+    merged grid with per-sample sigmas and its learned scale c).
+
+    Args:
+        x, d: the state at sigma and its direction, shape (B, ...).
+        sigma, sigma_next: floats, or per-sample float64 (B,) (see stepping.Sigma).
+        scale: multiplies the step (1: the plain rule).
+    Returns:
+        the state at sigma_next, shape and dtype of x.
+    """
+    return x + coefficient(scale * (sigma_next - sigma), x) * d
 
 
 @register(
@@ -33,7 +47,7 @@ def sample_euler(
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
-        x = x + (s[i + 1] - s[i]) * direction(x, denoised, s[i])
+        x = euler_step(x, direction(x, denoised, s[i]), s[i], s[i + 1])
         progress(i, s[i + 1], denoised, x)
     return x
 

@@ -2,15 +2,20 @@
 
 `lagrange_integrals(nodes, a, b)` returns w_j = integral over [a, b] of l_j(u) du, where l_j is
 the Lagrange basis polynomial of `nodes` (l_j(nodes[k]) = [j == k]); `weight` multiplies the
-integrand (DEIS integrates l_j(tau) dsigma/dtau over VP time tau). All in float64 NumPy: the
-coefficients are computed once per sampling run, before the loop.
+integrand (DEIS integrates l_j(tau) dsigma/dtau over VP time tau, with thousands of points: float64
+NumPy, computed once per run, before the loop). `polynomial_lagrange_integrals` is the unweighted
+case (ipndm_v, AMED-Plugin's ipndm_v base) in plain arithmetic, so its nodes may be floats or
+per-sample float64 tensors (B,) that carry gradients; on floats it gives lagrange_integrals'
+values bit for bit (the same operations in the same order).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 _GL_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -59,3 +64,30 @@ def lagrange_integrals(
     # product and fight the torch threads (measured 800 vs 280 µs per DEIS step on 2 cores).
     weights: list[float] = (lagrange_basis(nodes, u) * wu).sum(axis=1).tolist()
     return weights
+
+
+def polynomial_lagrange_integrals(
+    nodes: Sequence[float | Tensor], a: float | Tensor, b: float | Tensor
+) -> list[float | Tensor]:
+    """w_j = integral_a^b l_j(u) du, exactly (Gauss-Legendre with len(nodes) points).
+
+    Args:
+        nodes: the interpolation nodes, floats or per-sample float64 tensors (B,).
+        a, b: the interval's ends, of the nodes' kind.
+    Returns:
+        one weight per node, of the nodes' kind.
+    """
+    points, weights = _gauss_legendre(max(1, len(nodes)))
+    half, mid = 0.5 * (b - a), 0.5 * (b + a)
+    out: list[float | Tensor] = []
+    for j in range(len(nodes)):
+        total: Any = 0.0
+        for x_p, w_p in zip(points.tolist(), weights.tolist(), strict=True):
+            u = mid + half * x_p
+            basis: Any = 1.0
+            for m in range(len(nodes)):
+                if m != j:
+                    basis = basis * ((u - nodes[m]) / (nodes[j] - nodes[m]))
+            total = total + basis * (half * w_p)
+        out.append(total)
+    return out

@@ -1,4 +1,4 @@
-"""The entry point: `sample(denoiser, noise, solver=..., steps=...)` and per-sample noise.
+"""The entry point: `sample(denoiser, noise, plan=...)` (or `solver=..., steps=...`) and per-sample noise.
 
 `noise` is unit-variance Gaussian noise; it is scaled by the first sigma of the schedule here,
 so callers never scale it themselves. NFE is measured by a counting wrapper around the
@@ -16,8 +16,9 @@ from torch import Tensor
 
 from .contract import CountingDenoiser, Denoiser, StepCallback, per_sample_sigma
 from .errors import InvalidParameterError, MissingPredictorError
-from .registry import MAX_STEPS, SOLVERS, Params
-from .schedules import build_sigmas
+from .planning import SamplingPlan, check_steps
+from .planning import plan as make_plan
+from .registry import SOLVERS, Params
 from .stepping import Progress
 
 MAX_SEED = 2**63 - 1
@@ -42,12 +43,6 @@ class SampleResult:
     sigmas: Tensor
     steps: int
     solver: str
-
-
-def check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InvalidParameterError("steps", steps, f"an integer in 1..{MAX_STEPS}")
-    return steps
 
 
 def _check_noise(noise: object) -> Tensor:
@@ -85,8 +80,10 @@ def sample(
     denoiser: Denoiser,
     noise: Tensor,
     *,
-    solver: str,
-    steps: int,
+    plan: SamplingPlan | None = None,
+    solver: str | None = None,
+    steps: int | None = None,
+    nfe: int | None = None,
     schedule: str = "polynomial",
     schedule_params: Params | Mapping[str, Any] | None = None,
     solver_params: Params | Mapping[str, Any] | None = None,
@@ -100,12 +97,18 @@ def sample(
 ) -> SampleResult:
     """Integrate the probability-flow ODE from sigma_max-scaled noise down to sigmas[-1].
 
+    Either run a `plan` (built once by `solvers.plan`; nothing is looked up or validated again
+    but the noise, the init image and the predictor), or describe the run with the keywords
+    below: then this is `plan(...)` for the denoiser's sigma range followed by the run.
+
     Args:
-        denoiser: the model, with its conditioning already bound.
+        denoiser: the model, with its conditioning already bound; its sigma range must be the plan's.
         noise: unit-variance noise, shape (B, ...); scaled by sigmas[0] here. Its dtype is the
             solver state's dtype (float32, or float64 for exact references).
+        plan: a SamplingPlan; when given, solver .. final_denoise below must be left unset.
         solver: a name from SOLVERS (see list_solvers()).
-        steps: intervals of the schedule, 1..1000: len(sigmas) = steps + 1.
+        steps: intervals of the schedule, 1..1000: len(sigmas) = steps + 1; or
+        nfe: the solver's calls per sample (see `plan`).
         schedule, schedule_params: a name from SCHEDULES and its parameters.
         solver_params: the solver's parameters (a mapping or its Params model).
         afs: analytical first step: the first direction costs no call (saves 1 NFE).
@@ -121,62 +124,95 @@ def sample(
     Returns:
         SampleResult with the images and the counted nfe and network_evals.
     Raises:
-        UnknownSolverError, UnknownScheduleError, InvalidParameterError, MissingPredictorError,
-        SamplingCancelled.
+        UnknownSolverError, UnknownScheduleError, InvalidParameterError, UnreachableNFEError,
+        MissingPredictorError, SamplingCancelled.
     """
-    spec = SOLVERS.get(solver)
-    steps = check_steps(steps)
-    params = spec.parse_params(solver_params)
-    min_steps = spec.min_steps_of(params)
-    if steps < min_steps:
-        raise InvalidParameterError("steps", steps, f"at least {min_steps} for solver {solver!r} with these parameters")
-    if not isinstance(afs, bool):
-        raise InvalidParameterError("afs", afs, "a boolean")
-    if spec.nfe(steps, afs) < 1:
-        raise InvalidParameterError(
-            "afs", afs, f"afs=False with steps={steps}: that AFS run would make no network call"
+    if plan is None:
+        if solver is None:
+            raise InvalidParameterError("solver", solver, "a solver name (or a plan)")
+        plan = make_plan(
+            solver,
+            steps=steps,
+            nfe=nfe,
+            schedule=schedule,
+            schedule_params=schedule_params,
+            solver_params=solver_params,
+            afs=afs,
+            sigma_min=denoiser.sigma_min,
+            sigma_max=denoiser.sigma_max,
+            sigma_levels=denoiser.sigma_levels,
+            grid=grid,
+            start=start,
+            final_denoise=final_denoise,
+            image_to_image=init is not None,
         )
+    else:
+        given = {
+            "solver": solver is not None,
+            "steps": steps is not None,
+            "nfe": nfe is not None,
+            "schedule": schedule != "polynomial",
+            "schedule_params": schedule_params is not None,
+            "solver_params": solver_params is not None,
+            "afs": afs is not False,
+            "grid": grid is not None,
+            "final_denoise": final_denoise is not False,
+            "start": start != 0,
+        }
+        clash = [name for name, set_ in given.items() if set_]
+        if clash:
+            raise InvalidParameterError(clash[0], "set with a plan", "unset: the plan says it")
+    return run(plan, denoiser, noise, predictor=predictor, callback=callback, init=init)
+
+
+def run(
+    plan: SamplingPlan,
+    denoiser: Denoiser,
+    noise: Tensor,
+    *,
+    predictor: Any = None,
+    callback: StepCallback | None = None,
+    init: Tensor | None = None,
+) -> SampleResult:
+    """Run a validated plan (see `sample`): only the noise, the init image and the predictor are checked.
+
+    Raises:
+        InvalidParameterError, MissingPredictorError, SamplingCancelled.
+    """
+    spec = plan.spec
     noise = _check_noise(noise)
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
-        raise InvalidParameterError("start", start, f"an integer in 0..{steps - 1}")
+    if (denoiser.sigma_min, denoiser.sigma_max) != (plan.sigma_min, plan.sigma_max):
+        raise InvalidParameterError(
+            "plan",
+            f"sigma range [{plan.sigma_min:g}, {plan.sigma_max:g}]",
+            f"a plan built for this denoiser's range [{denoiser.sigma_min:g}, {denoiser.sigma_max:g}]",
+        )
     if init is not None:
         if not isinstance(init, Tensor) or init.shape != noise.shape:
             shape = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
             raise InvalidParameterError("init", shape, f"a tensor of the noise's shape {tuple(noise.shape)}")
-        if afs:
+        if plan.afs:
             # AFS's free first direction assumes D = 0 at the start: true of noise, not of an image.
-            raise InvalidParameterError("afs", afs, "False when sampling from an init image")
-    if start and steps - start < min_steps:
-        raise InvalidParameterError(
-            "start", start, f"at most {steps - min_steps}: solver {solver!r} needs {min_steps} steps"
-        )
-    if start and spec.needs_predictor:
-        raise InvalidParameterError("start", start, f"0: solver {solver!r}'s predictor is trained on the whole grid")
+            raise InvalidParameterError(
+                "afs", plan.afs, "False when sampling from an init image (AFS assumes the run starts from noise)"
+            )
     if spec.needs_predictor and predictor is None:
-        raise MissingPredictorError(f"solver {solver!r}", [], f"sampler-amed train --solver {solver}")
+        raise MissingPredictorError(f"solver {spec.name!r}", [], f"sampler-amed train --solver {spec.name}")
     if not spec.needs_predictor and predictor is not None:
-        raise InvalidParameterError("predictor", type(predictor).__name__, f"None: solver {solver!r} uses no predictor")
-    sigmas = build_sigmas(
-        schedule,
-        steps,
-        sigma_min=denoiser.sigma_min,
-        sigma_max=denoiser.sigma_max,
-        sigma_levels=denoiser.sigma_levels,
-        params=schedule_params,
-        grid=grid,
-    )
-    spec.check_grid(params, sigmas, denoiser.sigma_min, denoiser.sigma_max)
-    sigmas = sigmas[start:]
-    run = steps - start
+        raise InvalidParameterError(
+            "predictor", type(predictor).__name__, f"None: solver {spec.name!r} uses no predictor"
+        )
+    sigmas = plan.sigmas
     counter = CountingDenoiser(denoiser)
     x = noise * sigmas[0].item()
     if init is not None:
         x = init.to(dtype=noise.dtype, device=noise.device) + x
     extra = {"predictor": predictor} if spec.needs_predictor else {}
-    x = spec.fn(counter, x, sigmas, params=params, afs=afs, progress=Progress(callback, run), **extra)
-    if final_denoise:
+    progress = Progress(callback, plan.run_steps)
+    x = spec.fn(counter, x, sigmas, params=plan.params, afs=plan.afs, progress=progress, **extra)
+    if plan.final_denoise:
         x = counter(x, per_sample_sigma(sigmas[-1].item(), x))
-    return SampleResult(x, counter.calls, counter.network_evals, sigmas, run, solver)
+    return SampleResult(x, counter.calls, counter.network_evals, sigmas, plan.run_steps, spec.name)
 
 
 def make_noise(
@@ -204,4 +240,4 @@ def nfe_of(solver: str, steps: int, afs: bool = False, final_denoise: bool = Fal
     return SOLVERS.get(solver).nfe(check_steps(steps), afs) + int(final_denoise)
 
 
-__all__ = ["MAX_SEED", "SampleResult", "make_noise", "nfe_of", "sample", "start_step"]
+__all__ = ["MAX_SEED", "SampleResult", "make_noise", "nfe_of", "run", "sample", "start_step"]

@@ -1,6 +1,7 @@
 """AMED: the mean-value-direction solvers (`amed`, `amed_plugin`), their predictor network and its
 data-free training. Imports nothing of this project outside `solvers`."""
 
+from .bases import BASES, MULTISTEP, PLUGIN_BASES, AMEDParams, AMEDPluginParams, PluginBase
 from .predictor import (
     AMEDPredictor,
     Prediction,
@@ -10,12 +11,13 @@ from .predictor import (
     PredictorLoadError,
     PredictorStore,
     load_predictor,
+    new_card,
     predictor_key,
     read_card,
     save_predictor,
     train_command,
 )
-from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, IntervalUpdate, amed_interval
+from .solver import History, IntervalUpdate, amed_interval
 from .training import (
     TRAINING_SEED_BASE,
     TrainingSettings,
@@ -28,12 +30,14 @@ from .training import (
 __all__ = [
     "BASES",
     "MULTISTEP",
+    "PLUGIN_BASES",
     "TRAINING_SEED_BASE",
     "AMEDParams",
     "AMEDPluginParams",
     "AMEDPredictor",
     "History",
     "IntervalUpdate",
+    "PluginBase",
     "Prediction",
     "PredictorCard",
     "PredictorConfig",
@@ -44,6 +48,7 @@ __all__ = [
     "TrainingSummary",
     "amed_interval",
     "load_predictor",
+    "new_card",
     "new_predictor",
     "predictor_key",
     "read_card",

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import MissingGridError, MissingPredictorError, SolverError
+from ..errors import InvalidParameterError, MissingGridError, MissingPredictorError, SolverError
 from ..learned.grid import (
     GRID_FILE_PREFIX,
     GridCard,
@@ -43,6 +43,8 @@ from ..learned.grid import (
     read_grid,
     train_schedule_command,
 )
+from ..planning import SamplingPlan
+from .bases import AMEDPluginParams
 
 ARTIFACT_VERSION = 1
 
@@ -205,33 +207,56 @@ def _canonical(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
 
 
-def predictor_key(
-    *,
-    model_fingerprint: str,
-    solver: str,
-    base: str | None,
-    base_max_order: int | None,
-    nfe: int,
-    schedule: str,
-    schedule_params: dict[str, Any],
-    sigma_min: float,
-    sigma_max: float,
-    afs: bool,
-    guidance: float,
-) -> PredictorKey:
-    """The key of a request (schedule_params complete, defaults included: `Params.model_dump()`)."""
+def predictor_key(plan: SamplingPlan, *, model_fingerprint: str, guidance: float) -> PredictorKey:
+    """The key of the predictor that running `plan` (an `amed` or `amed_plugin` plan) on the model
+    `model_fingerprint` at `guidance` needs: the one function that builds it (the service, the
+    training command and the sweep all call it; `PredictorCard.key` reads it back)."""
+    if not plan.spec.needs_predictor:
+        raise InvalidParameterError("solver", plan.solver, "a solver that uses a predictor (amed, amed_plugin)")
+    plugin = plan.params if isinstance(plan.params, AMEDPluginParams) else None
+    sigmas = plan.sigmas
     return PredictorKey(
         model_fingerprint=model_fingerprint,
-        solver=solver,
-        base=base,
-        base_max_order=base_max_order,
-        nfe=nfe,
-        schedule=schedule,
-        schedule_params=_canonical(schedule_params),
-        sigma_min=float(sigma_min),
-        sigma_max=float(sigma_max),
-        afs=afs,
+        solver=plan.solver,
+        base=plugin.base if plugin else None,
+        base_max_order=plugin.order_limit() if plugin else None,
+        nfe=plan.solver_nfe,
+        schedule=plan.schedule,
+        schedule_params=_canonical(plan.schedule_params.model_dump()),
+        sigma_min=float(sigmas[-1]),
+        sigma_max=float(sigmas[0]),
+        afs=plan.afs,
         guidance=float(guidance),
+    )
+
+
+def new_card(
+    plan: SamplingPlan,
+    *,
+    model: str,
+    model_fingerprint: str,
+    guidance: float,
+    config: PredictorConfig,
+    training: dict[str, Any],
+) -> PredictorCard:
+    """The sidecar of a predictor trained for `plan`: its key's fields (see predictor_key) and how it was made."""
+    key = predictor_key(plan, model_fingerprint=model_fingerprint, guidance=guidance)
+    return PredictorCard(
+        model=model,
+        model_fingerprint=key.model_fingerprint,
+        solver=plan.solver,  # amed or amed_plugin: checked by predictor_key
+        base=key.base,
+        base_max_order=key.base_max_order,
+        nfe=key.nfe,
+        steps=plan.run_steps,
+        schedule=key.schedule,
+        schedule_params=plan.schedule_params.model_dump(),
+        sigma_min=key.sigma_min,
+        sigma_max=key.sigma_max,
+        afs=key.afs,
+        guidance=key.guidance,
+        config=config,
+        training=training,
     )
 
 
@@ -397,6 +422,7 @@ __all__ = [
     "PredictorStore",
     "load_predictor",
     "log_interpolate",
+    "new_card",
     "predictor_key",
     "read_card",
     "save_predictor",

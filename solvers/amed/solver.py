@@ -13,7 +13,11 @@ Per interval [sigma_i -> sigma_{i+1}] (h = sigma_{i+1} - sigma_i), both spend tw
 `amed`: x_s = x_i + (s_i - sigma_i) d_i, x_{i+1} = x_i + c h d_s (the mean-value direction).
 With r = 1/2 and c = a = 1 this is `dpm_solver_2`.
 
-`amed_plugin`: a base solver runs on the merged grid {sigma_0, s_0, sigma_1, s_1, ...}:
+`amed_plugin`: a base solver (bases.py holds the list) runs on the merged grid
+{sigma_0, s_0, sigma_1, s_1, ...}, whose points s_i the predictor chooses per sample at run time.
+Each sub-step is the base solver's own step rule (`euler_step`, `dpm_solver_2_step`,
+`adams_bashforth_step` with `ipndm_coefficients` / `ipndm_v_coefficients`, `dpmpp_step`), the very
+functions the base's loop calls, here given per-sample sigmas and c as their `scale`:
 - euler: both sub-steps are Euler steps; the second is x_s + c (sigma_{i+1} - s_i) d_s;
 - dpm_solver_2: its own intermediate point is s_i: x_{i+1} = x_i + h [(1 - 1/(2r)) d_i + c/(2r) d_s];
 - ipndm: Adams-Bashforth with the fixed equal-step weights of order min(max_order, history) on
@@ -30,60 +34,32 @@ data-free training loop (training.py) both call, so what is trained is what is s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
-import numpy as np
-import pydantic
 import torch
 from torch import Tensor
 
-from ..adams import AB_WEIGHTS
+from ..adams import adams_bashforth_step, ipndm_coefficients, ipndm_v_coefficients
 from ..contract import CountingDenoiser, Denoiser
+from ..dpm_solver import dpm_solver_2_step, dpmpp_step
 from ..errors import InvalidParameterError
-from ..registry import Params, register
-from ..stepping import Progress, afs_denoised
+from ..euler_heun import euler_step
+from ..registry import register
+from ..stepping import Progress, Sigma, afs_denoised, direction
+from .bases import BASES, MULTISTEP, PLUGIN_BASES, AMEDParams, AMEDPluginParams
 from .predictor import AMEDPredictor, log_interpolate
-
-# Gauss-Legendre on [-1, 1] with 4 points: exact for the Lagrange basis of up to 4 nodes.
-_GL_NODES, _GL_WEIGHTS = (tuple(float(v) for v in a) for a in np.polynomial.legendre.leggauss(4))
-BASES = ("euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m")
-MAX_ORDER = {"euler": 1, "dpm_solver_2": 2, "ipndm": 4, "ipndm_v": 4, "dpmpp_2m": 3}
-MULTISTEP = ("ipndm", "ipndm_v", "dpmpp_2m")
-
-
-class AMEDParams(Params):
-    """AMED-Solver has no free parameters: r, c (and a) come from the trained predictor."""
-
-
-class AMEDPluginParams(Params):
-    base: Literal["euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"] = "ipndm"
-    """The solver run on the merged grid."""
-    max_order: Annotated[int, pydantic.Field(ge=1, le=4)] | None = None
-    """Multistep order limit: ipndm and ipndm_v 1-4 (default 4), dpmpp_2m 1-3 (default 2); none for
-    the others."""
-
-    def order_limit(self) -> int:
-        if self.max_order is None:
-            return {"ipndm": 4, "ipndm_v": 4, "dpmpp_2m": 2}.get(self.base, 1)
-        return self.max_order
-
-    @pydantic.model_validator(mode="after")
-    def _check_order(self) -> AMEDPluginParams:
-        if self.max_order is not None:
-            limit = MAX_ORDER[self.base] if self.base in MULTISTEP else None
-            if limit is None:
-                raise ValueError(f"max_order only with a multistep base ({', '.join(MULTISTEP)}), not {self.base}")
-            if self.max_order > limit:
-                raise ValueError(f"max_order in 1..{limit} for base {self.base}")
-        return self
 
 
 @dataclass
 class IntervalUpdate:
     """Which update an interval uses: `amed`, or a plugin base with its order limit."""
 
-    kind: Literal["amed", "euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"]
+    kind: str
+    """"amed", or a name from PLUGIN_BASES."""
     max_order: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind != "amed" and self.kind not in PLUGIN_BASES:
+            raise ValueError(f"update {self.kind!r}: expected amed or one of {', '.join(BASES)}")
 
     @property
     def multistep(self) -> bool:
@@ -112,62 +88,12 @@ class History:
         return History([s.detach() for s in self.sigmas], [v.detach() for v in self.values])
 
 
-def _column(values: Tensor, like: Tensor) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) in like's dtype, for broadcasting against a state."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _ab_step(x: Tensor, t_from: Tensor, t_to: Tensor, history: History, order: int, scale: Tensor | float) -> Tensor:
-    """x + scale (t_to - t_from) sum_j w_j d_{k-j} with iPNDM's equal-step weights."""
-    k = min(order, len(history.values))
-    weights = AB_WEIGHTS[k - 1]
-    combined = sum(w * d for w, d in zip(weights, reversed(history.values[-k:]), strict=False))
-    return x + scale * _column(t_to - t_from, x) * combined
-
-
-def _lagrange_ab_step(
-    x: Tensor, t_from: Tensor, t_to: Tensor, history: History, order: int, scale: Tensor | float
-) -> Tensor:
-    """x + scale sum_j w_j d_j with w_j = int_{t_from}^{t_to} l_j(t) dt, l_j the Lagrange basis
-    through the last k history sigmas (per sample; t_from is the newest), by 4-point Gauss-Legendre."""
-    k = min(order, len(history.values))
-    nodes = history.sigmas[-k:]
-    half, mid = (t_to - t_from) / 2, (t_to + t_from) / 2
-    points = mid[:, None] + half[:, None] * half.new_tensor(_GL_NODES)  # (B, 4)
-    weights = half.new_tensor(_GL_WEIGHTS)
-    combined = torch.zeros_like(x)
-    for j in range(k):
-        basis = torch.ones_like(points)
-        for m in range(k):
-            if m != j:
-                basis = basis * (points - nodes[m][:, None]) / (nodes[j] - nodes[m])[:, None]
-        combined = combined + _column(half * (basis * weights).sum(1), x) * history.values[-k + j]
-    return x + scale * combined
-
-
-def _dpmpp_step(x: Tensor, t_from: Tensor, t_to: Tensor, history: History, order: int, scale: Tensor | float) -> Tensor:
-    """DPM-Solver++ multistep from t_from to t_to (per-sample sigmas) with the data predictions in
-    `history` (its newest node is t_from); `scale` multiplies the model terms."""
-    lam = [-torch.log(s) for s in history.sigmas]
-    h = torch.log(t_from) - torch.log(t_to)
-    phi_1 = torch.expm1(-h)
-    k = min(order, len(history.values))
-    d0 = history.values[-1]
-    if k == 1:
-        model = -_column(phi_1, x) * d0
-    elif k == 2:
-        r = (lam[-1] - lam[-2]) / h
-        model = -_column(phi_1, x) * (d0 + _column(0.5 / r, x) * (d0 - history.values[-2]))
-    else:
-        r0, r1 = (lam[-1] - lam[-2]) / h, (lam[-2] - lam[-3]) / h
-        d1_0 = (d0 - history.values[-2]) / _column(r0, x)
-        d1_1 = (history.values[-2] - history.values[-3]) / _column(r1, x)
-        d1 = d1_0 + _column(r0 / (r0 + r1), x) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / _column(r0 + r1, x)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        model = -_column(phi_1, x) * d0 + _column(phi_2, x) * d1 - _column(2.0 * phi_3, x) * d2
-    return _column(t_to / t_from, x) * x + scale * model
+def _ab_coefficients(kind: str, history: History, sigma_next: Tensor, scale: Tensor | float) -> list[Sigma]:
+    """The Adams-Bashforth coefficients of base `kind` from the history's newest sigma to sigma_next,
+    per sample, at the order the history allows (its length is capped at the order limit)."""
+    if kind == "ipndm":
+        return ipndm_coefficients(history.sigmas[-1], sigma_next, len(history.values), scale)
+    return ipndm_v_coefficients(history.sigmas, sigma_next, scale)
 
 
 @dataclass(frozen=True)
@@ -222,34 +148,32 @@ def amed_interval(
         prediction = predictor(feature.detach() if feature is not None else None, cur, nxt)
     r, c, a = prediction.r, prediction.c, prediction.a
     s = log_interpolate(sigma_cur, sigma_next, r)
-    d_cur = (x - denoised) / sigma_cur
-    keep = update.max_order
-    ab_step = _lagrange_ab_step if update.kind == "ipndm_v" else _ab_step
-    if update.kind in ("ipndm", "ipndm_v"):
-        history.push(cur, d_cur, keep)
-        x_s = ab_step(x, cur, s, history, update.max_order, 1.0)
-    elif update.kind == "dpmpp_2m":
-        history.push(cur, denoised, keep)
-        x_s = _dpmpp_step(x, cur, s, history, update.max_order, 1.0)
-    else:
-        x_s = x + _column(s - sigma_cur, x) * d_cur
+    d_cur = direction(x, denoised, sigma_cur)
+    kind, order = update.kind, update.max_order
+    # First sub-step, sigma_i -> s_i: the base's own rule (multistep bases with sigma_i in their history).
+    if kind in ("ipndm", "ipndm_v"):
+        history.push(cur, d_cur, order)
+        x_s = adams_bashforth_step(x, history.values, _ab_coefficients(kind, history, s, 1.0))
+    elif kind == "dpmpp_2m":
+        history.push(cur, denoised, order)
+        x_s = dpmpp_step(x, history.values, history.sigmas, s, min(order, len(history.values)))
+    else:  # amed, euler, dpm_solver_2: an Euler step to the intermediate point
+        x_s = euler_step(x, d_cur, sigma_cur, s)
     denoised_s = denoiser(x_s, (a * s).to(x.dtype))
-    d_s = (x_s - denoised_s) / _column(s, x)
-    c_col = _column(c, x)
-    h = sigma_next - sigma_cur
-    if update.kind == "amed":
-        x_next = x + c_col * h * d_s
-    elif update.kind == "euler":
-        x_next = x_s + c_col * _column(nxt - s, x) * d_s
-    elif update.kind == "dpm_solver_2":
-        inv = _column(0.5 / r, x)
-        x_next = x + h * ((1.0 - inv) * d_cur + c_col * inv * d_s)
-    elif update.kind in ("ipndm", "ipndm_v"):
-        history.push(s, d_s, keep)
-        x_next = ab_step(x_s, s, nxt, history, update.max_order, c_col)
+    d_s = direction(x_s, denoised_s, s)
+    # Second sub-step, s_i -> sigma_{i+1}, with c scaling the model terms.
+    if kind == "amed":  # the mean-value direction: d_s over the whole interval
+        x_next = euler_step(x, d_s, sigma_cur, sigma_next, scale=c)
+    elif kind == "euler":
+        x_next = euler_step(x_s, d_s, s, sigma_next, scale=c)
+    elif kind == "dpm_solver_2":  # s_i is DPM-Solver-2's own intermediate point, at its r
+        x_next = dpm_solver_2_step(x, d_cur, d_s, sigma_cur, sigma_next, r, scale=c)
+    elif kind in ("ipndm", "ipndm_v"):
+        history.push(s, d_s, order)
+        x_next = adams_bashforth_step(x_s, history.values, _ab_coefficients(kind, history, nxt, c))
     else:
-        history.push(s, denoised_s, keep)
-        x_next = _dpmpp_step(x_s, s, nxt, history, update.max_order, c_col)
+        history.push(s, denoised_s, order)
+        x_next = dpmpp_step(x_s, history.values, history.sigmas, nxt, min(order, len(history.values)), scale=c)
     return IntervalResult(x_next, denoised_s, history, r, c, a)
 
 
@@ -316,11 +240,11 @@ def sample_amed(
 
 @register(
     "amed_plugin",
-    description="AMED-Plugin: a base solver (euler, dpm_solver_2, ipndm, ipndm_v, dpmpp_2m) on the grid merged with "
+    description=f"AMED-Plugin: a base solver ({', '.join(BASES)}) on the grid merged with "
     "learned intermediate times; a trained predictor reads the U-Net bottleneck; 2 calls per step",
     params=AMEDPluginParams,
     evals_per_step=2,
-    order=lambda p: {"euler": 1}.get(p.base, 2),
+    order=lambda p: PLUGIN_BASES[p.base].order,
     needs_predictor=True,
 )
 def sample_amed_plugin(
@@ -339,10 +263,6 @@ def sample_amed_plugin(
 
 
 __all__ = [
-    "BASES",
-    "MULTISTEP",
-    "AMEDParams",
-    "AMEDPluginParams",
     "History",
     "IntervalResult",
     "IntervalUpdate",

@@ -35,8 +35,9 @@ from torch import Tensor
 from ..contract import CountingDenoiser, Denoiser, StepInfo
 from ..registry import SOLVERS
 from ..stepping import Progress
+from .bases import MULTISTEP
 from .predictor import AMEDPredictor, PredictorConfig
-from .solver import MULTISTEP, History, IntervalUpdate, amed_interval
+from .solver import History, IntervalUpdate, amed_interval
 
 # Training noise seeds start here: far above the seeds benchmarks score with (seed_base + k, small),
 # so no predictor is ever measured on the noises it was trained on.
