@@ -139,6 +139,19 @@ def _wait_ready(target: str, metadata: tuple[tuple[str, str], ...], process: sub
     raise BenchError(f"{target} did not become ready in time")
 
 
+def _wait_serving(log: Path, process: subprocess.Popen[str]) -> None:
+    """Until `sampler-service ray` logs SERVING: every replica built and warmed, so that neither the
+    idle measurement nor the first phase overlaps a replica's start-up."""
+    deadline = time.perf_counter() + 600
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"sampler-service ray exited with status {process.returncode}: see {log}")
+        if "SERVING" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise BenchError("sampler-service ray did not log SERVING in time")
+
+
 class ProcessTree:
     """CPU time (user + system) of a process and all its descendants, and their CPU affinity."""
 
@@ -374,9 +387,10 @@ def run(args: argparse.Namespace) -> int:
                     env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0", **dict(args.ray_env)},
                     text=True,
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stderr=(Path(folder) / f"ray-{replicas}.log").open("w"),
                 )
                 try:
+                    _wait_serving(Path(folder) / f"ray-{replicas}.log", on_ray)
                     rows += _measure(
                         args,
                         replicas,
