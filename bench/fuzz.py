@@ -111,8 +111,15 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--text",
         action="store_true",
-        help="also serve a tiny seeded Stable Diffusion pipeline (built offline) and mutate the text-to-image "
+        help="also serve a tiny seeded text-to-image pipeline (built offline) and mutate the text-to-image "
         "fields: prompts, sizes, init images, strength",
+    )
+    parser.add_argument(
+        "--text-kind",
+        choices=("sd", "flux"),
+        default="sd",
+        help="which tiny pipeline --text serves: Stable Diffusion, or a guidance-distilled Flux (2x2 packed "
+        "sizes, no negative prompt)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
@@ -407,7 +414,12 @@ class CaseMaker:
             ("prompt=unicode", nothing, {"prompt": ["ünïcödé 名前 🙂 \u202e"]}, "valid"),
             ("prompt=10,000 values", nothing, {"prompt": ["p"] * 10_000}, "invalid"),
             ("prompt=2 for 1 sample", nothing, {"prompt": ["a", "b"]}, "invalid"),
-            ("negative_prompt=['blurry']", nothing, {"negative_prompt": ["blurry"]}, "valid"),
+            (
+                "negative_prompt=['blurry']",
+                nothing,
+                {"negative_prompt": ["blurry"]},
+                "invalid" if text.get("distilled") else "valid",  # a distilled model takes none
+            ),
             ("negative_prompt=max_prompt_chars+1", nothing, {"negative_prompt": ["n" * (chars + 1)]}, "invalid"),
             ("negative_prompt=NUL", nothing, {"negative_prompt": ["\x00"]}, "invalid"),
             ("negative_prompt=2 for 1 sample", nothing, {"negative_prompt": ["a", "b"]}, "invalid"),
@@ -891,6 +903,7 @@ def published_limits(port: int, metadata: tuple[tuple[str, str], ...] = ()) -> L
             "width": text.width,
             "height": text.height,
             "multiple": text.size_multiple,
+            "distilled": text.guidance_distilled,
             "max_prompt_chars": info.max_prompt_chars,
             "min_side": info.min_image_side,
             "max_side": info.max_image_side,
@@ -899,17 +912,17 @@ def published_limits(port: int, metadata: tuple[tuple[str, str], ...] = ()) -> L
     )
 
 
-def _text_models_config(device: str) -> Path:
-    """A models config serving mnist and a tiny seeded Stable Diffusion pipeline saved to a
-    temporary folder (random weights, the real layout; no download)."""
+def _text_models_config(device: str, kind: str = "sd") -> Path:
+    """A models config serving mnist and a tiny seeded text-to-image pipeline ("sd", or "flux": a
+    guidance-distilled one) saved to a temporary folder (random weights, the real layout; no download)."""
     from models.tiny_pipelines import save_tiny_pipeline
 
     folder = Path(tempfile.mkdtemp(prefix="fuzz-models-"))
-    save_tiny_pipeline("sd", folder / "tiny-sd")
+    save_tiny_pipeline("sd" if kind == "sd" else "flux", folder / f"tiny-{kind}")
     config = folder / "models.toml"
     config.write_text(
         f'[[models]]\nname = "mnist"\nsource = "mnist"\ndevice = "{device}"\n\n'
-        f'[[models]]\nname = "tiny-sd"\nsource = "tiny-sd"\ndevice = "{device}"\n'
+        f'[[models]]\nname = "tiny-{kind}"\nsource = "{folder / f"tiny-{kind}"}"\ndevice = "{device}"\n'
     )
     return config
 
@@ -1092,7 +1105,7 @@ def run(args: argparse.Namespace) -> int:
         "SAMPLER_DEVICE": args.device,
         "SAMPLER_METRICS_PORT": str(metrics_port),
         **({"SAMPLER_AUTH_TOKEN": TOKEN} if args.auth else {}),
-        **({"SAMPLER_MODELS_CONFIG": str(_text_models_config(args.device))} if args.text else {}),
+        **({"SAMPLER_MODELS_CONFIG": str(_text_models_config(args.device, args.text_kind))} if args.text else {}),
         "HF_HUB_OFFLINE": "1",
     }
     log_file = Path(tempfile.mkstemp(prefix="fuzz-server-", suffix=".log")[1])

@@ -3,7 +3,7 @@
 `load(source)` gives a model (from a built-in name such as "mnist", a diffusers folder, or a hub
 id from the local cache) of one of two kinds: a class-conditional `DiffusionModel`, whose
 `conditioned(labels, guidance)` is the denoiser solvers run, or a `TextToImageModel` (Stable
-Diffusion, SDXL pipelines), whose `conditioned(prompts, negative_prompts, guidance, height=,
+Diffusion, SDXL, SD3 and Flux pipelines), whose `conditioned(prompts, negative_prompts, guidance, height=,
 width=)` is a denoiser over latents, with `decode` / `encode` between latents and images.
 
 Depends on the solver contract only (`solvers.contract`), never on the service or the benchmarks.

@@ -488,7 +488,10 @@ class UNetDenoiser:
             w = self._guidance.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
             cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
             uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
-            denoised = uncond + w * (cond - uncond)
+            # A row at w = 1 (or 0) is the conditional (unconditional) prediction itself: the same
+            # sample alone runs that pass only, and uncond + 1 * (cond - uncond) rounds otherwise.
+            guided = uncond + w * (cond - uncond)
+            denoised = torch.where(w == 1.0, cond, torch.where(w == 0.0, uncond, guided))
         else:
             denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None

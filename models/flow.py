@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Any
 
@@ -77,7 +77,8 @@ class FlowSchedule:
     shift: float = 1.0
     timestep_scale: float = 1000.0
     prediction_type: str = FLOW_PREDICTION
-    # Continuous in t: no trained levels for the `discrete` schedule.
+    # None: continuous in t, no levels for the `discrete` schedule (a bare flow UNet);
+    # with_trained_levels() sets the training grid (the SD3 / Flux pipelines).
     sigma_levels: Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -128,6 +129,20 @@ class FlowSchedule:
                 raise UnsupportedSchedulerError("shift", shift, "a number > 0")
         top = 1.0 - 1.0 / count if t_max is None else t_max
         return cls(t_min=1.0 / count, t_max=float(top), shift=float(shift), timestep_scale=float(count))
+
+    def with_trained_levels(self) -> FlowSchedule:
+        """This schedule with `sigma_levels`: the training grid t = k / N, k = 1..N-1 (N =
+        timestep_scale), shifted, as sigmas (ascending, float64): the levels diffusers'
+        FlowMatchEulerDiscreteScheduler builds its `sigmas` from, t = 1 (sigma = inf) left out. The
+        `discrete` schedule then picks the model's own grid from them. Needs the default range
+        [1 / N, 1 - 1 / N] (from_config without t_max)."""
+        count = round(self.timestep_scale)
+        if abs(self.t_min * count - 1.0) > 1e-9 or abs(self.t_max * count - (count - 1)) > 1e-9:
+            raise UnsupportedSchedulerError(
+                "t_min, t_max", (self.t_min, self.t_max), f"1 / {count} and 1 - 1 / {count} (the training grid's ends)"
+            )
+        t = torch.arange(1, count, dtype=torch.float64) / count
+        return replace(self, sigma_levels=self.shift * t / (1.0 - t))
 
     @property
     def sigma_min(self) -> float:

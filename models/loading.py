@@ -40,7 +40,8 @@ from .errors import (
 )
 from .files import DIFFUSERS_WEIGHTS, digest, read_json, weight_files
 from .flow import FLOW_SCHEDULERS, FlowSchedule
-from .pipelines import TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
+from .flow_pipelines import load_flow_pipeline
+from .pipelines import FLOW_PIPELINE_CLASSES, TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
 from .prompts import DEFAULT_CACHE_SIZE, PromptCache
 from .text_to_image import ModelKind, SizeLimits, TextToImageModel
 
@@ -93,7 +94,8 @@ class ModelFiles:
     Attributes:
         kind: "builtin", "directory" or "hub".
         root: the folder the source named (the snapshot folder for a hub id).
-        unet_dir: the folder holding the UNet's config.json and weights.
+        unet_dir: the folder holding the denoising network's config.json and weights (unet/, or a
+            flow pipeline's transformer/).
         scheduler_config: the scheduler's JSON config file.
     """
 
@@ -179,8 +181,9 @@ def _cached_snapshot(repo_id: str, hub_cache: Path | None) -> Path:
 
 
 def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFiles:
-    if (root / "unet").is_dir():
-        unet_dir = root / "unet"
+    network = next((root / name for name in ("unet", "transformer") if (root / name).is_dir()), None)
+    if network is not None:  # a pipeline: a UNet, or the transformer of SD3 / Flux
+        unet_dir = network
         candidates = [root / "scheduler" / "scheduler_config.json"]
     elif (root / "config.json").is_file():
         unet_dir = root
@@ -189,7 +192,9 @@ def _layout(root: Path, kind: Literal["builtin", "directory", "hub"]) -> ModelFi
         if kind == "builtin" and not root.exists():
             raise ModelLoadError(root, "the built-in model is missing from this checkout")
         raise ModelLoadError(
-            root, "not a diffusers model folder: expected unet/ and scheduler/ (a pipeline) or config.json (a UNet)"
+            root,
+            "not a diffusers model folder: expected unet/ or transformer/ and scheduler/ (a pipeline) or "
+            "config.json (a UNet)",
         )
     scheduler = next((c for c in candidates if c.is_file()), None)
     if scheduler is None:
@@ -414,7 +419,7 @@ def load(
             text pipeline; None: the plain ones. `dtype` still decides the precision it runs in.
     Returns:
         a DiffusionModel (kind "class-conditional": a UNet, optionally with labels) or a
-        TextToImageModel (kind "text-to-image": a StableDiffusion / SDXL pipeline folder).
+        TextToImageModel (kind "text-to-image": a StableDiffusion, SDXL, SD3 or Flux pipeline folder).
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedSchedulerError, UnsupportedModelError,
         InvalidDeviceError.
@@ -426,6 +431,21 @@ def load(
         if null_class is not None:
             raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
         return load_text_pipeline(
+            root,
+            pipeline,
+            name=name or str(source),
+            source=str(source),
+            device=torch_device,
+            dtype=torch_dtype,
+            text_encoder_device=torch_device if text_encoder_device is None else resolve_device(text_encoder_device),
+            cache=prompt_cache if prompt_cache is not None else PromptCache(DEFAULT_CACHE_SIZE),
+            limits=size_limits or SizeLimits(),
+            variant=variant,
+        )
+    if pipeline in FLOW_PIPELINE_CLASSES:
+        if null_class is not None:
+            raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
+        return load_flow_pipeline(
             root,
             pipeline,
             name=name or str(source),

@@ -108,7 +108,9 @@ TEXT_PIPELINES: dict[str, PipelineSpec] = {
         force_zeros_default=True,
     ),
 }
-SUPPORTED_PIPELINES = (*TEXT_PIPELINES, *UNET_PIPELINES)
+# The rectified-flow transformer pipelines: flow_pipelines.py loads them.
+FLOW_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
+SUPPORTED_PIPELINES = (*TEXT_PIPELINES, *FLOW_PIPELINE_CLASSES, *UNET_PIPELINES)
 # Config keys the adapter reads to size things (diffusers would silently default them). A VAE config
 # without scaling_factor is allowed: SD 1.x folders saved by diffusers 0.6 lack it, and its default,
 # 0.18215, is theirs (SD 2 and SDXL state theirs).
@@ -354,6 +356,7 @@ def _check_widths(
 
 
 __all__ = [
+    "FLOW_PIPELINE_CLASSES",
     "SUPPORTED_PIPELINES",
     "TEXT_PIPELINES",
     "UNET_PIPELINES",

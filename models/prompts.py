@@ -4,8 +4,8 @@ and an LRU cache of encoded prompts.
 A `PromptEncoder` turns texts into what a denoising network reads: per-token hidden states
 (B, L, D) and, for models that take one, a pooled vector (B, P). `ClipPromptEncoder` covers
 Stable Diffusion (one CLIP encoder, its last hidden state) and SDXL (two encoders, their
-penultimate hidden states side by side, the second one's projected pooled output). SD3 and Flux
-add T5 encoders behind the same protocol.
+penultimate hidden states side by side, the second one's projected pooled output); SD3's and
+Flux's, with their T5 encoders, are in flow_prompts.py behind the same protocol.
 
 Prompts are encoded once per request, never per step, and cached by (encoder fingerprint, text),
 so a server that sees the same prompt (or the empty negative prompt) again does no text work.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -126,6 +126,33 @@ class PromptEncoder(Protocol):
         ...
 
 
+def encode_cached(
+    cache: PromptCache, fingerprint: str, texts: Sequence[str], run: Callable[[list[str]], list[PromptEmbedding]]
+) -> PromptBatch:
+    """The texts' embeddings, each distinct text not in the cache encoded once by `run` (all
+    missing ones in one call) and cached."""
+    found: dict[str, PromptEmbedding] = {}
+    missing: list[str] = []
+    for text in dict.fromkeys(texts):
+        entry = cache.get(fingerprint, text)
+        if entry is None:
+            missing.append(text)
+        else:
+            found[text] = entry
+    if missing:
+        for text, entry in zip(missing, run(missing), strict=True):
+            cache.put(fingerprint, text, entry)
+            found[text] = entry
+    return PromptBatch.stack([found[text] for text in texts])
+
+
+def clip_dropped_tokens(tokenizer: Any, text: str) -> int:
+    """What tokenizer(truncation=True, max_length=model_max_length) cuts of a CLIP tokenizer's
+    text: its tokens past the room left by the start and end tokens (0 when it fits)."""
+    count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+    return max(0, count - (int(tokenizer.model_max_length) - 2))
+
+
 class ClipPromptEncoder:
     """One or two CLIP text encoders with their tokenizers, as Stable Diffusion pipelines use them.
 
@@ -172,24 +199,11 @@ class ClipPromptEncoder:
             # What tokenizer(truncation=True, max_length=model_max_length) cuts: the text's tokens
             # past the room left by the start and end tokens.
             with self._tokenizer_lock:
-                count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
-            dropped = max(dropped, count - (int(tokenizer.model_max_length) - 2))
+                dropped = max(dropped, clip_dropped_tokens(tokenizer, text))
         return dropped
 
     def encode(self, texts: Sequence[str]) -> PromptBatch:
-        found: dict[str, PromptEmbedding] = {}
-        missing: list[str] = []
-        for text in dict.fromkeys(texts):
-            entry = self.cache.get(self.fingerprint, text)
-            if entry is None:
-                missing.append(text)
-            else:
-                found[text] = entry
-        if missing:
-            for text, entry in zip(missing, self._run(missing), strict=True):
-                self.cache.put(self.fingerprint, text, entry)
-                found[text] = entry
-        return PromptBatch.stack([found[text] for text in texts])
+        return encode_cached(self.cache, self.fingerprint, texts, self._run)
 
     def _run(self, texts: list[str]) -> list[PromptEmbedding]:
         with self._tokenizer_lock:
@@ -222,4 +236,13 @@ class ClipPromptEncoder:
         ]
 
 
-__all__ = ["DEFAULT_CACHE_SIZE", "ClipPromptEncoder", "PromptBatch", "PromptCache", "PromptEmbedding", "PromptEncoder"]
+__all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "ClipPromptEncoder",
+    "PromptBatch",
+    "PromptCache",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "clip_dropped_tokens",
+    "encode_cached",
+]

@@ -4,8 +4,8 @@ A `TextToImageModel` is three parts, each replaceable by model family:
 - a `PromptEncoder` (prompts.py): texts -> per-token states and pooled vectors, cached;
 - a backbone: the denoising network with its noise parameterisation, which binds encoded prompts,
   guidance and the image size into a `Denoiser` (here `UNetTextBackbone`: a DDPM-family UNet with
-  cross-attention, SDXL's added text/time embedding when the UNet has one; the flow-matching
-  transformers of SD3 and Flux join as other backbones);
+  cross-attention, SDXL's added text/time embedding when the UNet has one; the rectified-flow
+  transformers of SD3 and Flux are flow_transformers.py's);
 - a `LatentCodec` (latent_codec.py): the VAE, images <-> latents.
 
 The model itself does what is common to all of them: validate the size against the VAE factor and
@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 import torch
 from diffusers.models import UNet2DConditionModel
 from torch import Tensor
+
+from solvers.contract import Denoiser
 
 from .diffusers_unet import UNetDenoiser, VPDiscreteSchedule, unet_traits
 from .errors import InvalidConditioningError, UnsupportedModelError
@@ -51,7 +53,9 @@ class Backbone(Protocol):
         prediction_type: what the network predicts ("epsilon", "v_prediction", "flow", ...).
         device, dtype: where and in what precision it runs.
         default_latent_size: (h, w) of the latents it was trained at.
-        pooled: whether it reads a pooled text vector.
+        patch: latent pixels per token side (1 for a UNet, 2 for the transformers' patches).
+        max_latent_side: the largest latent side it can position, or None for no limit.
+        guidance_distilled: guidance is the network's input (one pass, no negative prompt).
     """
 
     sigma_min: float
@@ -61,12 +65,19 @@ class Backbone(Protocol):
     device: torch.device
     dtype: torch.dtype
     default_latent_size: tuple[int, int]
+    patch: int
+    max_latent_side: int | None
+    guidance_distilled: bool
 
     def denoiser(
         self, cond: PromptBatch | None, uncond: PromptBatch | None, guidance: Tensor, height: int, width: int
-    ) -> UNetDenoiser:
+    ) -> Denoiser:
         """The denoiser over latents of an image of height x width pixels; `cond` / `uncond` are
         None when no sample needs that pass."""
+        ...
+
+    def noise_range(self, height: int, width: int) -> tuple[float, float, Tensor | None]:
+        """(sigma_min, sigma_max, sigma_levels) of its denoiser at this image size (pixels)."""
         ...
 
 
@@ -77,6 +88,10 @@ class UNetTextBackbone:
         unet: eval mode, gradients off, on its device and dtype.
         schedule: the trained schedule (scheduler config's betas and prediction type).
     """
+
+    patch = 1
+    max_latent_side: int | None = None
+    guidance_distilled = False
 
     def __init__(self, unet: UNet2DConditionModel, schedule: VPDiscreteSchedule) -> None:
         traits = unet_traits(unet)
@@ -109,6 +124,9 @@ class UNetTextBackbone:
             guidance=guidance,
         )
 
+    def noise_range(self, height: int, width: int) -> tuple[float, float, Tensor | None]:
+        return self.sigma_min, self.sigma_max, self.sigma_levels  # the trained levels, at any size
+
     def _added(self, prompts: PromptBatch | None, height: int, width: int) -> dict[str, Tensor] | None:
         if prompts is None or not self.traits.added_inputs:
             return None
@@ -131,6 +149,9 @@ class TextToImageModel:
         prompts, backbone, codec: the parts (see the module docstring).
         force_zeros_for_empty_prompt: the unconditional pass without a negative prompt is zeros
             (SDXL) rather than the empty prompt's encoding.
+        guidance_distilled: guidance is an input of the network (Flux dev): one pass per step,
+            no negative prompt.
+        size_multiple: image sides are multiples of this (the VAE factor times the backbone's patch).
         default_size: (height, width) in pixels the model was trained at.
         sample_shape: the latent shape at the default size.
         limits: the accepted image sizes.
@@ -147,7 +168,7 @@ class TextToImageModel:
         *,
         pipeline_class: str,
         prompts: PromptEncoder,
-        backbone: UNetTextBackbone,
+        backbone: Backbone,
         codec: LatentCodec,
         fingerprint: str,
         force_zeros_for_empty_prompt: bool,
@@ -164,6 +185,8 @@ class TextToImageModel:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.limits = limits
         self.scheduler_config = dict(scheduler_config or {})
+        self.guidance_distilled = backbone.guidance_distilled
+        self.size_multiple = codec.factor * backbone.patch
         self.sigma_min, self.sigma_max = backbone.sigma_min, backbone.sigma_max
         self.sigma_levels = backbone.sigma_levels
         self.prediction_type = backbone.prediction_type
@@ -186,12 +209,18 @@ class TextToImageModel:
         Raises:
             InvalidConditioningError: naming `height` or `width`, the value and what is allowed.
         """
-        limits, factor = self.limits, self.codec.factor
-        allowed = f"a multiple of {factor} in {limits.min_side}..{limits.max_side}"
+        limits, factor = self.limits, self.size_multiple
+        largest = limits.max_side
+        if self.backbone.max_latent_side is not None:
+            largest = min(largest, self.backbone.max_latent_side * self.codec.factor)
+        smallest = max(limits.min_side, factor)
+        allowed = f"a multiple of {factor} in {smallest}..{largest}"
+        if self.backbone.patch > 1:
+            allowed += f" (the VAE's factor {self.codec.factor} x the transformer's {self.backbone.patch} x 2 patches)"
         for field, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidConditioningError(field, value, allowed)
-            if value % factor or not limits.min_side <= value <= limits.max_side:
+            if value % factor or not smallest <= value <= largest:
                 raise InvalidConditioningError(field, value, allowed)
         if height * width > limits.max_pixels:
             raise InvalidConditioningError(
@@ -202,6 +231,12 @@ class TextToImageModel:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a height x width image (validated, see check_size)."""
         return self.codec.latent_shape(*self.check_size(height, width))
+
+    def noise_range(self, height: int, width: int) -> tuple[float, float, Tensor | None]:
+        """(sigma_min, sigma_max, sigma_levels) of the denoiser at this image size: the model's own
+        unless its shift depends on the size (Flux's dynamic shift). Validates the size."""
+        self.check_size(height, width)
+        return self.backbone.noise_range(height, width)
 
     def dropped_tokens(self, texts: Sequence[str]) -> list[int]:
         """Per text, how many tokens truncation to the encoders' context cuts (as diffusers cuts them)."""
@@ -215,7 +250,7 @@ class TextToImageModel:
         *,
         height: int | None = None,
         width: int | None = None,
-    ) -> UNetDenoiser:
+    ) -> Denoiser:
         """The denoiser over latents (B, C, h, w) for these prompts.
 
         Args:
@@ -224,7 +259,8 @@ class TextToImageModel:
                 one sample): the empty prompt, or zeros where force_zeros_for_empty_prompt.
             guidance: w, a float or a tensor (B,): D = D_u + w (D_c - D_u); 1 = conditional only,
                 0 = unconditional only (one network evaluation per call), else both halves in one
-                forward (evals_per_call 2).
+                forward (evals_per_call 2). A guidance-distilled model reads w as its input
+                (one pass, any w) and takes no negative prompts.
             height, width: the image size in pixels (default: the model's).
         Raises:
             InvalidConditioningError: naming the argument and what is allowed.
@@ -247,12 +283,23 @@ class TextToImageModel:
         if w.dim() > 1 or (w.dim() == 1 and w.shape[0] != batch) or not bool(torch.isfinite(w).all()):
             raise InvalidConditioningError("guidance", guidance, f"a finite number or a tensor of shape ({batch},)")
         w = w.expand(batch) if w.dim() == 0 else w
+        if self.guidance_distilled:
+            given = [k for k, n in enumerate(negatives) if n is not None]
+            if given:
+                raise InvalidConditioningError(
+                    "negative_prompts",
+                    f"a negative prompt for sample {given[0]}",
+                    "none: this model is guidance-distilled (guidance is an input of the network, one pass per "
+                    "step; true CFG needs a model without guidance_embeds)",
+                )
+            cond = _to(self.prompts.encode(texts), self.device)
+            return self.backbone.denoiser(cond, None, w.clone(), height, width)
         # Only the passes some sample needs are encoded and run.
         cond = self.prompts.encode(texts) if bool((w != 0).any()) else None
         uncond = None
         if bool((w != 1).any()):
             uncond = self._unconditional(texts, negatives, cond)
-        return self.backbone.denoiser(_to(cond, self.device), _to(uncond, self.device), w, height, width)
+        return self.backbone.denoiser(_to(cond, self.device), _to(uncond, self.device), w.clone(), height, width)
 
     def _unconditional(self, texts: list[str], negatives: list[str | None], cond: PromptBatch | None) -> PromptBatch:
         """The unconditional pass's embeddings: the negative prompt where given, else the empty

@@ -282,15 +282,10 @@ def build_job(
     if isinstance(model, models.TextToImageModel):
         text = text_inputs(request, model, served.name, count, steps, limits, violations)
         labels = None
-        if text is not None and text.init_image is not None:
-            if afs:
-                violations.append(Violation("afs", "false with init_image: AFS assumes the run starts from noise"))
-            if spec.needs_predictor:
-                violations.append(
-                    Violation(
-                        "init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid"
-                    )
-                )
+        if text is not None and text.init_image is not None and spec.needs_predictor:
+            violations.append(
+                Violation("init_image", f"not with solver {spec.name!r}: its predictor is trained on the whole grid")
+            )
         if text is not None and spec.needs_predictor and (text.height, text.width) != model.default_size:
             # Predictors read the UNet's bottleneck at the size they were trained at (sampler-amed
             # train samples the model's default size).
@@ -310,6 +305,11 @@ def build_job(
                 violations.append(Violation(name, f"{value} is not supported: model {served.name!r} samples {fixed}"))
         labels = _labels(request, served, count, violations)
     guidance = _guidance(request, served, count, labels, limits, violations)
+    # The noise range at the requested size: a model whose shift depends on the size (Flux's
+    # dynamic shift) spans another range at another size.
+    sigma_min, sigma_max, sigma_levels = model.sigma_min, model.sigma_max, model.sigma_levels
+    if isinstance(model, models.TextToImageModel) and text is not None:
+        sigma_min, sigma_max, sigma_levels = model.noise_range(text.height, text.width)
     output_format = OUTPUT_FORMATS.get(request.output_format)
     if output_format is None:
         violations.append(Violation("output_format", f"{request.output_format} is not one of PNG (1), RAW_FLOAT32 (2)"))
@@ -354,9 +354,9 @@ def build_job(
                 schedule_params=schedule_params,
                 solver_params=solver_params,
                 afs=afs,
-                sigma_min=model.sigma_min,
-                sigma_max=model.sigma_max,
-                sigma_levels=model.sigma_levels,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                sigma_levels=sigma_levels,
                 grid=grid,
                 start=start,
                 image_to_image=text is not None and text.init_image is not None,
@@ -377,6 +377,8 @@ def build_job(
     guided = labels is not None or text is not None
     conditional = any(w != 0 for w in guidance) if guided else True
     unconditional = any(w != 1 for w in guidance) if guided else False
+    if isinstance(model, models.TextToImageModel) and model.guidance_distilled:
+        conditional, unconditional = True, False  # guidance is the network's input: one pass
     run_steps = steps - start  # img2img runs the grid's tail: its steps and NFE are what is counted
     nfe = sampling.solver_nfe if sampling is not None else spec.nfe(run_steps, afs)
     wanted: PredictorKey | None = None

@@ -248,9 +248,10 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
                     fingerprint=model.fingerprint,
                     kind=pb.MODEL_KIND_TEXT_TO_IMAGE if text_model else pb.MODEL_KIND_CLASS_CONDITIONAL,
                     latent_shape=list(model.sample_shape),
-                    size_multiple=model.codec.factor if isinstance(model, models.TextToImageModel) else 0,
+                    size_multiple=model.size_multiple if isinstance(model, models.TextToImageModel) else 0,
                     max_prompt_tokens=model.prompts.max_tokens if isinstance(model, models.TextToImageModel) else 0,
                     pipeline_class=model.pipeline_class if isinstance(model, models.TextToImageModel) else "",
+                    guidance_distilled=isinstance(model, models.TextToImageModel) and model.guidance_distilled,
                 )
             )
         return pb.ListModelsResponse(models=infos)
@@ -319,6 +320,7 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
             min_image_side=limits.min_image_side,
             max_image_side=limits.max_image_side,
             max_image_pixels=limits.max_image_pixels,
+            batching_mode=batching.mode,
         )
 
 

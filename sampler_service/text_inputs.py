@@ -86,6 +86,15 @@ def text_inputs(
         violations.append(Violation("labels", f"model {served_name!r} is text-to-image: give prompt, not labels"))
     prompts = _texts("prompt", list(request.prompt) or [""], count, limits, violations, allow_empty_list=False)
     negatives = _texts("negative_prompt", list(request.negative_prompt), count, limits, violations)
+    if model.guidance_distilled and request.negative_prompt:
+        violations.append(
+            Violation(
+                "negative_prompt",
+                f"not supported by model {served_name!r}: it is guidance-distilled (guidance is an input of the "
+                "network, one pass per step, no unconditional pass); leave negative_prompt empty, or serve a model "
+                "without guidance_embeds for true CFG",
+            )
+        )
     init, image_size = _init_image(request, limits, violations)
     height = request.height or (image_size[0] if image_size else model.default_size[0])
     width = request.width or (image_size[1] if image_size else model.default_size[1])

@@ -153,7 +153,9 @@ def plan(
         raise InvalidParameterError("start", start, f"an integer in 0..{steps - 1}")
     if image_to_image and afs:
         # AFS's free first direction assumes D = 0 at the start: true of noise, not of an image.
-        raise InvalidParameterError("afs", afs, "False when sampling from an init image")
+        raise InvalidParameterError(
+            "afs", afs, "False when sampling from an init image (AFS assumes the run starts from noise)"
+        )
     if start and steps - start < min_steps:
         raise InvalidParameterError(
             "start", start, f"at most {steps - min_steps}: solver {solver!r} needs {min_steps} steps"

@@ -193,7 +193,9 @@ def run(
             raise InvalidParameterError("init", shape, f"a tensor of the noise's shape {tuple(noise.shape)}")
         if plan.afs:
             # AFS's free first direction assumes D = 0 at the start: true of noise, not of an image.
-            raise InvalidParameterError("afs", plan.afs, "False when sampling from an init image")
+            raise InvalidParameterError(
+                "afs", plan.afs, "False when sampling from an init image (AFS assumes the run starts from noise)"
+            )
     if spec.needs_predictor and predictor is None:
         raise MissingPredictorError(f"solver {spec.name!r}", [], f"sampler-amed train --solver {spec.name}")
     if not spec.needs_predictor and predictor is not None:

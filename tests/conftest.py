@@ -58,6 +58,17 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {kind: save_tiny_pipeline(kind, root / kind) for kind in TINY_KINDS}
 
 
+@pytest.fixture(scope="session")
+def flow_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight StableDiffusion3Pipeline ("sd3", "sd3-no-t5") and FluxPipeline ("flux":
+    guidance-distilled, "flux-cfg": true CFG) folders, saved once per session; copy one before
+    damaging it."""
+    from models.tiny_pipelines import FLOW_KINDS, save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("flow-pipelines")
+    return {kind: save_tiny_pipeline(kind, root / kind) for kind in FLOW_KINDS}
+
+
 @pytest.fixture
 def report_docs(tmp_path):
     """A docs folder whose generated sections are empty, for `bench report --docs` on test results."""

@@ -213,7 +213,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "description", "ready", "channels", "height", "width", "num_labels", "label_names", "null_class", "sigma_min", "sigma_max", "prediction_type", "device", "dtype", "fingerprint", "kind", "latent_shape", "size_multiple", "max_prompt_tokens", "pipeline_class")
+    __slots__ = ("name", "description", "ready", "channels", "height", "width", "num_labels", "label_names", "null_class", "sigma_min", "sigma_max", "prediction_type", "device", "dtype", "fingerprint", "kind", "latent_shape", "size_multiple", "max_prompt_tokens", "pipeline_class", "guidance_distilled")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ModelInfo(_message.Message):
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_DISTILLED_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     ready: bool
@@ -254,7 +255,8 @@ class ModelInfo(_message.Message):
     size_multiple: int
     max_prompt_tokens: int
     pipeline_class: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., ready: _Optional[bool] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_labels: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., null_class: _Optional[int] = ..., sigma_min: _Optional[float] = ..., sigma_max: _Optional[float] = ..., prediction_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., fingerprint: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., size_multiple: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., pipeline_class: _Optional[str] = ...) -> None: ...
+    guidance_distilled: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., ready: _Optional[bool] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_labels: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., null_class: _Optional[int] = ..., sigma_min: _Optional[float] = ..., sigma_max: _Optional[float] = ..., prediction_type: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., fingerprint: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., size_multiple: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., pipeline_class: _Optional[str] = ..., guidance_distilled: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -311,7 +313,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required", "max_prompt_chars", "min_image_side", "max_image_side", "max_image_pixels")
+    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required", "max_prompt_chars", "min_image_side", "max_image_side", "max_image_pixels", "batching_mode")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +329,7 @@ class ServerInfo(_message.Message):
     MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
     api_version: str
     server_version: str
     max_samples_per_request: int
@@ -342,4 +345,5 @@ class ServerInfo(_message.Message):
     min_image_side: int
     max_image_side: int
     max_image_pixels: int
-    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    batching_mode: str
+    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., batching_mode: _Optional[str] = ...) -> None: ...
