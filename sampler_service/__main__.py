@@ -28,6 +28,7 @@ from models.errors import ModelError
 
 from . import IMPORTED_AT
 from .settings import describe_error, load_settings
+from .threads import apply_threads
 
 log = logging.getLogger("sampler_service")
 
@@ -62,8 +63,13 @@ async def serve(overrides: dict[str, object], config: Path | None) -> int:
 
     settings = load_settings(config, **overrides)
     began = time.perf_counter()
+    threads = apply_threads(settings.threads.intra_op, settings.threads.inter_op)  # before the models load
     server, port, service = await create_server(settings)
     log.info(f"listening on {settings.host}:{port}; loading done in {time.perf_counter() - began:.1f} s")
+    log.info(
+        f"torch threads: intra-op {threads.intra_op}, inter-op {threads.inter_op} ({threads.cpus} usable CPUs); "
+        f"batching mode {settings.batching.mode}"
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

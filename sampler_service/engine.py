@@ -1,4 +1,11 @@
-"""Request-level dynamic batching and the sampling loop: admitted jobs wait in a per-model queue;
+"""Batching and the sampling loop, in one of two modes (`batching.mode`).
+
+"step" (step_batcher.py): every admitted request runs its solver at once, in its own thread,
+against a denoiser proxy; the model's tick loop batches the network evaluations of all active
+requests, whatever their solver, steps, schedule or guidance. Text-to-image models run in request
+mode either way (their conditioning is bound per batch: prompts are encoded once per batch).
+
+"request": request-level dynamic batching: admitted jobs wait in a per-model queue;
 a dispatcher merges jobs with equal merge keys into batches of at most `max_batch_size` network
 rows, waiting at most `max_queue_delay_ms` for company (counted from the first job's arrival or the
 end of the previous batch, whichever is later), and runs each batch on the model's worker thread
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +53,7 @@ from .gen.sampler.v1 import sampler_pb2 as pb
 from .imaging import encode, preview
 from .jobs import Job, ServedModel, conditioning, init_latents, text_batch
 from .settings import Settings
+from .step_batcher import DenoiserProxy, RequestGone, StepBatcher
 
 log = logging.getLogger("sampler_service.engine")
 
@@ -159,11 +168,31 @@ class Engine:
         self.batches_stopped = 0  # stopped early because every request in them was gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, max rows) for metrics
         self.on_failure: Callable[[str], None] | None = None  # (ErrorInfo reason) of a failed request, for metrics
+        self.batchers: dict[str, StepBatcher] = {}  # step mode: the models whose evaluations are batched
+        if settings.batching.mode == "step":
+            for name, entry in served.items():
+                if isinstance(entry.model, models.DiffusionModel):
+                    self.batchers[name] = StepBatcher(
+                        name,
+                        entry.model,
+                        max_batch_size=settings.batching.max_batch_size,
+                        share_rows=settings.batching.share_rows,
+                        gather_seconds=settings.batching.max_queue_delay_ms / 1000.0,
+                        on_tick=self._count_tick,
+                    )
 
     def start(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.start()
         for name in self.served:
             self.wakeups[name] = asyncio.Event()
-            self.dispatchers.append(asyncio.create_task(self._dispatch(name), name=f"dispatch-{name}"))
+            if name not in self.batchers:
+                self.dispatchers.append(asyncio.create_task(self._dispatch(name), name=f"dispatch-{name}"))
+
+    def _count_tick(self, rows: int) -> None:
+        self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(rows, self.settings.batching.max_batch_size)
 
     async def stop(self) -> None:
         for task in self.dispatchers:
@@ -171,6 +200,8 @@ class Engine:
         for task in self.dispatchers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for batcher in self.batchers.values():
+            await asyncio.to_thread(batcher.stop)
         for executor in self.executors.values():
             executor.shutdown(wait=True, cancel_futures=True)
 
@@ -185,6 +216,13 @@ class Engine:
             raise QueueFull(self.admitted, limits.retry_after_seconds)
         ticket = Ticket(job, asyncio.get_running_loop(), wants_progress=progress)
         self.admitted += 1
+        batcher = self.batchers.get(job.served.name)
+        if batcher is not None:
+            batcher.join(ticket)  # the next tick waits for its first evaluation
+            threading.Thread(
+                target=self._run_request, args=(ticket, batcher), name=f"request-{job.request_id[:16]}", daemon=True
+            ).start()
+            return ticket
         self.queues[job.served.name].append(ticket)
         self.wakeups[job.served.name].set()
         return ticket
@@ -196,6 +234,8 @@ class Engine:
         if not ticket.released:
             ticket.released = True
             self.admitted -= 1
+        if cancelled and ticket.job.served.name in self.batchers:
+            self.batchers[ticket.job.served.name].wake()  # its pending rows leave now
 
     async def _dispatch(self, name: str) -> None:
         queue, wakeup = self.queues[name], self.wakeups[name]
@@ -377,9 +417,28 @@ class Engine:
             denoiser = model.conditioned(labels, guidance) if labels is not None else model.conditioned()
             shape = model.sample_shape
         noise = solvers.make_noise(seeds, shape, device=model.device)
-        predictor = None
-        if job.predictor is not None:
-            predictor = job.served.predictors.find(job.predictor, job.served.name, device=model.device)
+        try:
+            with torch.inference_mode():
+                result = _solve(job, denoiser, noise, self._callback(items), init)
+                # A text model's latents become images here (the VAE, batched); a pixel model's
+                # samples are sent as they are.
+                text_model = isinstance(model, models.TextToImageModel)
+                images = (model.decode(result.images) if text_model else result.images.float()).cpu()
+        except solvers.SamplingCancelled as stopped:
+            self.batches_stopped += 1
+            log.info(
+                "batch stopped after %d of %d steps: its requests are gone",
+                stopped.completed_steps,
+                stopped.total_steps,
+            )
+            return
+        sampling_seconds = time.perf_counter() - began
+        self.sampled_at[job.served.name] = began + sampling_seconds  # before any result is posted
+        self._post_results(items, images, result, began, sampling_seconds, rows)
+
+    def _callback(self, items: list[BatchItem]) -> solvers.StepCallback:
+        """Progress and previews for the requests of `items`; stops the run once all of them are gone."""
+        model = items[0].ticket.job.served.model
 
         def callback(info: StepInfo) -> bool:
             if all(item.ticket.cancelled for item in items):
@@ -400,27 +459,18 @@ class Engine:
                 offset += count
             return False
 
-        try:
-            with torch.inference_mode():
-                if job.sampling is None:  # require_predictor refuses such jobs before admission
-                    raise RuntimeError(f"request {job.request_id}: no sampling plan (its learned grid is missing)")
-                result = solvers.sample(
-                    denoiser, noise, plan=job.sampling, predictor=predictor, callback=callback, init=init
-                )
-                # A text model's latents become images here (the VAE, batched); a pixel model's
-                # samples are sent as they are.
-                text_model = isinstance(model, models.TextToImageModel)
-                images = (model.decode(result.images) if text_model else result.images.float()).cpu()
-        except solvers.SamplingCancelled as stopped:
-            self.batches_stopped += 1
-            log.info(
-                "batch stopped after %d of %d steps: its requests are gone",
-                stopped.completed_steps,
-                stopped.total_steps,
-            )
-            return
-        sampling_seconds = time.perf_counter() - began
-        self.sampled_at[job.served.name] = began + sampling_seconds  # before any result is posted
+        return callback
+
+    def _post_results(
+        self,
+        items: list[BatchItem],
+        images: torch.Tensor,
+        result: solvers.SampleResult,
+        began: float,
+        sampling_seconds: float,
+        rows: int,
+    ) -> None:
+        """Each request's samples (a request with non-finite output fails alone)."""
         offset = 0
         for item in items:
             ticket, count = item.ticket, item.stop - item.start
@@ -458,6 +508,68 @@ class Engine:
                     )
                 )
             ticket.post(ticket._add_results, results)
+
+    # -- step mode: a request's own thread ---------------------------------------------------
+    def _run_request(self, ticket: Ticket, batcher: StepBatcher) -> None:
+        """Run one request's solver against a proxy of the model's step batcher; its failure is its own."""
+        job = ticket.job
+        model = batcher.model
+        item = BatchItem(ticket, 0, job.num_samples)
+        began = time.perf_counter()
+        try:
+            try:
+                if ticket.cancelled:
+                    return
+                labels, guidance = conditioning([(job, 0, job.num_samples)], model.device)
+
+                def bound() -> solvers.Denoiser:  # only AMED asks: the bottleneck feature, in its own forward
+                    return model.conditioned(labels, guidance) if labels is not None else model.conditioned()
+
+                proxy = DenoiserProxy(
+                    batcher,
+                    ticket,
+                    ticket.arrived,
+                    labels,
+                    guidance,
+                    job.evals_per_call,
+                    lambda: ticket.cancelled,
+                    bound=bound,
+                )
+                noise = solvers.make_noise(job.seeds, model.sample_shape, device=model.device)
+                with torch.inference_mode():
+                    result = _solve(job, proxy, noise, self._callback([item]), None)
+            finally:
+                batcher.leave(ticket)
+            images = result.images.float().cpu()
+        except (RequestGone, solvers.SamplingCancelled):
+            self.batches_stopped += 1
+            log.info("request stopped: it is gone", extra={"request_id": job.request_id})
+            return
+        except ServiceError as failure:  # decided by the batcher (out of memory for one sample)
+            self._fail([item], failure)
+            return
+        except Exception as error:  # the model's or the solver's, for this request only
+            self._fail([item], _request_failure(error), error)
+            return
+        sampling_seconds = time.perf_counter() - began
+        rows = round(proxy.rows_seen / proxy.ticks) if proxy.ticks else 0
+        self._post_results([item], images, result, began, sampling_seconds, rows)
+
+
+def _solve(
+    job: Job,
+    denoiser: solvers.Denoiser,
+    noise: torch.Tensor,
+    callback: solvers.StepCallback,
+    init: torch.Tensor | None,
+) -> solvers.SampleResult:
+    """The job's solver over `noise` with `denoiser` (a bound model, or a step-mode proxy)."""
+    if job.sampling is None:  # require_predictor refuses such jobs before admission
+        raise RuntimeError(f"request {job.request_id}: no sampling plan (its learned grid is missing)")
+    predictor = None
+    if job.predictor is not None:
+        predictor = job.served.predictors.find(job.predictor, job.served.name, device=job.served.model.device)
+    return solvers.sample(denoiser, noise, plan=job.sampling, predictor=predictor, callback=callback, init=init)
 
 
 def _rows(items: list[BatchItem]) -> int:

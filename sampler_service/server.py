@@ -320,6 +320,7 @@ class SamplerServicer(pb_grpc.SamplerServiceServicer):
             min_image_side=limits.min_image_side,
             max_image_side=limits.max_image_side,
             max_image_pixels=limits.max_image_pixels,
+            batching_mode=batching.mode,
         )
 
 

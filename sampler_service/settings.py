@@ -54,17 +54,52 @@ class Limits(BaseModel):
 
 
 class Batching(BaseModel):
-    """Request-level dynamic batching."""
+    """How requests share the model: step-level (evaluations of all requests) or request-level batching."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
+    mode: Literal["step", "request"] = Field(
+        "request",
+        description="step: each forward holds the pending evaluations of all active requests, whatever their "
+        "solver, steps and guidance; request: a batch merges whole requests with equal solver, steps, schedule "
+        "and guidance passes (text-to-image models always batch by request)",
+    )
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
-    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long a batch waits for company")
+    max_queue_delay_ms: float = Field(
+        5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="how long a batch waits for company (step mode: how long a tick waits for the active "
+        "requests' next evaluations)",
+    )
+    share_rows: int = Field(
+        4,
+        ge=1,
+        le=65_536,
+        description="step mode: while other requests are active, one evaluation takes at most as many rows of a "
+        "forward as the largest other one, and at least this many (the rest in the next forwards), so a large "
+        "request does not slow a small one's steps",
+    )
     adaptive_delay: bool = Field(
         True,
         description="end the wait once the expected company is here: as many requests as the last batch held "
         "plus those that queued while it ran (a lone request under no load starts at once)",
     )
+
+
+class Threads(BaseModel):
+    """torch's thread pools (threads.py explains the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    intra_op: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads; unset: half the CPUs this process may use (affinity and cgroup "
+        "quota), 1..8",
+    )
+    inter_op: int | None = Field(None, ge=1, le=1024, description="torch inter-op threads; unset: 1")
 
 
 class Settings(BaseSettings):
@@ -83,6 +118,7 @@ class Settings(BaseSettings):
         default_factory=list, description="AMED predictor folders, searched before each model's amed/"
     )
     batching: Batching = Batching()
+    threads: Threads = Threads()
     limits: Limits = Limits()
     auth_token: SecretStr | None = Field(None, description="bearer token clients must send; unset = no auth")
     auth_token_file: Path | None = Field(None, description="read the bearer token from this file")
@@ -156,4 +192,4 @@ def describe_error(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
-__all__ = ["Batching", "Limits", "Settings", "describe_error", "load_settings"]
+__all__ = ["Batching", "Limits", "Settings", "Threads", "describe_error", "load_settings"]

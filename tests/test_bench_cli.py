@@ -136,6 +136,24 @@ def test_serve_load_command_small_run(tmp_path, capsys):
     assert meta["seconds_to_serving"] > 0
 
 
+@pytest.mark.slow
+def test_serve_mixed_command_small_run(tmp_path):
+    """serve-mixed starts one server per batching mode and gives both the same drawn requests."""
+    args = ["serve-mixed", "--skip", "forward", "lone", "long", "--clients", "1", "--requests", "1", "--rounds", "1"]
+    assert main([*args, "--max-batch-size", "16", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "serve-mixed.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["scenario"], r["mode"], r["clients"]) for r in rows] == [
+        ("mixed", "step", "1"),
+        ("mixed", "request", "1"),
+    ]
+    assert rows[0]["images"] == rows[1]["images"]  # the same load
+    for row in rows:
+        assert float(row["images_per_s"]) > 0
+        assert 1 <= float(row["mean_rows_per_forward"]) <= 16
+    assert float(rows[0]["ratio"]) > 0
+
+
 def test_docs_results_sections_are_current(monkeypatch):
     """The generated tables of docs/benchmarks.md and docs/amed.md are what `python -m bench report`
     makes of the committed bench/results."""

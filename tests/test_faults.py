@@ -93,18 +93,23 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "models.toml"
 
 
-@pytest.fixture(params=["raise", "nan", "oom", "refuse"])
+@pytest.fixture(
+    params=[(kind, mode) for mode in ("request", "step") for kind in ("raise", "nan", "oom", "refuse")],
+    ids=lambda param: f"{param[1]}-{param[0]}",
+)
 def faulty(request: pytest.FixtureRequest, model_folder: Path) -> Iterator[tuple[RunningServer, LabelFault]]:
+    kind, mode = request.param
     settings = load_settings(None, models_config=model_folder, device="cpu")
     served = load_served(settings)
-    fault = LabelFault(served["tiny"].model.unet, FAULTY_LABEL, request.param)
+    fault = LabelFault(served["tiny"].model.unet, FAULTY_LABEL, kind)
     running = RunningServer(
         served=served,
         models_config=model_folder,
         metrics_port=0,
         warmup=False,
-        # a long fixed delay: the concurrent requests below all land in the first batch
-        batching={"max_batch_size": 64, "max_queue_delay_ms": 1000.0, "adaptive_delay": False},
+        # a long fixed delay: the concurrent requests below all land in the first batch (request
+        # mode); in step mode they join the running ticks and share forwards
+        batching={"mode": mode, "max_batch_size": 64, "max_queue_delay_ms": 1000.0, "adaptive_delay": False},
     )
     try:
         yield running, fault
@@ -173,10 +178,13 @@ def test_only_the_request_with_the_faulty_label_fails(
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
         outcomes = list(pool.map(lambda r: generate(*r), REQUESTS))
 
-    # the five requests (six samples, guided: 12 rows) ran as one batch first
-    first = fault.calls[0]
-    assert len(first) == 12
-    assert sorted(first[:6]) == sorted(label for labels, _ in REQUESTS for label in labels)
+    if running.settings.batching.mode == "request":
+        # the five requests (six samples, guided: 12 rows) ran as one batch first
+        first = fault.calls[0]
+        assert len(first) == 12
+        assert sorted(first[:6]) == sorted(label for labels, _ in REQUESTS for label in labels)
+    else:  # step mode: the faulty label shared a forward with other requests' rows
+        assert any(FAULTY_LABEL in call and {0, 1} & set(call) for call in fault.calls)
     for (labels, seeds), outcome in zip(REQUESTS, outcomes, strict=True):
         if FAULTY_LABEL in labels:
             assert isinstance(outcome, grpc.RpcError)

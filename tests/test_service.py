@@ -89,10 +89,11 @@ def server() -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def server64() -> Iterator[RunningServer]:
-    """The same model in float64: batch composition then changes nothing above float32 rounding."""
+    """The same model in float64: batch composition then changes nothing above float32 rounding.
+    Request mode: the test below checks that two requests merge into one batch."""
     running = RunningServer(
         dtype="float64",
-        batching={"max_batch_size": 64, "max_queue_delay_ms": 50.0, "adaptive_delay": False},
+        batching={"mode": "request", "max_batch_size": 64, "max_queue_delay_ms": 50.0, "adaptive_delay": False},
         warmup=False,
     )
     yield running
@@ -172,9 +173,10 @@ def _same_seed_three_ways(server: RunningServer) -> tuple[np.ndarray, np.ndarray
         futures = [pool.submit(lambda s=s: list(server.stub.Generate(request(seeds=s, **common)))) for s in ([7], [9])]
         merged_events = futures[0].result()
         other = futures[1].result()
-    assert server.service.engine.batches_run == batches_before + 1, "the two requests were not merged"
     assert raw_images(other)[0].shape == (1, 28, 28)
-    assert [e.result.timing.batch_rows for e in merged_events if e.WhichOneof("event") == "result"] == [4]
+    if server.settings.batching.mode == "request":  # step mode's shared forwards: tests/test_step_engine.py
+        assert server.service.engine.batches_run == batches_before + 1, "the two requests were not merged"
+        assert [e.result.timing.batch_rows for e in merged_events if e.WhichOneof("event") == "result"] == [4]
     return alone, batched, raw_images(merged_events)[0]
 
 
@@ -271,6 +273,7 @@ def test_list_models_solvers_and_server_info(server: RunningServer) -> None:
     info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.api_version == "sampler.v1"
     assert info.max_batch_size == 64
+    assert info.batching_mode == server.settings.batching.mode
     assert not info.auth_required
 
 
@@ -424,7 +427,8 @@ def test_metrics_after_a_request() -> None:
             return all(line in text for line in expected)
 
         wait_until(scraped, timeout=10)
-        assert "sampler_batch_fill_ratio_count 1.0" in text
+        forwards = 1 if running.settings.batching.mode == "request" else 4  # step mode: one per NFE
+        assert f"sampler_batch_fill_ratio_count {forwards}.0" in text
     finally:
         running.stop()
 
@@ -585,7 +589,9 @@ def test_previews_every_k_steps(server: RunningServer) -> None:
 
 def test_adaptive_delay_starts_a_lone_request_at_once() -> None:
     # A 10 s queue delay: a lone request that waited for company would show it in queue_seconds.
-    running = RunningServer(batching={"max_queue_delay_ms": 10_000.0, "adaptive_delay": True}, warmup=False)
+    running = RunningServer(
+        batching={"mode": "request", "max_queue_delay_ms": 10_000.0, "adaptive_delay": True}, warmup=False
+    )
     try:
         for seed in (1, 2):  # sequential requests: each finds the previous batch held one request
             (result,) = running.stub.GenerateUnary(request(seeds=[seed])).results
@@ -598,7 +604,9 @@ def test_clients_taking_turns_merge_without_waiting_out_the_delay() -> None:
     # Four closed-loop clients and a 3 s queue delay. After a batch the dispatcher expects its requests
     # back (plus those that queued while it ran) and starts once they are here, so the middle rounds
     # ride in full batches and none waits out the delay (only the last, when a client has stopped).
-    running = RunningServer(batching={"max_queue_delay_ms": 3_000.0, "adaptive_delay": True}, warmup=False)
+    running = RunningServer(
+        batching={"mode": "request", "max_queue_delay_ms": 3_000.0, "adaptive_delay": True}, warmup=False
+    )
     together = threading.Barrier(4)
 
     def client(k: int) -> list[Any]:

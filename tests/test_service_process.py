@@ -158,8 +158,13 @@ def _listening_port(process: subprocess.Popen[str], lines: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_visibly_and_exits_zero() -> None:
-    process = serve("--port", "0", SAMPLER_GRACE_SECONDS="120")
+@pytest.mark.parametrize(("mode", "threads"), [("request", None), ("step", "2")])
+def test_sigterm_drains_visibly_and_exits_zero(mode: str, threads: str | None) -> None:
+    """In both batching modes; the threads setting is applied at start-up (OMP_NUM_THREADS=1 here)."""
+    env = {"SAMPLER_GRACE_SECONDS": "120", "SAMPLER_BATCHING__MODE": mode}
+    if threads is not None:
+        env["SAMPLER_THREADS__INTRA_OP"] = threads
+    process = serve("--port", "0", **env)
     lines: list[str] = []
     try:
         port = _listening_port(process, lines)
@@ -193,6 +198,9 @@ def test_sigterm_drains_visibly_and_exits_zero() -> None:
     found = records("".join(lines) + rest)  # every line is JSON
     messages = [r["message"] for r in found]
     assert any(m.startswith("draining") for m in messages)
+    applied = next(m for m in messages if m.startswith("torch threads"))
+    assert applied.startswith(f"torch threads: intra-op {threads or 1}, inter-op 1 "), applied
+    assert applied.endswith(f"batching mode {mode}")
     assert messages[-1] == "stopped"
     assert not [r for r in found if r["level"] == "ERROR"]
 

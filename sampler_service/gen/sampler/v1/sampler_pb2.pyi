@@ -313,7 +313,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required", "max_prompt_chars", "min_image_side", "max_image_side", "max_image_pixels")
+    __slots__ = ("api_version", "server_version", "max_samples_per_request", "max_steps", "min_guidance", "max_guidance", "max_message_bytes", "max_batch_size", "max_queue_delay_ms", "max_queued_requests", "auth_required", "max_prompt_chars", "min_image_side", "max_image_side", "max_image_pixels", "batching_mode")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +329,7 @@ class ServerInfo(_message.Message):
     MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_MODE_FIELD_NUMBER: _ClassVar[int]
     api_version: str
     server_version: str
     max_samples_per_request: int
@@ -344,4 +345,5 @@ class ServerInfo(_message.Message):
     min_image_side: int
     max_image_side: int
     max_image_pixels: int
-    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    batching_mode: str
+    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queued_requests: _Optional[int] = ..., auth_required: _Optional[bool] = ..., max_prompt_chars: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., batching_mode: _Optional[str] = ...) -> None: ...
