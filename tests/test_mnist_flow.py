@@ -18,6 +18,7 @@ import solvers
 from bench.mnist_quality import quantise
 from models.flow import FlowSchedule
 from models.mnist.architecture import FLOW_SCHEDULER_CONFIG, NULL_CLASS
+from models.mnist.card import write_diffusion_card
 from models.mnist.classifier import load_classifier
 from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
 from tests.test_service import RunningServer, raw_images
@@ -51,6 +52,18 @@ def test_shipped_files_and_config() -> None:
     card = (SHIPPED / "README.md").read_text()
     assert card.startswith("# `mnist-flow`")
     assert "rectified flow" in card
+
+
+def test_card_is_the_view_of_its_records_and_says_where_training_stopped(tmp_path: Path) -> None:
+    """README.md is rendered from training.json and quality.json; a run given up before its planned
+    steps says so (training.json `stopped`) in the card."""
+    for name in ("training.json", "quality.json"):
+        (tmp_path / name).write_bytes((SHIPPED / name).read_bytes())
+    rendered = write_diffusion_card(tmp_path).read_text()
+    assert rendered == (SHIPPED / "README.md").read_text()
+    training = json.loads((SHIPPED / "training.json").read_text())
+    if training["step"] < training["config"]["steps"]:
+        assert f"stopped at step {training['step']} of the planned {training['config']['steps']:,}: " in rendered
 
 
 def test_loaded_as_a_flow_model(flow_model: models.DiffusionModel) -> None:
