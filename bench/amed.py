@@ -9,8 +9,12 @@
 Recipes (the paper's): AMED-Solver with a Heun teacher and M = 1 substep between student points;
 the plugin with its own base solver as teacher and M = 2 (`--teacher`, `--teacher-substeps`
 override). The teacher runs the same schedule with (M + 1) S steps from the same noise, without
-AFS. Trajectory k uses noise seed `2**40 + seed * 1000003 + k` (never a benchmark's seed) and, for
-a class-conditional model, label k mod 10.
+AFS. The budget is the official code's: 10,112 trajectories at 128 per Adam step (79 steps per
+interval), heads initialised at random (r near, not exactly, 1/2). Trajectory k uses noise seed
+`2**40 + seed * 1000003 + k` (never a benchmark's seed) and, for a class-conditional model, label
+k mod 10. With several `--seeds`, each is trained and the one with the lowest RMSE against a
+Heun-64 teacher on held-out noises `2**43 + k` (disjoint from training, grids and benchmarks) is
+kept; the card records every seed's score.
 
 Artifacts go to `--out` (default: the model's own `amed/` folder for built-in models, which the
 service reads): `<name>.safetensors` and `<name>.json` (the card: model and fingerprint, solver,
@@ -46,13 +50,19 @@ import provenance
 import solvers
 from solvers.amed import (
     BASES,
+    HEAD_INITS,
     MULTISTEP,
+    RECIPE_BATCH_SIZE,
+    RECIPE_TRAJECTORIES,
+    SELECTION_SEED_BASE,
     AMEDPluginParams,
+    AMEDPredictor,
     IntervalUpdate,
     PredictorCard,
     PredictorConfig,
     PredictorStore,
     TrainingSettings,
+    TrainingSummary,
     new_predictor,
     predictor_key,
     save_predictor,
@@ -186,43 +196,88 @@ def train(args: argparse.Namespace) -> int:
             _, feature = probe.denoise_with_feature(x, torch.full((1,), sigmas[1].item(), device=model.device))
         feature_shape = (int(feature.shape[1]), int(feature.shape[2]))
     config = PredictorConfig(feature_shape=feature_shape, dc=args.dc, da=args.da)
-    predictor = new_predictor(config, args.seed).to(model.device)
-    settings = TrainingSettings(
-        trajectories=args.trajectories,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        teacher=teacher,
-        teacher_params=teacher_params,
-        teacher_substeps=substeps,
-        seed=args.seed,
-        objective=args.objective,
-    )
+    init = "neutral" if args.trajectories == 0 else args.init  # 0 trajectories: the untrained baseline
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
         return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
 
-    batches = -(-args.trajectories // args.batch_size)
-    bar = tqdm(total=batches, desc=f"{args.solver} NFE {args.nfe}", unit="batch", disable=args.quiet)
-
-    def on_batch(_index: int, losses: list[float]) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.4g}")
-
-    try:
-        summary = train_predictor(
-            predictor,
-            update=IntervalUpdate.of(args.solver, params),
-            sigmas=sigmas,
-            teacher_sigmas=teacher_sigmas,
-            afs=args.afs,
-            make_batch=make_batch,
-            settings=settings,
-            on_batch=on_batch,
+    def train_seed(seed: int) -> tuple[AMEDPredictor, TrainingSettings, TrainingSummary]:
+        predictor = new_predictor(config, seed, init=init).to(model.device)
+        settings = TrainingSettings(
+            trajectories=args.trajectories,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            teacher=teacher,
+            teacher_params=teacher_params,
+            teacher_substeps=substeps,
+            seed=seed,
+            init=init,
+            objective=args.objective,
         )
-    except ValueError as error:
-        raise BenchError(f"--schedule {args.schedule}: {error}") from None
-    finally:
-        bar.close()
+        batches = -(-args.trajectories // args.batch_size)
+        bar = tqdm(total=batches, desc=f"{args.solver} NFE {args.nfe} seed {seed}", unit="batch", disable=args.quiet)
+
+        def on_batch(_index: int, losses: list[float]) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses):.4g}")
+
+        try:
+            summary = train_predictor(
+                predictor,
+                update=IntervalUpdate.of(args.solver, params),
+                sigmas=sigmas,
+                teacher_sigmas=teacher_sigmas,
+                afs=args.afs,
+                make_batch=make_batch,
+                settings=settings,
+                on_batch=on_batch,
+            )
+        except ValueError as error:
+            raise BenchError(f"--schedule {args.schedule}: {error}") from None
+        finally:
+            bar.close()
+        return predictor, settings, summary
+
+    runs = [train_seed(seed) for seed in args.seeds]
+    chosen, selection = 0, {}
+    if len(runs) > 1:  # keep the best on held-out noise (disjoint from training, grids and benchmarks)
+        seeds = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
+        judge = Teacher(steps=args.selection_teacher_steps)
+        denoiser = conditioned(seeds)
+        noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+        payload = {"teacher": judge.as_dict(), "seeds": seeds}
+        target = _cached(
+            args.teacher_cache,
+            model,
+            args.guidance,
+            "finals",
+            payload,
+            lambda: [judge.final(denoiser, noise * model.sigma_max)],
+        )[0]
+        scores = []
+        for predictor, _, _ in runs:
+            with torch.no_grad():
+                final = Student(spec, params, args.afs, predictor).run(denoiser, noise * sigmas[0].item(), sigmas)
+            scores.append(rmse(final, target))
+        chosen = min(range(len(runs)), key=scores.__getitem__)
+        selection = {
+            "selection": {
+                "seeds": list(args.seeds),
+                "held_out_rmse": [round(v, 6) for v in scores],
+                "chosen_seed": args.seeds[chosen],
+                "spread": [round(min(scores), 6), round(max(scores), 6)],
+                "first_noise_seed": SELECTION_SEED_BASE,
+                "noises": args.selection,
+                "judge": judge.as_dict(),
+                "wall_seconds_all_seeds": round(sum(r[2].wall_seconds for r in runs), 2),
+            }
+        }
+        listed = ", ".join(f"seed {s}: {v:.4f}" for s, v in zip(args.seeds, scores, strict=True))
+        print(
+            f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping seed {args.seeds[chosen]}",
+            file=sys.stderr,
+        )
+    predictor, settings, summary = runs[chosen]
     card = PredictorCard(
         model=model.name,
         model_fingerprint=model.fingerprint,
@@ -241,6 +296,7 @@ def train(args: argparse.Namespace) -> int:
         training={
             **settings.as_dict(),
             **summary.as_dict(),
+            **selection,
             "parameters": sum(p.numel() for p in predictor.parameters()),
             "command": meta["command"],
             "git": meta.get("git"),
@@ -272,6 +328,31 @@ def train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _cached(
+    cache: Path | None,
+    model: models.Model,
+    guidance: float,
+    kind: str,
+    payload: dict[str, Any],
+    compute: Callable[[], Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Teacher solves are the same for every solver and NFE: kept in `cache` (--teacher-cache) by
+    what defines them (kind, model fingerprint, guidance, payload)."""
+    if cache is None:
+        return list(compute())
+    name = hashlib.sha256(
+        json.dumps({"kind": kind, "model": model.fingerprint, "guidance": guidance, **payload}, sort_keys=True).encode()
+    ).hexdigest()[:20]
+    path = cache / f"teacher-{kind}-{name}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return [stored[str(k)].to(model.device) for k in range(len(stored))]
+    values = list(compute())
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
+    return values
 
 
 def subdivide(sigmas: torch.Tensor, parts: int) -> torch.Tensor:
@@ -313,25 +394,8 @@ def train_schedule(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{args.method} {args.solver} NFE {args.nfe}] {text}", file=sys.stderr)
 
-    cache = args.teacher_cache
-
     def cached(kind: str, payload: dict[str, Any], compute: Any) -> list[torch.Tensor]:
-        """Teacher solves are the same for every solver and NFE: kept in --teacher-cache by what defines them."""
-        if cache is None:
-            return list(compute())
-        name = hashlib.sha256(
-            json.dumps(
-                {"kind": kind, "model": model.fingerprint, "guidance": args.guidance, **payload}, sort_keys=True
-            ).encode()
-        ).hexdigest()[:20]
-        path = cache / f"teacher-{kind}-{name}.safetensors"
-        if path.is_file():
-            stored = load_file(str(path))
-            return [stored[str(k)].to(model.device) for k in range(len(stored))]
-        values = list(compute())
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
-        return values
+        return _cached(args.teacher_cache, model, args.guidance, kind, payload, compute)
 
     settings: GITSSettings | LD3Settings
     if args.method == "gits":
@@ -519,6 +583,16 @@ def list_predictors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers >= 0")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sampler-amed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -539,15 +613,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
     )
-    t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
-    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument(
+        "--trajectories",
+        type=int,
+        default=RECIPE_TRAJECTORIES,
+        help="default: the official recipe's 10112; 0 writes the untrained predictor (a baseline)",
+    )
+    t.add_argument("--batch-size", type=int, default=RECIPE_BATCH_SIZE, help="trajectories per Adam step")
+    t.add_argument(
+        "--init", choices=HEAD_INITS, default="random", help="heads: random (the official code's) or neutral (r = 1/2)"
+    )
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--teacher", default=None, help="default: heun (amed) or the base solver (plugin)")
     t.add_argument("--teacher-substeps", type=int, default=None, help="M; default 1 (amed) or 2 (plugin)")
     t.add_argument("--table", action="store_true", help="no bottleneck feature: a learned fixed schedule")
     t.add_argument("--dc", type=float, default=0.01)
     t.add_argument("--da", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seeds",
+        type=_seed_list,
+        default=[0],
+        help="comma-separated: each is trained and the best on held-out noise (seeds from 2**43) kept",
+    )
+    t.add_argument("--selection", type=int, default=128, help="held-out noises that pick the best seed")
+    t.add_argument("--selection-teacher-steps", type=int, default=64, help="the judge: Heun on this many logsnr steps")
+    t.add_argument("--teacher-cache", type=Path, default=None, help="keep the judge's solves here")
     t.add_argument(
         "--objective",
         choices=("interval", "trajectory"),

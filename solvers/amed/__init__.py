@@ -17,6 +17,10 @@ from .predictor import (
 )
 from .solver import BASES, MULTISTEP, AMEDParams, AMEDPluginParams, History, IntervalUpdate, amed_interval
 from .training import (
+    HEAD_INITS,
+    RECIPE_BATCH_SIZE,
+    RECIPE_TRAJECTORIES,
+    SELECTION_SEED_BASE,
     TRAINING_SEED_BASE,
     TrainingSettings,
     TrainingSummary,
@@ -27,7 +31,11 @@ from .training import (
 
 __all__ = [
     "BASES",
+    "HEAD_INITS",
     "MULTISTEP",
+    "RECIPE_BATCH_SIZE",
+    "RECIPE_TRAJECTORIES",
+    "SELECTION_SEED_BASE",
     "TRAINING_SEED_BASE",
     "AMEDParams",
     "AMEDPluginParams",
