@@ -166,3 +166,14 @@ def test_t2i_speed_writes_its_rows(tmp_path, capsys, tiny_pipelines):
     assert meta["command"]
     assert main(["t2i-speed", "--model", "mnist", "--rounds", "1", "--out", str(tmp_path)]) == 2
     assert "expected a text-to-image pipeline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "train-schedule", "compare-schedules", "list"])
+def test_sampler_amed_help_renders(command, capsys):
+    """argparse formats help with %: a stray % in a help string makes --help a traceback."""
+    from bench.amed import main as amed_main
+
+    with pytest.raises(SystemExit) as done:
+        amed_main([command, "--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
