@@ -429,7 +429,11 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
             predictor_training_s=card.training.get("wall_seconds"),
             predictor_trajectories=card.training.get("trajectories"),
         )
-    identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe", "solver_params")}
+    identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe")}
+    # The parameters as the solver sees them, defaults filled in: a changed default must not reuse
+    # rows cached under the old one, and {} and the defaults spelled out are the same row (the
+    # solver_params column keeps what was asked for).
+    identity["resolved_params"] = params.model_dump(mode="json")
     payload: dict[str, Any] = {"row": identity, "reference": context.reference_key, "predictor_weights": weights}
     if grid is not None:
         payload["grid"] = grid.tolist()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .contract import Denoiser
-from .registry import Params, register
+from .registry import MAX_STEPS, Params, register
 from .stepping import Progress, direction, evaluate, push
 
 
@@ -73,9 +73,17 @@ def sample_dpm_solver_2(
     return x
 
 
+# The step count below which `lower_order_final` applies by default (see docs/solvers.md).
+LOWER_ORDER_FINAL_BELOW: int | None = 10
+
+
 class DPMPPParams(Params):
     lower_order_final: bool = True
-    """Below 10 steps, lower the order on the final steps (official DPM-Solver's stabiliser)."""
+    """Lower the order on the final steps: step i of S uses order at most S - i, so the last step
+    is first order (DDIM) and, for 3M, the one before second order."""
+    lower_order_final_below: Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)] | None = LOWER_ORDER_FINAL_BELOW
+    """Lower only when the run has fewer steps than this (diffusers: 15, the official DPM-Solver:
+    10); none: at every step count (the official AMED code)."""
     thresholding: bool = False
     """Dynamic thresholding (Imagen) of the data prediction; for pixel models in [-1, 1]."""
     # Any quantile works (0: the smallest |x0|, 1: the largest).
@@ -90,6 +98,9 @@ class DPMPPParams(Params):
 class DPMPP3MParams(DPMPPParams):
     third_order: Literal["corrected", "upstream"] = "corrected"
     """"corrected": 2 phi_3 on the second difference (third order); "upstream": phi_3 as published."""
+    lower_order_final_steps: Annotated[int, pydantic.Field(ge=1, le=2)] = 2
+    """How many final steps `lower_order_final` lowers: 2 (orders 2, 1, as diffusers and the
+    official code) or 1 (only the last step first order, as diffusers' euler_at_final)."""
 
 
 def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
@@ -102,12 +113,18 @@ def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     return torch.maximum(torch.minimum(x0, scale), -scale) / scale
 
 
-def _multistep_orders(steps: int, max_order: int, lower_order_final: bool) -> list[int]:
-    """Order used on each step: warm-up from 1, and the official lower-order final steps below 10 steps."""
+def _multistep_orders(
+    steps: int, max_order: int, lower_order_final: bool, below: int | None, lowered_steps: int | None = None
+) -> list[int]:
+    """Order used on each step: warm-up from 1; with `lower_order_final` (and fewer than `below`
+    steps, if given) the last `lowered_steps` steps (default all that need it) use at most the
+    number of steps left, so the final step is first order."""
+    lowered = max_order - 1 if lowered_steps is None else lowered_steps
+    lower = lower_order_final and (below is None or steps < below)
     orders = []
     for i in range(steps):
         order = min(max_order, i + 1)
-        if lower_order_final and steps < 10:
+        if lower and steps - i <= lowered:
             order = min(order, steps - i)
         orders.append(order)
     return orders
@@ -121,6 +138,7 @@ def _dpmpp_multistep(
     max_order: int,
     params: DPMPPParams,
     third_factor: float,
+    lowered_steps: int | None,
     afs: bool,
     progress: Progress,
     exact_start: tuple[Tensor, ...],
@@ -128,7 +146,9 @@ def _dpmpp_multistep(
     s = sigmas.tolist()
     lam = [-math.log(v) for v in s]
     steps = len(s) - 1
-    orders = _multistep_orders(steps, max_order, params.lower_order_final)
+    orders = _multistep_orders(
+        steps, max_order, params.lower_order_final, params.lower_order_final_below, lowered_steps
+    )
     history: list[Tensor] = []  # data predictions, newest last
     for i in range(steps):
         denoised = evaluate(denoiser, x, s[i], use_afs=afs and i == 0)
@@ -198,6 +218,7 @@ def sample_dpmpp_2m(
         max_order=2,
         params=params,
         third_factor=0.0,
+        lowered_steps=None,
         afs=afs,
         progress=progress,
         exact_start=tuple(exact_start),
@@ -240,6 +261,7 @@ def sample_dpmpp_3m(
         max_order=3,
         params=params,
         third_factor=factor,
+        lowered_steps=params.lower_order_final_steps,
         afs=afs,
         progress=progress,
         exact_start=tuple(exact_start),

@@ -20,8 +20,8 @@ import pydantic
 from torch import Tensor
 
 from .contract import Denoiser
-from .dpm_solver import _multistep_orders
-from .registry import Params, register
+from .dpm_solver import LOWER_ORDER_FINAL_BELOW, _multistep_orders
+from .registry import MAX_STEPS, Params, register
 from .stepping import Progress, evaluate, push
 
 
@@ -32,7 +32,10 @@ class UniPCParams(Params):
     """B(h) = -h ("bh1") or expm1(-h) ("bh2")."""
     corrector: bool = True
     lower_order_final: bool = True
-    """Below 10 steps, lower the order on the final steps (as DPM-Solver++)."""
+    """Lower the predictor's order on the final steps: step i of S uses order at most S - i."""
+    lower_order_final_below: Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)] | None = LOWER_ORDER_FINAL_BELOW
+    """Lower only when the run has fewer steps than this; none: at every step count (diffusers'
+    UniPC and the official code)."""
 
 
 def _coefficients(rks: list[float], h: float, variant: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -84,7 +87,7 @@ def sample_unipc(
     s = sigmas.tolist()
     lam = [-math.log(v) for v in s]
     steps = len(s) - 1
-    orders = _multistep_orders(steps, params.order, params.lower_order_final)
+    orders = _multistep_orders(steps, params.order, params.lower_order_final, params.lower_order_final_below)
     history: list[Tensor] = [evaluate(denoiser, x, s[0], use_afs=afs)]  # D at grid points, newest last
     for i in range(steps):
         last = i == steps - 1
