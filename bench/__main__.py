@@ -17,8 +17,10 @@ from solvers.errors import SolverError
 from . import (
     accuracy,
     amed_ablation,
+    amed_c_placement,
     batch_invariance,
     fd_vs_nfe,
+    final_order,
     fuzz,
     model_card,
     model_speed,
@@ -43,6 +45,7 @@ COMMANDS = (
     model_speed,
     model_card,
     fd_vs_nfe,
+    final_order,
     step_error,
     report,
     serve_load,
@@ -50,6 +53,7 @@ COMMANDS = (
     ray_load,
     batch_invariance,
     amed_ablation,
+    amed_c_placement,
     fuzz,
     t2i_speed,
 )

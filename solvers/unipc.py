@@ -20,7 +20,7 @@ import pydantic
 from torch import Tensor
 
 from .contract import Denoiser
-from .dpm_solver import LOWER_ORDER_FINAL_BELOW, _multistep_orders
+from .dpm_solver import LOWER_ORDER_FINAL_BELOW, multistep_orders
 from .registry import MAX_STEPS, Params, register
 from .stepping import Progress, evaluate, push
 
@@ -34,8 +34,8 @@ class UniPCParams(Params):
     lower_order_final: bool = True
     """Lower the predictor's order on the final steps: step i of S uses order at most S - i."""
     lower_order_final_below: Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)] | None = LOWER_ORDER_FINAL_BELOW
-    """Lower only when the run has fewer steps than this; none: at every step count (diffusers'
-    UniPC and the official code)."""
+    """Lower only when the run has fewer steps than this; none (the default, as diffusers' UniPC
+    and the official code): at every step count."""
 
 
 def _coefficients(rks: list[float], h: float, variant: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -87,7 +87,7 @@ def sample_unipc(
     s = sigmas.tolist()
     lam = [-math.log(v) for v in s]
     steps = len(s) - 1
-    orders = _multistep_orders(steps, params.order, params.lower_order_final, params.lower_order_final_below)
+    orders = multistep_orders(steps, params.order, params.lower_order_final, params.lower_order_final_below)
     history: list[Tensor] = [evaluate(denoiser, x, s[0], use_afs=afs)]  # D at grid points, newest last
     for i in range(steps):
         last = i == steps - 1

@@ -6,17 +6,21 @@ one, FID without weights, `bench report`, and the in-domain Frechet distance on 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 
+import solvers
 from bench import report
 from bench.__main__ import main as bench_main
 from bench.frechet import FeatureStats, frechet_distance
@@ -41,9 +45,9 @@ def scorer() -> MnistScorer:
     return MnistScorer(load_classifier())
 
 
-def _row_key(cache: Path, solver: str, nfe: int) -> str:
-    context = prepare(SweepConfig(solvers=[solver], **TINY), cache, SingleProcess())
-    return plan_row(context, solver, nfe).key
+def _row_key(cache: Path, solver: str, nfe: int, params: dict[str, Any] | None = None) -> str:
+    config = SweepConfig(solvers=[solver], solver_params={solver: params or {}}, **TINY)
+    return plan_row(prepare(config, cache, SingleProcess()), solver, nfe).key
 
 
 def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report_docs: Path) -> None:
@@ -137,6 +141,16 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     heun_five = next(r for r in extended if r["solver"] == "heun" and r["nfe"] == 5)
     assert heun_five["reachable"] is False  # heun spends 2 per step: 5 is never rounded to 4 or 6
     assert heun_five["steps"] is None
+
+    # Rows are keyed by the parameters the solver runs with: {} and the defaults spelled out are one
+    # row, and a changed default (here lower_order_final) is a new row, never the old one's numbers.
+    spec = solvers.SOLVERS.get("dpmpp_2m")
+    spelled = spec.params().model_dump(mode="json")
+    assert _row_key(cache, "dpmpp_2m", 5, spelled) == _row_key(cache, "dpmpp_2m", 5)
+    changed = pydantic.create_model("ChangedDefault", __base__=spec.params, lower_order_final=(bool, False))
+    monkeypatch.setitem(solvers.SOLVERS._entries, "dpmpp_2m", dataclasses.replace(spec, params=changed))
+    assert _row_key(cache, "dpmpp_2m", 5) == _row_key(cache, "dpmpp_2m", 5, {"lower_order_final": False})
+    assert _row_key(cache, "dpmpp_2m", 5) != _row_key(cache, "dpmpp_2m", 5, spelled)
 
 
 def test_cli_rejects_unknown_solver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -80,10 +80,16 @@ class AMEDPluginParams(Params):
 
 @dataclass
 class IntervalUpdate:
-    """Which update an interval uses: `amed`, or a plugin base with its order limit."""
+    """Which update an interval uses: `amed`, or a plugin base with its order limit.
+
+    `c_scales` (dpm_solver_2 only): c multiplies the intermediate direction's term ("direction",
+    what sampling uses) or the whole update ("update", the official AMED code). The two agree at
+    r = 1/2; docs/amed.md says why "direction" is kept (bench amed-c-placement measures both).
+    """
 
     kind: Literal["amed", "euler", "dpm_solver_2", "ipndm", "ipndm_v", "dpmpp_2m"]
     max_order: int = 1
+    c_scales: Literal["direction", "update"] = "direction"
 
     @property
     def multistep(self) -> bool:
@@ -243,7 +249,10 @@ def amed_interval(
         x_next = x_s + c_col * _column(nxt - s, x) * d_s
     elif update.kind == "dpm_solver_2":
         inv = _column(0.5 / r, x)
-        x_next = x + h * ((1.0 - inv) * d_cur + c_col * inv * d_s)
+        if update.c_scales == "update":
+            x_next = x + c_col * h * ((1.0 - inv) * d_cur + inv * d_s)
+        else:
+            x_next = x + h * ((1.0 - inv) * d_cur + c_col * inv * d_s)
     elif update.kind in ("ipndm", "ipndm_v"):
         history.push(s, d_s, keep)
         x_next = ab_step(x_s, s, nxt, history, update.max_order, c_col)
