@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
     t.add_argument(
-        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
+        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed %% count)"
     )
     t.add_argument(
         "--trajectories",
