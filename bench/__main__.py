@@ -16,6 +16,7 @@ from solvers.errors import SolverError
 
 from . import (
     accuracy,
+    afs_probe,
     amed_ablation,
     amed_c_placement,
     batch_invariance,
@@ -48,6 +49,7 @@ COMMANDS = (
     fd_vs_nfe,
     final_order,
     step_error,
+    afs_probe,
     report,
     serve_load,
     serve_mixed,

@@ -9,8 +9,12 @@
 Recipes (the paper's): AMED-Solver with a Heun teacher and M = 1 substep between student points;
 the plugin with its own base solver as teacher and M = 2 (`--teacher`, `--teacher-substeps`
 override). The teacher runs the same schedule with (M + 1) S steps from the same noise, without
-AFS. Trajectory k uses noise seed `2**40 + seed * 1000003 + k` (never a benchmark's seed) and, for
-a class-conditional model, label k mod 10.
+AFS. The budget is the official code's: 10,112 trajectories at 128 per Adam step (79 steps per
+interval), heads initialised at random (r near, not exactly, 1/2). Trajectory k uses noise seed
+`2**40 + seed * 1000003 + k` (never a benchmark's seed) and, for a class-conditional model, label
+k mod 10. With several `--seeds`, each is trained and the one with the lowest RMSE against a
+Heun-64 teacher on held-out noises `2**43 + k` (disjoint from training, grids and benchmarks) is
+kept; the card records every seed's score.
 
 Artifacts go to `--out` (default: the model's own `amed/` folder for built-in models, which the
 service reads): `<name>.safetensors` and `<name>.json` (the card: model and fingerprint, solver,
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,16 +51,24 @@ import provenance
 import solvers
 from solvers.amed import (
     BASES,
+    HEAD_INITS,
     MULTISTEP,
+    RECIPE_BATCH_SIZE,
+    RECIPE_TRAJECTORIES,
+    SELECTION_SEED_BASE,
     AMEDPluginParams,
+    AMEDPredictor,
     IntervalUpdate,
     PredictorCard,
     PredictorConfig,
     PredictorStore,
     TrainingSettings,
+    TrainingSummary,
+    load_predictor,
     new_card,
     new_predictor,
     predictor_key,
+    read_card,
     save_predictor,
     train_predictor,
 )
@@ -200,43 +213,62 @@ def train(args: argparse.Namespace) -> int:
             _, feature = probe.denoise_with_feature(x, torch.full((1,), sigmas[1].item(), device=model.device))
         feature_shape = (int(feature.shape[1]), int(feature.shape[2]))
     config = PredictorConfig(feature_shape=feature_shape, dc=args.dc, da=args.da)
-    predictor = new_predictor(config, args.seed).to(model.device)
-    settings = TrainingSettings(
-        trajectories=args.trajectories,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        teacher=teacher,
-        teacher_params=teacher_params,
-        teacher_substeps=substeps,
-        seed=args.seed,
-        objective=args.objective,
-    )
+    init = "neutral" if args.trajectories == 0 else args.init  # 0 trajectories: the untrained baseline
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
         return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
 
-    batches = -(-args.trajectories // args.batch_size)
-    bar = tqdm(total=batches, desc=f"{args.solver} NFE {args.nfe}", unit="batch", disable=args.quiet)
-
-    def on_batch(_index: int, losses: list[float]) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.4g}")
-
-    try:
-        summary = train_predictor(
-            predictor,
-            update=IntervalUpdate.of(args.solver, params),
-            sigmas=sigmas,
-            teacher_sigmas=teacher_sigmas,
-            afs=args.afs,
-            make_batch=make_batch,
-            settings=settings,
-            on_batch=on_batch,
+    def train_seed(seed: int) -> tuple[AMEDPredictor, TrainingSettings, TrainingSummary]:
+        predictor = new_predictor(config, seed, init=init).to(model.device)
+        settings = TrainingSettings(
+            trajectories=args.trajectories,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            teacher=teacher,
+            teacher_params=teacher_params,
+            teacher_substeps=substeps,
+            seed=seed,
+            init=init,
+            objective=args.objective,
         )
-    except ValueError as error:
-        raise BenchError(f"--schedule {args.schedule}: {error}") from None
-    finally:
-        bar.close()
+        batches = -(-args.trajectories // args.batch_size)
+        bar = tqdm(total=batches, desc=f"{args.solver} NFE {args.nfe} seed {seed}", unit="batch", disable=args.quiet)
+
+        def on_batch(_index: int, losses: list[float]) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses):.4g}")
+
+        try:
+            summary = train_predictor(
+                predictor,
+                update=IntervalUpdate.of(args.solver, params),
+                sigmas=sigmas,
+                teacher_sigmas=teacher_sigmas,
+                afs=args.afs,
+                make_batch=make_batch,
+                settings=settings,
+                on_batch=on_batch,
+            )
+        except ValueError as error:
+            raise BenchError(f"--schedule {args.schedule}: {error}") from None
+        finally:
+            bar.close()
+        return predictor, settings, summary
+
+    runs = [train_seed(seed) for seed in args.seeds]
+    chosen = 0
+    selection: dict[str, Any] = {}
+    if len(runs) > 1:  # keep the best on held-out noise (disjoint from training, grids and benchmarks)
+        chosen, selection = _select(
+            args,
+            model,
+            conditioned,
+            [Student(spec, params, args.afs, predictor) for predictor, _, _ in runs],
+            sigmas,
+            args.seeds,
+            [summary.wall_seconds for _, _, summary in runs],
+        )
+    predictor, settings, summary = runs[chosen]
     card = new_card(
         plan,
         model=model.name,
@@ -246,6 +278,7 @@ def train(args: argparse.Namespace) -> int:
         training={
             **settings.as_dict(),
             **summary.as_dict(),
+            **selection,
             "parameters": sum(p.numel() for p in predictor.parameters()),
             "command": meta["command"],
             "git": meta.get("git"),
@@ -265,6 +298,142 @@ def train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _select(
+    args: argparse.Namespace,
+    model: models.Model,
+    conditioned: Callable[[Sequence[int]], solvers.Denoiser],
+    students: Sequence[Student],
+    sigmas: torch.Tensor,
+    seeds: Sequence[int],
+    wall_seconds: Sequence[float],
+) -> tuple[int, dict[str, Any]]:
+    """Which of several trained predictors (one per training seed) has the lowest RMSE against a
+    Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and the record of it for the card."""
+    noises = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
+    judge = Teacher(steps=args.selection_teacher_steps)
+    denoiser = conditioned(noises)
+    noise = solvers.make_noise(noises, model.sample_shape, device=model.device)
+    payload = {"teacher": judge.as_dict(), "seeds": noises}
+    target = _cached(
+        args.teacher_cache,
+        model,
+        args.guidance,
+        "finals",
+        payload,
+        lambda: [judge.final(denoiser, noise * model.sigma_max)],
+    )[0]
+    scores = []
+    for student in students:
+        with torch.no_grad():
+            scores.append(rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target))
+    chosen = min(range(len(students)), key=scores.__getitem__)
+    listed = ", ".join(f"seed {seed}: {v:.4f}" for seed, v in zip(seeds, scores, strict=True))
+    print(
+        f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping seed {seeds[chosen]}", file=sys.stderr
+    )
+    return chosen, {
+        "selection": {
+            "seeds": list(seeds),
+            "held_out_rmse": [round(v, 6) for v in scores],
+            "chosen_seed": seeds[chosen],
+            "spread": [round(min(scores), 6), round(max(scores), 6)],
+            "first_noise_seed": SELECTION_SEED_BASE,
+            "noises": args.selection,
+            "judge": judge.as_dict(),
+            "wall_seconds_all_seeds": round(sum(wall_seconds), 2),
+        }
+    }
+
+
+def select(args: argparse.Namespace) -> int:
+    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
+    chosen and recorded exactly as `train --seeds` does, written to --out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    found: list[tuple[Path, PredictorCard]] = []
+    for folder in args.candidates:
+        cards = sorted(Path(folder).glob("*.json"))
+        if len(cards) != 1:
+            raise BenchError(f"{folder}: expected one predictor card, found {len(cards)}")
+        found.append((cards[0], read_card(cards[0])))
+    if len(found) < 2:
+        raise BenchError("select: give two or more candidate folders")
+    first = found[0][1]
+    for path, card in found[1:]:
+        if card.key() != first.key():
+            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
+    if len({path.resolve() for path, _ in found}) != len(found):
+        raise BenchError("select: a candidate folder is given twice")
+    seeds = [int(card.training.get("seed", 0)) for _, card in found]
+    if first.model_fingerprint != model.fingerprint:
+        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
+    spec = solvers.SOLVERS.get(first.solver)
+    if solvers.SCHEDULES.get(first.schedule).needs_grid:
+        raise BenchError("select: predictors on a learned grid are selected by `train --seeds`")
+    plugin = {"base": first.base, "max_order": first.base_max_order} if first.base else {}
+    params = spec.parse_params(plugin)
+    sigmas = solvers.build_sigmas(
+        first.schedule,
+        first.steps,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_levels=model.sigma_levels,
+        params=solvers.SCHEDULES.get(first.schedule).parse_params(first.schedule_params),
+    )
+    students = [Student(spec, params, first.afs, load_predictor(path, model.device)[0]) for path, _ in found]
+    walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
+    conditioned = _conditioning(model, [], first.guidance)
+    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls)
+    # candidates may differ in more than the seed (an earlier budget, another init): say how each was trained
+    selection["selection"]["candidates"] = [
+        {
+            "seed": seed,
+            "trajectories": card.training.get("trajectories"),
+            "batch_size": card.training.get("batch_size"),
+            "init": card.training.get("init", "neutral"),
+            "held_out_rmse": score,
+        }
+        for seed, (_, card), score in zip(seeds, found, selection["selection"]["held_out_rmse"], strict=True)
+    ]
+    path, card = found[chosen]
+    best = card.model_copy(update={"training": {**card.training, **selection}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / path.stem
+    shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
+    stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    print(f"kept seed {seeds[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+def _cached(
+    cache: Path | None,
+    model: models.Model,
+    guidance: float,
+    kind: str,
+    payload: dict[str, Any],
+    compute: Callable[[], Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Teacher solves are the same for every solver and NFE: kept in `cache` (--teacher-cache) by
+    what defines them (kind, model fingerprint, guidance, payload)."""
+    if cache is None:
+        return list(compute())
+    name = hashlib.sha256(
+        json.dumps({"kind": kind, "model": model.fingerprint, "guidance": guidance, **payload}, sort_keys=True).encode()
+    ).hexdigest()[:20]
+    path = cache / f"teacher-{kind}-{name}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return [stored[str(k)].to(model.device) for k in range(len(stored))]
+    values = list(compute())
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
+    return values
 
 
 def subdivide(sigmas: torch.Tensor, parts: int) -> torch.Tensor:
@@ -306,25 +475,8 @@ def train_schedule(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{args.method} {args.solver} NFE {args.nfe}] {text}", file=sys.stderr)
 
-    cache = args.teacher_cache
-
     def cached(kind: str, payload: dict[str, Any], compute: Any) -> list[torch.Tensor]:
-        """Teacher solves are the same for every solver and NFE: kept in --teacher-cache by what defines them."""
-        if cache is None:
-            return list(compute())
-        name = hashlib.sha256(
-            json.dumps(
-                {"kind": kind, "model": model.fingerprint, "guidance": args.guidance, **payload}, sort_keys=True
-            ).encode()
-        ).hexdigest()[:20]
-        path = cache / f"teacher-{kind}-{name}.safetensors"
-        if path.is_file():
-            stored = load_file(str(path))
-            return [stored[str(k)].to(model.device) for k in range(len(stored))]
-        values = list(compute())
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
-        return values
+        return _cached(args.teacher_cache, model, args.guidance, kind, payload, compute)
 
     settings: GITSSettings | LD3Settings
     if args.method == "gits":
@@ -512,6 +664,16 @@ def list_predictors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 0") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers >= 0")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sampler-amed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -530,17 +692,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--guidance", type=float, default=1.0)
     t.add_argument(
-        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed % count)"
+        "--prompt", action="append", default=[], help="text-to-image models: a training prompt (repeat; seed %% count)"
     )
-    t.add_argument("--trajectories", type=int, default=1000, help="0: write the untrained predictor (a baseline)")
-    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument(
+        "--trajectories",
+        type=int,
+        default=RECIPE_TRAJECTORIES,
+        help="default: the official recipe's 10112; 0 writes the untrained predictor (a baseline)",
+    )
+    t.add_argument("--batch-size", type=int, default=RECIPE_BATCH_SIZE, help="trajectories per Adam step")
+    t.add_argument(
+        "--init", choices=HEAD_INITS, default="random", help="heads: random (the official code's) or neutral (r = 1/2)"
+    )
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--teacher", default=None, help="default: heun (amed) or the base solver (plugin)")
     t.add_argument("--teacher-substeps", type=int, default=None, help="M; default 1 (amed) or 2 (plugin)")
     t.add_argument("--table", action="store_true", help="no bottleneck feature: a learned fixed schedule")
     t.add_argument("--dc", type=float, default=0.01)
     t.add_argument("--da", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seeds",
+        type=_seed_list,
+        default=[0],
+        help="comma-separated: each is trained and the best on held-out noise (seeds from 2**43) kept",
+    )
+    t.add_argument("--selection", type=int, default=128, help="held-out noises that pick the best seed")
+    t.add_argument("--selection-teacher-steps", type=int, default=64, help="the judge: Heun on this many logsnr steps")
+    t.add_argument("--teacher-cache", type=Path, default=None, help="keep the judge's solves here")
     t.add_argument(
         "--objective",
         choices=("interval", "trajectory"),
@@ -606,6 +786,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(handler=compare_schedules)
+    sel = commands.add_parser(
+        "select", help="keep the best of predictors trained apart for one key (one folder per seed)"
+    )
+    sel.add_argument("candidates", nargs="+", type=Path, help="folders holding one predictor each")
+    sel.add_argument("--model", default="mnist")
+    sel.add_argument("--guidance", type=float, default=1.0)
+    sel.add_argument("--selection", type=int, default=128, help="held-out noises")
+    sel.add_argument("--selection-teacher-steps", type=int, default=64)
+    sel.add_argument("--teacher-cache", type=Path, default=None)
+    sel.add_argument("--device", default="auto")
+    sel.add_argument("--threads", type=int, default=None)
+    sel.add_argument("--out", type=Path, required=True)
+    sel.set_defaults(handler=select)
     listing = commands.add_parser("list", help="list the predictors and learned grids in folders")
     listing.add_argument("--model", default=None, help="also the model's own amed/ folder")
     listing.add_argument("--dir", type=Path, action="append", default=[])

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import provenance
+from solvers.amed import HEAD_INITS
 
 from . import amed
 from .errors import BenchError
@@ -122,9 +123,14 @@ def add_parser(subparsers: Any) -> None:
         "--variants", default="all", help=f"comma-separated, or all: {', '.join(v.name for v in VARIANTS)}"
     )
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--trajectories", type=int, default=None, help="override every variant's count (smoke runs)")
     parser.add_argument(
-        "--train-batch-size", type=int, default=25, help="trajectories per Adam step (the shipped predictors': 25)"
+        "--trajectories", type=int, default=1000, help="each variant's count unless it sets its own (the rows': 1000)"
+    )
+    parser.add_argument(
+        "--train-batch-size", type=int, default=25, help="trajectories per Adam step (the committed rows': 25)"
+    )
+    parser.add_argument(
+        "--train-init", choices=HEAD_INITS, default="neutral", help="how the heads start (the committed rows': neutral)"
     )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--reference-steps", type=int, default=128)
@@ -148,8 +154,8 @@ def _train(variant: AblationVariant, args: argparse.Namespace, folder: Path) -> 
         stale.unlink()
     argv = ["train", "--model", args.model, "--nfe", str(variant.nfe), "--schedule", variant.schedule, "--quiet"]
     argv += ["--afs" if variant.afs else "--no-afs", "--batch-size", str(args.train_batch_size)]
-    argv += ["--out", str(folder), *variant.train]
-    if args.trajectories is not None and "--trajectories" not in variant.train:
+    argv += ["--init", args.train_init, "--out", str(folder), *variant.train]
+    if "--trajectories" not in variant.train:
         argv += ["--trajectories", str(args.trajectories)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

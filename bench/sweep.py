@@ -424,9 +424,14 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
         wanted, weights = _predictor_of(context, spec, solver_params, steps, grid)
         card = read_card(context.predictors.cards[wanted])
         _check_held_out(card.training, config, wanted.describe())
+        picked = card.training.get("selection")  # the held-out noises that chose among training seeds
+        if picked:
+            chose = {"first_noise_seed": picked["first_noise_seed"], "trajectories": picked["noises"]}
+            _check_held_out(chose, config, wanted.describe())
         base.update(
             predictor=wanted.describe(),
-            predictor_training_s=card.training.get("wall_seconds"),
+            # with several training seeds, the cost of all of them
+            predictor_training_s=(picked or {}).get("wall_seconds_all_seeds", card.training.get("wall_seconds")),
             predictor_trajectories=card.training.get("trajectories"),
         )
     identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe")}

@@ -29,6 +29,7 @@ from diffusers.models import UNet2DConditionModel, UNet2DModel  # not `diffusers
 from torch import Tensor
 
 from .errors import InvalidConditioningError, UnsupportedModelError, UnsupportedSchedulerError
+from .guidance import guided
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -488,10 +489,7 @@ class UNetDenoiser:
             w = self._guidance.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
             cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
             uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
-            # A row at w = 1 (or 0) is the conditional (unconditional) prediction itself: the same
-            # sample alone runs that pass only, and uncond + 1 * (cond - uncond) rounds otherwise.
-            guided = uncond + w * (cond - uncond)
-            denoised = torch.where(w == 1.0, cond, torch.where(w == 0.0, uncond, guided))
+            denoised = guided(cond, uncond, w)
         else:
             denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None

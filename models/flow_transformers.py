@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .errors import InvalidConditioningError, UnsupportedModelError
 from .flow import FlowSchedule, t_of_sigma
+from .guidance import guided
 from .prompts import PromptBatch
 
 # diffusers' calculate_shift defaults (FlowMatchEulerDiscreteScheduler's registered config).
@@ -304,7 +305,7 @@ class FlowTransformerDenoiser:
             w = self._weights.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
             cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
             uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
-            denoised = uncond + w * (cond - uncond)
+            denoised = guided(cond, uncond, w)
         else:
             denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None

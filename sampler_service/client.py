@@ -400,7 +400,8 @@ def _connection_args(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--ray",
         action="store_true",
         default=default(False),
-        help="through Ray Serve's gRPC proxy: send application=<--model> (generate, plan); "
+        help="through Ray Serve's gRPC proxy: send application=<--model> (generate, plan) or "
+        "application=<--service> (health; without --service the proxy answers for itself); "
         "other commands take --metadata application=NAME",
     )
 
@@ -452,8 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         metadata = list(args.metadata)
-        if args.ray and getattr(args, "model", None) and not any(key == "application" for key, _ in metadata):
-            metadata.append(("application", args.model))
+        # Ray Serve's proxy routes on `application`: the model (generate, plan) or the model whose
+        # health is asked; a health check without either is answered by the proxy itself.
+        application = getattr(args, "model", None) or getattr(args, "service", None)
+        if args.ray and application and not any(key == "application" for key, _ in metadata):
+            metadata.append(("application", application))
         with SamplerClient(
             args.target,
             token=args.token,

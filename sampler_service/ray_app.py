@@ -14,8 +14,14 @@ spreads requests over replicas by their queue lengths (power of two choices).
 
 Health: a replica whose model failed to load stays up but reports unhealthy (`check_health`
 raises), so Ray replaces it while the other replicas and applications keep serving; its requests
-get UNAVAILABLE meanwhile. Drain: Ray stops routing to a replica it is stopping and waits up to
-`graceful_shutdown_timeout_s` for its requests in flight; `__del__` then stops the engine.
+get UNAVAILABLE meanwhile. `grpc.health.v1.Health/Check` works through the proxy too: with the
+`application` metadata key (or a service name) it is routed to a replica of that model, which
+answers as the single server does; with neither, the proxy answers for itself from Ray's own
+`Healthz` (SERVING once it has routes and is not draining), so probes that cannot send metadata
+(load balancers, Kubernetes) get the standard protocol.
+
+Drain: Ray stops routing to a replica it is stopping and waits up to `graceful_shutdown_timeout_s`
+for its requests in flight; `__del__` then stops the engine.
 
 Ray is an optional dependency (`pip install "diffusion-sampler-service[ray]"`); nothing else in
 the package imports this module.
@@ -32,6 +38,7 @@ from typing import Any, NoReturn
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
@@ -54,15 +61,20 @@ SERVICER_FUNCTION = "sampler_service.ray_app.add_to_ray_proxy"
 # How Ray words the error of a request whose replica died (ray.exceptions.RayActorError).
 _REPLICA_DIED = ("The actor died", "The actor is dead", "actor died unexpectedly")
 DEPLOYMENT_NAME = "Sampler"
+# The standard health check, answered by the proxy itself when a call names no application.
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# Ray's own proxy health: OK once the proxy has routes, UNAVAILABLE while it has none or drains.
+RAY_HEALTHZ = "/ray.serve.RayServeAPIService/Healthz"
 BUILDER = "sampler_service.ray_app:build"  # a Serve config's import_path for our applications
 
 
 class Aborted(Exception):
-    """Raised by `RayContext.abort_with_status`, like grpc's own abort: the status is already set."""
+    """Raised by `RayContext.abort_with_status` and `abort`, like grpc's own abort: the status is
+    already set on the context."""
 
-    def __init__(self, status: grpc.Status) -> None:
-        super().__init__(status.details)
-        self.status = status
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
 
 
 class RayContext:
@@ -83,37 +95,79 @@ class RayContext:
         """Ray's context does not carry the client's deadline (the proxy enforces request_timeout_s)."""
         return None
 
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        """What grpc's health servicer calls for an unknown service (NOT_FOUND)."""
+        self.ray_context.set_code(code)
+        self.ray_context.set_details(details)
+        raise Aborted(code, details)
+
     async def abort_with_status(self, status: grpc.Status) -> NoReturn:
         self.ray_context.set_code(status.code)
         self.ray_context.set_details(status.details)
         # Ray keeps its request_id entry and appends ours.
         self.ray_context.set_trailing_metadata(list(status.trailing_metadata or ()))
-        raise Aborted(status)
+        raise Aborted(status.code, status.details)
 
 
 def add_to_ray_proxy(servicer: Any, server: Any) -> None:
-    """Register `sampler.v1.SamplerService` on Ray Serve's gRPC proxy (`grpc_servicer_functions`).
+    """Register `sampler.v1.SamplerService` and `grpc.health.v1.Health` on Ray Serve's gRPC proxy
+    (`grpc_servicer_functions`).
 
-    The generated `add_SamplerServiceServicer_to_server` does the registering; around it, each of
-    the proxy's method handlers is wrapped so that a request whose replica died (killed, node lost)
-    ends UNAVAILABLE, as the single server's clients expect of a server that went away and as
-    retry policies key on, instead of the INTERNAL that Ray's proxy (2.60) answers for it. Where a
-    Ray version has no `service_handler_factory` on its proxy server, registration is plain.
+    The generated `add_*_to_server` functions do the registering; around them, each of the proxy's
+    method handlers is wrapped so that a request whose replica died (killed, node lost) ends
+    UNAVAILABLE, as the single server's clients expect of a server that went away and as retry
+    policies key on, instead of the INTERNAL that Ray's proxy (2.60) answers for it; and a health
+    check that names no application is answered by the proxy itself (`_proxy_answers_health`).
+    Where a Ray version has no `service_handler_factory` on its proxy server, registration is plain
+    (health checks then need the `application` metadata).
     """
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
         log.warning("Ray's gRPC proxy has no service_handler_factory: a dead replica's requests end INTERNAL")
         pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         return
 
     def wrapped(service_method: str, streaming_type: Any) -> Callable[..., Any]:
-        return _replica_death_is_unavailable(factory(service_method=service_method, streaming_type=streaming_type))
+        handler = _replica_death_is_unavailable(factory(service_method=service_method, streaming_type=streaming_type))
+        if service_method == HEALTH_CHECK and getattr(streaming_type, "name", "") == "UNARY_UNARY":
+            return _proxy_answers_health(handler, factory(service_method=RAY_HEALTHZ, streaming_type=streaming_type))
+        return handler
 
     server.service_handler_factory = wrapped
     try:
         pb_grpc.add_SamplerServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     finally:
         server.service_handler_factory = factory
+
+
+def _proxy_answers_health(routed: Callable[..., Any], healthz: Callable[..., Any]) -> Callable[..., Any]:
+    """`Health/Check` with neither `application` metadata nor a service name: the proxy's own
+    health (Ray's Healthz: OK -> SERVING, else NOT_SERVING). Otherwise routed to the application,
+    whose replica answers; where no replica can (Ray answers UNAVAILABLE: the application failed
+    to deploy, or its replica is being replaced), NOT_SERVING, as the single server says before
+    its models are ready. An unknown application stays NOT_FOUND, as an unknown service does."""
+
+    async def check(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        if request.service or any(key == "application" for key, _ in context.invocation_metadata() or ()):
+            answer = await routed(request, context)
+            if context.code() != grpc.StatusCode.UNAVAILABLE:
+                return answer
+        else:
+            await healthz(request, context)
+            if context.code() in (None, grpc.StatusCode.OK):
+                return _health_answer(context, health_pb2.HealthCheckResponse.SERVING)
+        return _health_answer(context, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    return check
+
+
+def _health_answer(context: grpc.aio.ServicerContext, status: Any) -> bytes:
+    context.set_code(grpc.StatusCode.OK)
+    context.set_details("")
+    # The proxy's handlers send serialized bytes (Ray removes the response serializer).
+    return health_pb2.HealthCheckResponse(status=status).SerializeToString()
 
 
 def _replica_death_is_unavailable(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,6 +280,27 @@ class SamplerDeployment:
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, grpc_context: RayServegRPCContext) -> pb.ServerInfo:
         return await self._unary(self.servicer.GetServerInfo, request, grpc_context, pb.ServerInfo)
 
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> health_pb2.HealthCheckResponse:
+        """`grpc.health.v1.Health/Check` routed to this replica: the single server's answer (no
+        token needed, as there); NOT_SERVING for everything while the model failed to load."""
+        if self.failure is not None:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            return await self.service.health.Check(request, RayContext(grpc_context))
+        except Aborted:
+            return health_pb2.HealthCheckResponse()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Not served through Ray: a stream per watcher would hold one of the replica's
+        max_ongoing_requests slots for as long as the watcher lives. Poll Check instead."""
+        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        grpc_context.set_details("Health/Watch is not served through Ray Serve's proxy: poll Health/Check")
+        yield health_pb2.HealthCheckResponse()  # Ray sends a status only together with a message
+
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateEvent]:
@@ -326,6 +401,7 @@ def deploy(config: ServeDeploySchema, *, timeout: float = 300.0) -> None:
         http_options=config.http_options.model_dump(),
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
         proxy_location=config.proxy_location,
+        global_logging_config=config.logging_config,
     )
     client.deploy_apps(config)
     names = [application.name for application in config.applications]
@@ -354,6 +430,7 @@ def drain(config: ServeDeploySchema) -> None:
 
 __all__ = [
     "DEPLOYMENT_NAME",
+    "HEALTH_CHECK",
     "SERVICER_FUNCTION",
     "RayContext",
     "ReplicaOptions",

@@ -350,3 +350,72 @@ def test_ablation_command_trains_scores_and_reports_its_variants(tmp_path: Path,
     text = (report_docs / "amed.md").read_text()
     assert "| plugin-v2 | base: variable-step iPNDM order 2 | 5 |" in text
     assert "| ipndm2 | training-free: iPNDM order 2 | 5 |" in text
+
+
+def test_random_heads_start_near_but_not_at_the_midpoint():
+    """`init="random"` (the training default, as the official code initialises): r varies with the
+    input around 1/2; the neutral start gives exactly 1/2; an unknown init is refused by name."""
+    config = PredictorConfig(feature_shape=(7, 7))
+    feature = torch.randn(32, 7, 7)
+    sigma_cur = torch.logspace(-1, 2, 32, dtype=torch.float64)
+    with torch.no_grad():
+        neutral = new_predictor(config, seed=0)(feature, sigma_cur, sigma_cur * 0.5)
+        random = new_predictor(config, seed=0, init="random")(feature, sigma_cur, sigma_cur * 0.5)
+        other = new_predictor(config, seed=1, init="random")(feature, sigma_cur, sigma_cur * 0.5)
+    assert bool((neutral.r == 0.5).all())
+    assert bool((neutral.c == 1.0).all())
+    assert float(random.r.std()) > 0.01
+    assert bool(((random.r > 0.1) & (random.r < 0.9)).all())
+    assert not torch.equal(random.r, other.r)  # a seed draws its own start
+    with pytest.raises(ValueError, match="init='zero' is not one of: random, neutral"):
+        new_predictor(config, seed=0, init="zero")
+
+
+def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, capsys):
+    """`--seeds 0,1`: both are trained, scored against a teacher on held-out noises (2**43 + k), and
+    the better one is written, the same weights a single-seed run of it gives; the card records
+    every seed's score. `select` over seeds trained apart chooses the same. A repeated or malformed
+    seed list is refused by argparse."""
+    from safetensors.torch import load_file
+
+    from bench.amed import main as amed_main
+
+    args = ["train", "--model", "mnist", "--solver", "amed", "--nfe", "3", "--trajectories", "4", "--batch-size", "2"]
+    args += ["--selection", "4", "--selection-teacher-steps", "4", "--threads", "1", "--quiet"]
+    assert amed_main([*args, "--seeds", "0,1", "--out", str(tmp_path / "both")]) == 0
+    (card_path,) = (tmp_path / "both").glob("*.json")
+    card = PredictorCard.model_validate_json(card_path.read_text())
+    picked = card.training["selection"]
+    assert picked["seeds"] == [0, 1]
+    assert picked["first_noise_seed"] == 2**43
+    assert picked["noises"] == 4
+    scores = picked["held_out_rmse"]
+    assert scores[0] != scores[1]
+    best = picked["chosen_seed"]
+    assert best == [0, 1][scores.index(min(scores))]
+    assert card.training["seed"] == best
+    assert card.training["init"] == "random"
+    assert card.training["first_noise_seed"] == 2**40 + best * 1_000_003
+
+    assert amed_main([*args, "--seed", str(best), "--out", str(tmp_path / "one")]) == 0
+    alone = load_file(str(tmp_path / "one" / card_path.with_suffix(".safetensors").name))
+    kept = load_file(str(card_path.with_suffix(".safetensors")))
+    assert all(torch.equal(alone[name], kept[name]) for name in kept)
+
+    # trained apart (one folder per seed) and selected afterwards: the same choice and record
+    other = 1 - best
+    assert amed_main([*args, "--seed", str(other), "--out", str(tmp_path / "other")]) == 0
+    select = ["select", str(tmp_path / "one"), str(tmp_path / "other"), "--selection", "4"]
+    assert amed_main([*select, "--selection-teacher-steps", "4", "--out", str(tmp_path / "picked")]) == 0
+    picked_card = PredictorCard.model_validate_json((tmp_path / "picked" / card_path.name).read_text())
+    assert picked_card.training["selection"]["chosen_seed"] == best
+    assert sorted(picked_card.training["selection"]["held_out_rmse"]) == sorted(scores)
+    assert [c["seed"] for c in picked_card.training["selection"]["candidates"]] == [best, other]
+    assert amed_main(["select", str(tmp_path / "one"), str(tmp_path / "one"), "--out", str(tmp_path / "x")]) == 2
+    assert "a candidate folder is given twice" in capsys.readouterr().err
+
+    capsys.readouterr()
+    for bad in ("0,0", "0,x"):
+        with pytest.raises(SystemExit):
+            amed_main([*args, "--seeds", bad, "--out", str(tmp_path / "bad")])
+        assert f"--seeds: '{bad}': expected" in capsys.readouterr().err

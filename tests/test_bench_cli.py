@@ -184,3 +184,27 @@ def test_t2i_speed_writes_its_rows(tmp_path, capsys, tiny_pipelines):
     assert meta["command"]
     assert main(["t2i-speed", "--model", "mnist", "--rounds", "1", "--out", str(tmp_path)]) == 2
     assert "expected a text-to-image pipeline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "train-schedule", "compare-schedules", "list"])
+def test_sampler_amed_help_renders(command, capsys):
+    """argparse formats help with %: a stray % in a help string makes --help a traceback."""
+    from bench.amed import main as amed_main
+
+    with pytest.raises(SystemExit) as done:
+        amed_main([command, "--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_afs_probe_on_the_flow_model(tmp_path, capsys):
+    """At sigma_max = 999 the flow model's D is about the class-mean image (MNIST's mean pixel is
+    -0.74 in [-1, 1]), which AFS's stand-in (about 0) misses by its whole RMS."""
+    out = tmp_path / "probe"
+    assert main(["afs-probe", "--models", "mnist-flow", "--nfe", "5", "--num-samples", "20", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "afs-probe.json").read_text())["rows"]
+    assert row["sigma_0"] == pytest.approx(999.0, rel=1e-9)
+    assert -0.85 < row["denoised_mean"] < -0.6
+    assert row["afs_error_rms"] == pytest.approx(row["denoised_rms"], rel=1e-2)
+    assert row["first_state_error_rms"] == pytest.approx((1 - row["sigma_1"] / 999.0) * row["afs_error_rms"], rel=1e-6)
+    assert "mnist-flow NFE 5" in capsys.readouterr().out

@@ -18,8 +18,11 @@ import solvers
 from bench.mnist_quality import quantise
 from models.flow import FlowSchedule
 from models.mnist.architecture import FLOW_SCHEDULER_CONFIG, NULL_CLASS
+from models.mnist.card import write_diffusion_card
 from models.mnist.classifier import load_classifier
 from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
+from solvers.amed import PredictorStore
+from solvers.learned.grid import grid_key
 from tests.test_service import RunningServer, raw_images
 
 SHIPPED = Path(models.BUILTINS["mnist-flow"].folder)
@@ -51,6 +54,18 @@ def test_shipped_files_and_config() -> None:
     card = (SHIPPED / "README.md").read_text()
     assert card.startswith("# `mnist-flow`")
     assert "rectified flow" in card
+
+
+def test_card_is_the_view_of_its_records_and_says_where_training_stopped(tmp_path: Path) -> None:
+    """README.md is rendered from training.json and quality.json; a run given up before its planned
+    steps says so (training.json `stopped`) in the card."""
+    for name in ("training.json", "quality.json"):
+        (tmp_path / name).write_bytes((SHIPPED / name).read_bytes())
+    rendered = write_diffusion_card(tmp_path).read_text()
+    assert rendered == (SHIPPED / "README.md").read_text()
+    training = json.loads((SHIPPED / "training.json").read_text())
+    if training["step"] < training["config"]["steps"]:
+        assert f"stopped at step {training['step']} of the planned {training['config']['steps']:,}: " in rendered
 
 
 def test_loaded_as_a_flow_model(flow_model: models.DiffusionModel) -> None:
@@ -126,3 +141,26 @@ def test_served_from_a_models_toml(tmp_path: Path, classifier: torch.nn.Module) 
         assert "schedule: 'discrete' is invalid" in caught.value.details()
     finally:
         running.stop()
+
+
+def test_shipped_predictors_and_grids_belong_to_these_weights(flow_model: models.DiffusionModel) -> None:
+    """The AMED predictors and LD3 grids under amed/ are keyed by this model's fingerprint: a
+    retrained model (new weights) would leave them unreachable, and this fails first."""
+    store = PredictorStore([SHIPPED / "amed"])
+    amed = sorted(key.nfe for key in store.keys(flow_model.fingerprint) if key.solver == "amed")
+    assert amed == [3, 5]
+    assert not [key for key in store.keys(model_fingerprint=None) if key.model_fingerprint != flow_model.fingerprint]
+    for solver, params in (("ipndm", {"max_order": 2}), ("unipc", {})):
+        resolved = solvers.SOLVERS.get(solver).parse_params(params).model_dump()
+        key = grid_key(
+            model_fingerprint=flow_model.fingerprint,
+            solver=solver,
+            solver_params=resolved,
+            method="ld3",
+            nfe=5,
+            afs=True,
+            guidance=1.0,
+        )
+        sigmas = store.find_grid(key, "mnist-flow")
+        assert len(sigmas) == 7
+        assert sigmas[0] == pytest.approx(flow_model.sigma_max)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import ray  # not importorskip: [dev] includes the [ray] extra, and these tests must run in CI
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -84,7 +85,7 @@ def cluster() -> Iterator[RayCluster]:
 @pytest.fixture(scope="module")
 def single() -> Iterator[RunningServer]:
     """The single server with the settings of deploy/ray/serve.yaml, for comparisons."""
-    running = RunningServer(batching={"max_batch_size": 256, "max_queue_delay_ms": 5.0}, warmup=False)
+    running = RunningServer(batching={"max_batch_size": 256, "max_queue_delay_ms": 20.0}, warmup=False)
     yield running
     running.stop()
 
@@ -128,6 +129,28 @@ def test_list_and_info_answer_through_the_proxy(cluster: RayCluster, single: Run
     info = cluster.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=APPLICATION)
     assert info.api_version == "sampler.v1"
     assert info.max_batch_size == 256
+
+
+def test_health_through_the_proxy(
+    cluster: RayCluster, single: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sampler-client --ray health`: without --service the proxy answers for itself (Ray's Healthz),
+    with --service MODEL that model's replicas answer; grpc.health.v1 with `application` metadata
+    gets the single server's answers."""
+    for service in ((), ("--service", "mnist")):
+        assert client_main(["--target", cluster.target, "--ray", "health", *service]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+    health = health_pb2_grpc.HealthStub(cluster.channel)
+    for name in ("", "sampler.v1.SamplerService", "mnist"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), metadata=APPLICATION)
+        assert answer.status == single.health.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    unknown = health_pb2.HealthCheckRequest(service="sd-xl")
+    got = rpc_error(lambda: health.Check(unknown, metadata=APPLICATION))
+    assert got.code() == rpc_error(lambda: single.health.Check(unknown)).code() == grpc.StatusCode.NOT_FOUND
+    watch = rpc_error(lambda: list(health.Watch(health_pb2.HealthCheckRequest(), metadata=APPLICATION)))
+    assert watch.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "poll Health/Check" in watch.details()
 
 
 def _struct(values: dict[str, Any]) -> Any:
@@ -224,7 +247,7 @@ def test_a_replica_killed_mid_load_fails_only_its_requests_and_is_replaced(clust
 
 
 def test_a_model_that_fails_to_load_fails_health_checks_and_spares_the_other_application(
-    cluster: RayCluster, tmp_path: Path
+    cluster: RayCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "models.toml").write_text('[[models]]\nname = "broken"\nsource = "no-such-folder"\n')
     options = ray_app.ReplicaOptions(model="broken", overrides={"models_config": str(tmp_path / "models.toml")})
@@ -250,6 +273,14 @@ def test_a_model_that_fails_to_load_fails_health_checks_and_spares_the_other_app
         assert seen & {"UNHEALTHY", "DEPLOY_FAILED"}, seen
         error = rpc_error(lambda: cluster.stub.Plan(request(model="broken"), metadata=broken))
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        # its health, through the proxy: NOT_SERVING (exit 1); the proxy's own health stays SERVING,
+        # answered by the proxy (two applications now: routing would need the metadata)
+        capsys.readouterr()
+        assert client_main(["--target", cluster.target, "--ray", "health", "--service", "broken"]) == 1
+        said = capsys.readouterr()
+        assert said.out.strip() == "NOT_SERVING", said.err
+        assert client_main(["--target", cluster.target, "--ray", "health"]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
         # the other application serves on, all replicas healthy
         assert serve.status().applications["mnist"].status == "RUNNING"
         events, failure = _generate(cluster.stub, [5], 4)

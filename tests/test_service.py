@@ -101,8 +101,8 @@ def server64() -> Iterator[RunningServer]:
 
 
 # float32 convolutions pick batch-size-dependent kernels: this request (dpmpp_2m, 4 steps) alone and
-# in a batch of 4 differed by at most 2.5e-5 (pixel range [-1, 1]) on this CPU. Over all solvers at 3
-# and 10 steps the bound is 3e-4 (bench/results/batch-invariance-solvers, documented in docs/service.md).
+# in a batch of 4 differed by at most 2.5e-5 (pixel range [-1, 1]) on this CPU. The documented bound is
+# 3e-4, and 1e-3 for heun and dpm_solver_2 at 3 steps (docs/solvers.md#batch-invariance).
 FLOAT32_BATCH_TOLERANCE = 1e-4
 
 

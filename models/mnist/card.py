@@ -31,6 +31,17 @@ def _provenance_lines(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _stopped_lines(training: dict[str, Any]) -> list[str]:
+    """A run ended before its planned steps: the card says where and why (training.json `stopped`,
+    written by hand when a run is given up; an export of a resumed run drops it)."""
+    stopped = training.get("stopped")
+    if not stopped:
+        return []
+    planned = (training.get("config") or {}).get("steps")
+    of = f" of the planned {planned:,}" if isinstance(planned, int) else ""
+    return [f"- stopped at step {training.get('step')}{of}: {stopped['reason']}"]
+
+
 def write_diffusion_card(folder: Path) -> Path:
     """(Re)write folder/README.md from folder/training.json and, if present, folder/quality.json."""
     training = _read(folder / "training.json") or {}
@@ -92,6 +103,7 @@ def write_diffusion_card(folder: Path) -> Path:
             else []
         ),
         f"- wall time: {training.get('wall_seconds')} s on {training.get('device')}",
+        *_stopped_lines(training),
         *_provenance_lines(training.get("provenance") or {}),
         "",
         "## Measured quality",
@@ -144,6 +156,7 @@ def write_classifier_card(folder: Path) -> Path:
         f"augmentation: {training.get('augmentation')}",
         f"- test accuracy (10,000 MNIST test images): {training.get('test_accuracy')}",
         f"- wall time: {training.get('wall_seconds')} s on {training.get('device')}",
+        *_stopped_lines(training),
         *_provenance_lines(training.get("provenance") or {}),
         "",
     ]

@@ -19,6 +19,10 @@ from .predictor import (
 )
 from .solver import History, IntervalUpdate, amed_interval
 from .training import (
+    HEAD_INITS,
+    RECIPE_BATCH_SIZE,
+    RECIPE_TRAJECTORIES,
+    SELECTION_SEED_BASE,
     TRAINING_SEED_BASE,
     TrainingSettings,
     TrainingSummary,
@@ -29,8 +33,12 @@ from .training import (
 
 __all__ = [
     "BASES",
+    "HEAD_INITS",
     "MULTISTEP",
     "PLUGIN_BASES",
+    "RECIPE_BATCH_SIZE",
+    "RECIPE_TRAJECTORIES",
+    "SELECTION_SEED_BASE",
     "TRAINING_SEED_BASE",
     "AMEDParams",
     "AMEDPluginParams",

@@ -42,20 +42,30 @@ from .solver import History, IntervalUpdate, amed_interval
 # Training noise seeds start here: far above the seeds benchmarks score with (seed_base + k, small),
 # so no predictor is ever measured on the noises it was trained on.
 TRAINING_SEED_BASE = 2**40
+# Held-out noises that pick the best of several training seeds: disjoint from the training range
+# above (2**40 + seed * 1000003 + k), from the learned grids' (2**41, 2**42) and from benchmarks'.
+SELECTION_SEED_BASE = 2**43
+
+# The official recipe's budget (amed-solver-main train.py: total_kimg 10 at batch 128, rounded up to
+# whole batches): 79 Adam steps per interval.
+RECIPE_TRAJECTORIES = 10_112
+RECIPE_BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
     """How to train (recorded in the predictor's sidecar)."""
 
-    trajectories: int = 1000
-    batch_size: int = 100
+    trajectories: int = RECIPE_TRAJECTORIES
+    batch_size: int = RECIPE_BATCH_SIZE
     lr: float = 5e-3
     betas: tuple[float, float] = (0.9, 0.999)
     teacher: str = "heun"
     teacher_params: dict[str, Any] = field(default_factory=dict)
     teacher_substeps: int = 1
     seed: int = 0
+    init: str = "random"
+    """How the heads start (`new_predictor`): `random` (the official code's) or `neutral` (r = 1/2 exactly)."""
     objective: str = "interval"
     """`interval` (the paper's): one Adam step after each interval on that interval's loss.
     `trajectory` (multistep students only): the intervals' losses summed, gradients through the
@@ -77,6 +87,7 @@ class TrainingSettings:
             "teacher_substeps": self.teacher_substeps,
             "seed": self.seed,
             "first_noise_seed": self.first_noise_seed,
+            "init": self.init,
             "objective": self.objective,
         }
 
@@ -108,11 +119,30 @@ class TrainingSummary:
         }
 
 
-def new_predictor(config: PredictorConfig, seed: int) -> AMEDPredictor:
-    """A freshly initialised predictor (deterministic per seed; the heads start at r = 1/2, c = a = 1)."""
+HEAD_INITS = ("random", "neutral")
+
+
+def new_predictor(config: PredictorConfig, seed: int, *, init: str = "neutral") -> AMEDPredictor:
+    """A freshly initialised predictor, deterministic per seed.
+
+    `neutral`: the heads output r = 1/2, c = a = 1 for every input (the untrained baseline: AMED-Solver
+    is then DPM-Solver-2). `random`: the heads' weights are drawn N(0, 1 / fan_in) with zero bias, as
+    the official code initialises them, so r starts near 1/2 but varies with the feature and sigmas.
+    Training starts there, as the official recipe does: from sigma_max with AFS the first interval's
+    loss has its gradient in r change sign near r = 1/2, so an exact, input-independent start sits
+    where the first steps' direction is decided by noise (issue 18).
+    """
+    if init not in HEAD_INITS:
+        raise ValueError(f"init={init!r} is not one of: {', '.join(HEAD_INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AMEDPredictor(config)
+        predictor = AMEDPredictor(config)
+        if init == "random":
+            with torch.no_grad():
+                for head in (predictor.head_r, predictor.head_c, predictor.head_a):
+                    if head is not None:
+                        head.weight.normal_(0.0, head.in_features**-0.5)
+    return predictor
 
 
 def teacher_states(
@@ -250,6 +280,10 @@ def train_predictor(
 
 
 __all__ = [
+    "HEAD_INITS",
+    "RECIPE_BATCH_SIZE",
+    "RECIPE_TRAJECTORIES",
+    "SELECTION_SEED_BASE",
     "TRAINING_SEED_BASE",
     "TrainingSettings",
     "TrainingSummary",
