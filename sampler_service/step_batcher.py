@@ -9,7 +9,7 @@ each evaluation its rows. Requests join at the next tick and leave when their so
 
 Network rows: a sample with guidance w needs the conditional pass when w != 0 and the
 unconditional one (the null class) when w != 1; each pass is one row of an unguided forward, and
-D = D_u + w (D_c - D_u) is formed here, in the solver's dtype, as the model adapter forms it. So a
+D = D_u + w (D_c - D_u) is formed here, in the solver's dtype, by the adapters' own function. So a
 guided sample costs two rows and an unguided one one row, whoever shares the tick.
 
 Gathering: after a tick the requests whose rows it served compute their next step and post again;
@@ -46,6 +46,7 @@ from torch import Tensor
 
 import models
 import solvers
+from models.guidance import guided as combine_guidance
 
 from .errors import SampleFailed
 
@@ -382,7 +383,7 @@ class StepBatcher:
                 e.out = torch.empty_like(e.x)
             block = e.out[a:b]
             both = cond & uncond
-            # The adapter's formula, in x's dtype: D = D_u + w (D_c - D_u); one pass when w is 1 or 0.
+            # The adapters' combination (models.guidance), in x's dtype; one pass when w is 1 or 0.
             cond_at = torch.cumsum(cond.long(), 0) - 1
             uncond_at = torch.cumsum(uncond.long(), 0) - 1
             only_cond = (cond & ~uncond).nonzero().squeeze(1)
@@ -396,7 +397,7 @@ class StepBatcher:
                 c = d_cond[cond_at[guided].to(d_cond.device)]
                 u = d_uncond[uncond_at[guided].to(d_uncond.device)]
                 w = e.guidance[a:b][guided].to(device=u.device, dtype=u.dtype).reshape(-1, *([1] * (u.dim() - 1)))
-                block[guided.to(block.device)] = u + w * (c - u)
+                block[guided.to(block.device)] = combine_guidance(c, u, w)
             e.finished += b - a
             if e.finished >= e.size:
                 e.done.set()
