@@ -175,10 +175,23 @@ def test_only_the_request_with_the_faulty_label_fails(
         except grpc.RpcError as error:
             return error
 
+    step_mode = running.settings.batching.mode == "step"
+    companion = None
+    if step_mode:
+        # Requests join the running ticks, so one that is admitted first would run its first tick
+        # alone: a long request already ticking makes every tick wait for its rows, and the
+        # faulty label shares forwards whatever order the five are admitted in.
+        long_request = ask([1], [99])
+        long_request.solver, long_request.steps, long_request.request_id = "euler", 1000, "fault-companion"
+        companion = running.stub.Generate(long_request, timeout=60)
+        next(companion)  # its first progress event: it is ticking
+        fault.calls.clear()
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
         outcomes = list(pool.map(lambda r: generate(*r), REQUESTS))
+    if companion is not None:
+        companion.cancel()
 
-    if running.settings.batching.mode == "request":
+    if not step_mode:
         # the five requests (six samples, guided: 12 rows) ran as one batch first
         first = fault.calls[0]
         assert len(first) == 12
