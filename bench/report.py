@@ -3,8 +3,8 @@
     python -m bench report            # rewrites docs/benchmarks.md and docs/amed.md between their markers
     python -m bench report --check    # exit 1 when a docs file is not what the results say
 
-Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each model
-and tier (rows of different models never share a table) it writes the in-domain FD, the reference
+Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each model,
+tier, sample count and reference (rows of different models never share a table) it writes the in-domain FD, the reference
 RMSE and the class accuracy by solver (rows) and NFE (columns) on the polynomial schedule, then
 each solver on its best schedule of those measured (lowest mean log rmse_ref over the NFE both
 schedules reached), then the rows on other settings (AFS, `time_uniform`), where AMED's rows sit
@@ -249,8 +249,15 @@ def render_sweep(rows: list[dict[str, Any]], commands: list[str], results: Path,
             f"{SWEEP.end}"
         )
     parts = [SWEEP.start, GENERATED]
-    for model, tier in sorted({(r["model"], r["tier"]) for r in rows}):
-        tier_rows = [r for r in rows if r["model"] == model and r["tier"] == tier]
+    # One block per model, tier, sample count and reference: rows measured against another
+    # reference or at another N are not comparable, so they never share a table.
+    blocks = sorted({(r["model"], r["tier"], r["num_samples"], r["reference"]) for r in rows})
+    for model, tier, count, reference in blocks:
+        tier_rows = [
+            r
+            for r in rows
+            if (r["model"], r["tier"], r["num_samples"], r["reference"]) == (model, tier, count, reference)
+        ]
         sample = tier_rows[0]
         plain = [r for r in tier_rows if is_plain(r)]
         polynomial = [r for r in plain if r["schedule"] == "polynomial"]

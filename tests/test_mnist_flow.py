@@ -148,7 +148,7 @@ def test_shipped_predictors_and_grids_belong_to_these_weights(flow_model: models
     retrained model (new weights) would leave them unreachable, and this fails first."""
     store = PredictorStore([SHIPPED / "amed"])
     amed = sorted(key.nfe for key in store.keys(flow_model.fingerprint) if key.solver == "amed")
-    assert amed == [3, 5]
+    assert amed == [3, 5, 7, 9]
     assert not [key for key in store.keys(model_fingerprint=None) if key.model_fingerprint != flow_model.fingerprint]
     for solver, params in (("ipndm", {"max_order": 2}), ("unipc", {})):
         resolved = solvers.SOLVERS.get(solver).parse_params(params).model_dump()

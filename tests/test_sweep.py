@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -278,3 +279,24 @@ def test_report_keeps_each_models_rows_in_its_own_tables() -> None:
     alone = report.render_sweep([r for r in rows if r["model"] == "mnist"], *args)
     assert mnist_block(both) == mnist_block(alone)
     assert "**Tier cpu**: model `mnist-flow` (" in both
+
+
+def test_report_keeps_rows_of_another_sample_count_or_reference_apart() -> None:
+    """`mnist-flow` has rows at N = 250 (a 32-step reference) and at N = 1000 (the default one): one
+    block each, headed by its own N, so no table mixes rows that are not comparable (AMED at NFE 3
+    was measured in both: each block shows its own figure)."""
+    root = Path(__file__).resolve().parents[1]
+    rows, commands = report.load_rows(root / "bench" / "results")
+    flow = [r for r in rows if r["model"] == "mnist-flow"]
+    text = report.render_sweep(flow, commands, root / "bench" / "results", root / "docs")
+    blocks = {
+        int(block.split("N = ", 1)[1].split(" ", 1)[0]): block
+        for block in text.split("**Tier cpu**: model `mnist-flow` (")[1:]
+    }
+    assert set(blocks) == {r["num_samples"] for r in flow} >= {250, 1000}
+    amed3 = {r["num_samples"]: f"{r['fd_indomain']:.3g}" for r in flow if r["solver"] == "amed" and r["nfe"] == 3}
+    assert amed3[250] != amed3[1000]
+    for count, figure in amed3.items():
+        cell = re.compile(rf"\| (\*\*)?{re.escape(figure)}(\*\*)? \|")
+        assert cell.search(blocks[count])
+        assert not cell.search(blocks[1000 if count == 250 else 250])
