@@ -4,9 +4,9 @@
     python -m bench report --check    # exit 1 when a docs file is not what the results say
 
 Reads every `bench/results/fd-vs-nfe-*/results.json` (rows in the shared schema). For each model,
-tier, sample count and reference (rows of different models never share a table) it writes the in-domain FD, the reference
-RMSE and the class accuracy by solver (rows) and NFE (columns) on the polynomial schedule, then
-each solver on its best schedule of those measured (lowest mean log rmse_ref over the NFE both
+tier, sample count and reference (rows that are not comparable never share a table) it writes the
+in-domain FD, the reference RMSE and the class accuracy by solver (rows) and NFE (columns) on the
+polynomial schedule, then each solver on its best schedule of those measured (lowest mean log rmse_ref over the NFE both
 schedules reached), then the rows on other settings (AFS, `time_uniform`), where AMED's rows sit
 beside the training-free solvers they compete with, with each predictor's training cost, and
 redraws `bench/results/fd-vs-nfe.png` and `fd-vs-nfe-other.png` (for the model with the most rows)
