@@ -38,10 +38,12 @@ from torch import Tensor
 import provenance
 import solvers
 from models.analytic import GaussianMixtureDenoiser, reference_solution
-from solvers.amed import History, IntervalUpdate, PredictorConfig, amed_interval
+from solvers.amed import IntervalUpdate, PredictorConfig
 from solvers.amed.predictor import AMEDPredictor
+from solvers.amed.solver import run_intervals
 from solvers.amed.training import TrainingSettings, new_predictor, teacher_states, train_predictor
-from solvers.contract import CountingDenoiser, Denoiser
+from solvers.contract import Denoiser
+from solvers.stepping import Progress
 
 from .amed import _conditioning
 from .arguments import int_list, options_of, positive_int, positive_int_list
@@ -80,24 +82,10 @@ def plugin_run(
     denoiser: Denoiser, x: Tensor, sigmas: Tensor, update: IntervalUpdate, predictor: AMEDPredictor, afs: bool = True
 ) -> Tensor:
     """AMED-Plugin from x at sigmas[0] (AFS on the first interval if asked), as solvers.sample runs it."""
-    counter = CountingDenoiser(denoiser)
-    history = History()
-    s = sigmas.tolist()
     with torch.no_grad():
-        for i in range(len(s) - 1):
-            result = amed_interval(
-                counter,
-                predictor,
-                x,
-                s[i],
-                s[i + 1],
-                update=update,
-                history=history,
-                use_afs=afs and i == 0,
-                predictor_grad=False,
-            )
-            x, history = result.x, result.history
-    return x
+        return run_intervals(
+            denoiser, x, sigmas, update=update, afs=afs, progress=Progress(None, len(sigmas) - 1), predictor=predictor
+        )
 
 
 def gmm_study(args: argparse.Namespace, meta: dict[str, Any]) -> int:

@@ -427,25 +427,11 @@ def load(
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     root, kind = find_root(source, hub_cache)
     pipeline = pipeline_class(root)
-    if pipeline in TEXT_PIPELINES:
+    if pipeline in TEXT_PIPELINES or pipeline in FLOW_PIPELINE_CLASSES:
         if null_class is not None:
             raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
-        return load_text_pipeline(
-            root,
-            pipeline,
-            name=name or str(source),
-            source=str(source),
-            device=torch_device,
-            dtype=torch_dtype,
-            text_encoder_device=torch_device if text_encoder_device is None else resolve_device(text_encoder_device),
-            cache=prompt_cache if prompt_cache is not None else PromptCache(DEFAULT_CACHE_SIZE),
-            limits=size_limits or SizeLimits(),
-            variant=variant,
-        )
-    if pipeline in FLOW_PIPELINE_CLASSES:
-        if null_class is not None:
-            raise InvalidConditioningError("null_class", null_class, "None for a text-to-image pipeline")
-        return load_flow_pipeline(
+        load_pipeline = load_text_pipeline if pipeline in TEXT_PIPELINES else load_flow_pipeline
+        return load_pipeline(
             root,
             pipeline,
             name=name or str(source),

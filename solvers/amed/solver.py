@@ -187,7 +187,7 @@ def amed_interval(
     return IntervalResult(x_next, denoised_s, history, r, c, a)
 
 
-def _run(
+def run_intervals(
     denoiser: Denoiser,
     x: Tensor,
     sigmas: Tensor,
@@ -197,6 +197,8 @@ def _run(
     progress: Progress,
     predictor: AMEDPredictor,
 ) -> Tensor:
+    """Run `update` over every interval of `sigmas` from x (AFS on the first one if asked), reporting each
+    step to `progress`: the loop of sample_amed and of AMED-Plugin."""
     counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
     s = sigmas.tolist()
     history = History()
@@ -245,7 +247,9 @@ def sample_amed(
     Returns:
         the state at sigmas[-1], shape and dtype of x.
     """
-    return _run(denoiser, x, sigmas, update=IntervalUpdate("amed"), afs=afs, progress=progress, predictor=predictor)
+    return run_intervals(
+        denoiser, x, sigmas, update=IntervalUpdate("amed"), afs=afs, progress=progress, predictor=predictor
+    )
 
 
 @register(
@@ -269,7 +273,7 @@ def sample_amed_plugin(
 ) -> Tensor:
     """AMED-Plugin on `params.base` (shapes as in sample_amed)."""
     update = IntervalUpdate(params.base, params.order_limit())
-    return _run(denoiser, x, sigmas, update=update, afs=afs, progress=progress, predictor=predictor)
+    return run_intervals(denoiser, x, sigmas, update=update, afs=afs, progress=progress, predictor=predictor)
 
 
 __all__ = [
@@ -277,6 +281,7 @@ __all__ = [
     "IntervalResult",
     "IntervalUpdate",
     "amed_interval",
+    "run_intervals",
     "sample_amed",
     "sample_amed_plugin",
 ]
