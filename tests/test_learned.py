@@ -99,6 +99,24 @@ def test_learned_grid_beats_the_polynomial_grid_on_the_exact_model(tmp_path: Pat
     assert rmse(learned.images) < 0.7 * rmse(plain.images), (rmse(learned.images), rmse(plain.images))
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "builtin"
+
+
+def test_every_shipped_ld3_grid_beat_its_starting_grid_under_the_current_defaults():
+    """An LD3 grid ships only when its held-out RMSE beat the grid it started from (epoch 0 of the
+    card), and it is keyed by its solver's current parameters with defaults filled in: a grid trained
+    under a default that has since changed would never be found, and this fails first."""
+    cards = [read_grid(path) for path in sorted(SHIPPED.glob("*/amed/grid-*.json"))]
+    assert len([card for card in cards if card.method == "ld3"]) >= 10
+    for card in cards:
+        name = card.key().describe()
+        resolved = solvers.SOLVERS.get(card.solver).parse_params(card.solver_params).model_dump()
+        assert card.solver_params == resolved, name
+        if card.method == "ld3":
+            start = card.training["held_out_rmse_per_epoch"][0]
+            assert card.training["loss"] < start, name
+
+
 def test_dynamic_program_finds_the_cheapest_path():
     """On a cost where every interval costs its length squared, the cheapest S-interval path over
     an equally spaced candidate grid is the equal split (and coeff 1 weighs every interval alike)."""
