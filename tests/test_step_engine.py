@@ -168,16 +168,23 @@ def test_threads_settings_are_applied(tmp_path: Any) -> None:
 def test_tick_rows_are_shared_by_size() -> None:
     """A large evaluation takes at most as many rows as the largest other one (at least
     share_rows) while others are active; alone, the whole budget."""
+    from models.rows import PassRows, SampleRows
     from sampler_service.step_batcher import Evaluation
 
     def evaluation(owner: object, samples: int, guidance: float, posted: float) -> Evaluation:
+        labels = torch.zeros(samples, dtype=torch.int64)
+        rows = SampleRows(
+            PassRows(samples, labels=labels),
+            PassRows(samples, labels=labels + 1),
+            torch.full((samples,), guidance, dtype=torch.float64),
+        )
         return Evaluation(
             owner,
             posted,
             torch.zeros(samples, 1, 2, 2),
             torch.ones(samples),
-            torch.zeros(samples, dtype=torch.int64),
-            torch.full((samples,), guidance, dtype=torch.float64),
+            rows,
+            (2, 2),
             lambda: False,
             posted=posted,
         )
