@@ -387,9 +387,10 @@ class DiffusionModel:
 
     def rows_denoiser(self, rows: PassRows, height: int | None = None, width: int | None = None) -> UNetDenoiser:
         """The unguided denoiser whose row k runs the pass of `rows` row k (the size is the model's)."""
+        placement = (self.device, self.dtype)
         if rows.labels is None:
-            return UNetDenoiser(self.unet, self.schedule)
-        return UNetDenoiser(self.unet, self.schedule, labels=rows.labels)
+            return UNetDenoiser(self.unet, self.schedule, placement=placement)
+        return UNetDenoiser(self.unet, self.schedule, labels=rows.labels, placement=placement)
 
     def __repr__(self) -> str:
         return (

@@ -123,6 +123,7 @@ class UNetTextBackbone:
             added=self._added(cond, height, width),
             null_added=self._added(uncond, height, width),
             guidance=guidance,
+            placement=(self.device, self.dtype),
         )
 
     def noise_range(self, height: int, width: int) -> tuple[float, float, Tensor | None]:
