@@ -1,14 +1,15 @@
 """Step-level batching: the network evaluations of all active requests of one model share forwards.
 
 Each active request runs its solver in its own thread against a `DenoiserProxy`. A proxy call posts
-the request's rows (x, per-row sigma, the request's labels and per-sample guidance) to the model's
+the request's rows (x, per-row sigma, the request's per-row conditioning) to the model's
 `StepBatcher` and blocks until they are denoised. The batcher's thread runs ticks: a tick gathers
-the pending evaluations, whatever solver, steps, schedule, AFS, guidance or labels they come from
+the pending evaluations, whatever solver, steps, schedule, AFS, guidance, labels or prompts they come from
 (rows at different sigmas), runs one forward of at most `max_batch_size` network rows, and hands
 each evaluation its rows. Requests join at the next tick and leave when their solver returns.
 
 Network rows: a sample with guidance w needs the conditional pass when w != 0 and the
-unconditional one (the null class) when w != 1; each pass is one row of an unguided forward, and
+unconditional one (the null class, the negative or empty prompt) when w != 1; each pass is one
+row of an unguided forward, and
 D = D_u + w (D_c - D_u) is formed here, in the solver's dtype, by the adapters' own function. So a
 guided sample costs two rows and an unguided one one row, whoever shares the tick.
 
