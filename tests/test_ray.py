@@ -50,6 +50,7 @@ class RayCluster:
 
     def __init__(self) -> None:
         self.port = _free_port()
+        ray_app.lean_environment()  # as `sampler-service ray` starts its head
         ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
         self.config = ray_app.read_config(SERVE_CONFIG, grpc_port=self.port, replicas=2)
         ray_app.deploy(self.config)
@@ -311,6 +312,23 @@ def test_the_bearer_token_is_checked_by_the_replica(cluster: RayCluster) -> None
         assert plan.nfe == 4
     finally:
         serve.delete("secured", _blocking=True)
+
+
+def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -> None:
+    """`ray_app.LEAN_ENVIRONMENT` (the controller's loop period, ...) is in the environment of the
+    Serve controller and the replicas of a head started after `lean_environment()`: the processes
+    that read it, not just this one. The measured saving is in bench/results/serve-load-ray-lean."""
+    import psutil
+
+    started = {" ".join(p.cmdline()): p for p in psutil.Process().children(recursive=True)}
+    controllers = [p for line, p in started.items() if line.startswith("ray::ServeController")]
+    replicas = [p for line, p in started.items() if line.startswith("ray::ServeReplica:mnist")]
+    assert controllers, sorted(started)
+    assert replicas, sorted(started)
+    for process in (*controllers, *replicas):
+        environment = process.environ()
+        for key, value in ray_app.LEAN_ENVIRONMENT.items():
+            assert environment.get(key) == value, (process.cmdline(), key)
 
 
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
