@@ -71,10 +71,10 @@ BUILDER = "sampler_service.ray_app:build"  # a Serve config's import_path for ou
 # (bench/results/serve-load-ray-lean/, docs/scale-out.md#what-ray-costs-and-what-was-cut):
 LEAN_ENVIRONMENT = {
     # The Serve controller's reconcile loop runs every 0.1 s by default and fetches the cluster's
-    # nodes and resources from the GCS each time: 0.03 of a core in the controller and 0.01 in the
-    # GCS on an idle head. Once a second it costs 0.012 and 0.007. Health checks
+    # nodes and resources from the GCS each time: 0.032 of a core in the controller and 0.016 in
+    # the GCS on an idle head. Once a second: 0.012 and 0.007. Health checks
     # (health_check_period_s), autoscaling decisions (upscale_delay_s) and replica replacement
-    # keep their periods; each reacts up to a second later.
+    # keep their periods; each may act up to a second later.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     # No usage report to Ray's servers: the service makes no network calls at run time.
     "RAY_USAGE_STATS_ENABLED": "0",

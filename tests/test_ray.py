@@ -347,7 +347,10 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     cluster = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     assert cluster.grpc_options.grpc_servicer_functions == [ray_app.SERVICER_FUNCTION]
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e["value"] for e in head["env"]} == ray_app.LEAN_ENVIRONMENT  # where the controller runs
     for config in (local, cluster):
+        assert config.logging_config.enable_access_log is False  # the replicas log each request
         for application in config.applications:
             options = ray_app.ReplicaOptions.model_validate(application.args)
             assert application.name == options.model
