@@ -768,7 +768,10 @@ def score_grids(args: argparse.Namespace) -> int:
         with torch.no_grad():
             score = rmse(Student(spec, params, card.afs, used).run(denoiser, noise * sigmas[0].item(), sigmas), target)
         training = card.training
-        judge = training.get("teacher", {})
+        judge = training.get("teacher")  # LD3: the Teacher's dict; GITS: a solver name
+        if not isinstance(judge, dict):  # GITS: (substeps + 1) teacher steps per candidate interval
+            steps = int(training.get("candidates", 0)) * (int(training.get("substeps", 0)) + 1)
+            judge = {"solver": judge, "steps": steps}
         rows.append(
             {
                 "label": label or path.stem,
@@ -777,7 +780,7 @@ def score_grids(args: argparse.Namespace) -> int:
                 "nfe": card.nfe,
                 "afs": card.afs,
                 "method": card.method,
-                "teacher": f"{judge.get('solver', training.get('teacher'))}-{judge.get('steps', '')}",
+                "teacher": f"{judge['solver']}-{judge['steps']}",
                 "trajectories": training.get("trajectories"),
                 "epochs": training.get("epochs"),
                 "init": training.get("init"),

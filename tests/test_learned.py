@@ -338,6 +338,14 @@ def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path, capsys
     joint_card = read_grid(joint_path)
     assert joint_card.training["through_predictor"]["card"] == card_path.name
     assert (joint_card.training["init_grid"], joint_card.training["initial_sigmas"]) == (grid_path.name, grid.sigmas)
+    score = ["score-grids", f"sequential={grid_path}", f"joint={joint_path}", "--predictor", str(card_path)]
+    assert amed_main([*score, "--num", "2", "--teacher-steps", "4", "--out", str(tmp_path / "score")]) == 0
+    scored = json.loads((tmp_path / "score" / "results.json").read_text())["rows"]
+    assert [(r["label"], r["method"], r["through_predictor"]) for r in scored] == [
+        ("sequential", "gits", False),
+        ("joint", "ld3", True),
+    ]
+    assert all(r["rmse_teacher"] > 0 and r["predictor"] == card_path.name for r in scored)
     wrong = [*through[: through.index("--nfe") + 1], "5", *through[through.index("--nfe") + 2 :]]
     capsys.readouterr()
     assert amed_main([*wrong, "--predictor", str(card_path)]) == 2
