@@ -320,15 +320,19 @@ def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -
     that read it, not just this one. The measured saving is in bench/results/serve-load-ray-lean."""
     import psutil
 
-    started = {" ".join(p.cmdline()): p for p in psutil.Process().children(recursive=True)}
-    controllers = [p for line, p in started.items() if line.startswith("ray::ServeController")]
-    replicas = [p for line, p in started.items() if line.startswith("ray::ServeReplica:mnist")]
-    assert controllers, sorted(started)
-    assert replicas, sorted(started)
-    for process in (*controllers, *replicas):
-        environment = process.environ()
+    environments: dict[str, dict[str, str]] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:  # the replica killed by another test may linger as a zombie
+            environments[f"{process.pid} {' '.join(process.cmdline())}"] = process.environ()
+        except psutil.Error:
+            continue
+    controllers = [line for line in environments if " ray::ServeController" in line]
+    replicas = [line for line in environments if " ray::ServeReplica:mnist" in line]
+    assert controllers, sorted(environments)
+    assert replicas, sorted(environments)
+    for line in (*controllers, *replicas):
         for key, value in ray_app.LEAN_ENVIRONMENT.items():
-            assert environment.get(key) == value, (process.cmdline(), key)
+            assert environments[line].get(key) == value, (line, key)
 
 
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
@@ -350,6 +354,7 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
     assert {e["name"]: e["value"] for e in head["env"]} == ray_app.LEAN_ENVIRONMENT  # where the controller runs
     for config in (local, cluster):
+        assert config.logging_config is not None
         assert config.logging_config.enable_access_log is False  # the replicas log each request
         for application in config.applications:
             options = ray_app.ReplicaOptions.model_validate(application.args)
