@@ -335,6 +335,33 @@ def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -
             assert environments[line].get(key) == value, (line, key)
 
 
+def test_the_replica_logs_each_request_as_the_server_does(cluster: RayCluster) -> None:
+    """With Ray's access log off (deploy/ray/serve.yaml), the request log is the service's own:
+    the replica writes its JSON line (request id, method, code) to its log file under Ray's
+    session folder, which Ray's log monitor forwards to the driver."""
+    import json
+
+    request_id = f"log-check-{time.monotonic_ns()}"
+    cluster.stub.GenerateUnary(request(steps=2, request_id=request_id), metadata=APPLICATION)
+    # Ray's node object knows its session's log folder (no public API without the dashboard).
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for path in logs.glob("worker-*.err")
+            for line in path.read_text(errors="replace").splitlines()
+            if request_id in line
+        ]
+        if lines:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replica log line with request_id {request_id} under {logs}")
+    records = [json.loads(line[line.index("{") :]) for line in lines]
+    assert any(r["method"] == "GenerateUnary" and r["code"] == "OK" for r in records), records
+
+
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
     """deploy/ray/serve.yaml and the RayService's embedded config: Ray's schema, our proxy hook,
     our application arguments, the models config they name."""
