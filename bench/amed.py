@@ -72,7 +72,15 @@ from solvers.amed import (
     save_predictor,
     train_predictor,
 )
-from solvers.learned import GRID_SELECTION_SEED_BASE, GRID_TRAINING_SEED_BASE, GridCard, grid_key, save_grid
+from solvers.learned import (
+    GRID_SELECTION_SEED_BASE,
+    GRID_TRAINING_SEED_BASE,
+    GridCard,
+    GridLoadError,
+    grid_key,
+    read_grid,
+    save_grid,
+)
 from solvers.learned.gits import GITSSettings, teacher_trajectories, train_gits
 from solvers.learned.ld3 import LD3Settings, train_ld3
 from solvers.learned.student import Student, Teacher, rmse
@@ -459,11 +467,10 @@ def train_schedule(args: argparse.Namespace) -> int:
     conditioned = _conditioning(model, args.prompt, args.guidance)
     spec = solvers.SOLVERS.get(args.solver)
     params = spec.parse_params(args.solver_params)
-    predictor = None
-    if spec.needs_predictor:  # the plugin's grid is learned with the neutral predictor (r = 1/2, c = a = 1)
-        predictor = new_predictor(PredictorConfig(), args.seed).to(model.device)
+    predictor, through = _grid_predictor(args, model, spec, params)
     student = Student(spec, params, args.afs, predictor)
     steps = student.steps_for(args.nfe)
+    init_sigmas = _init_grid(args, model, spec, params, steps)
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
         return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
@@ -514,7 +521,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             lr=args.lr,
             radius=args.radius,
-            init=args.init,
+            init=args.init if args.init_grid is None else "grid",
             teacher=Teacher(solver=args.teacher or "heun", steps=args.teacher_steps),
             selection=args.selection,
         )
@@ -537,6 +544,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             settings=settings,
             training_seeds=range(first_train, first_train + settings.trajectories),
             selection_seeds=range(first_select, first_select + settings.selection),
+            init_sigmas=init_sigmas,
             teacher_final=finals,
             on_progress=say,
         )
@@ -557,6 +565,8 @@ def train_schedule(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "first_noise_seed": first_train,
             "selection_first_noise_seed": first_select,
+            **through,
+            **({"init_grid": args.init_grid.name} if args.init_grid is not None else {}),
             "command": meta["command"],
             "git": meta.get("git"),
             "versions": meta.get("versions"),
@@ -577,6 +587,69 @@ def train_schedule(args: argparse.Namespace) -> int:
 HAND_DESIGNED = ("polynomial", "logsnr", "time_uniform")
 
 
+def _grid_predictor(
+    args: argparse.Namespace, model: models.Model, spec: solvers.SolverSpec[Any], params: solvers.Params
+) -> tuple[AMEDPredictor | None, dict[str, Any]]:
+    """The predictor a plugin's grid is learned through, and what the card says of it.
+
+    Without --predictor: the untrained, neutral one (r = 1/2, c = a = 1), the sequential recipe's
+    first half. With it (the joint option): a trained predictor, so LD3's loss runs through the
+    plugin as it will sample; it must be the plugin's, for this model, NFE, AFS and guidance."""
+    if args.predictor is None:
+        if not spec.needs_predictor:
+            return None, {}
+        return new_predictor(PredictorConfig(), args.seed).to(model.device), {}
+    if not spec.needs_predictor:
+        raise BenchError(f"--predictor: --solver {args.solver} uses no predictor (expected amed_plugin)")
+    if args.method != "ld3":
+        raise BenchError("--predictor: only with --method ld3 (GITS scores local errors of the neutral step)")
+    predictor, card = load_predictor(args.predictor, model.device)
+    plugin = params if isinstance(params, AMEDPluginParams) else None
+    wanted = {
+        "solver": (card.solver, args.solver),
+        "base": (card.base, plugin.base if plugin else None),
+        "base_max_order": (card.base_max_order, plugin.order_limit() if plugin else None),
+        "nfe": (card.nfe, args.nfe),
+        "afs": (card.afs, args.afs),
+        "guidance": (card.guidance, args.guidance),
+        "model_fingerprint": (card.model_fingerprint, model.fingerprint),
+    }
+    for field, (found, expected) in wanted.items():
+        if found != expected:
+            raise BenchError(f"--predictor {args.predictor}: {field}={found!r}, expected {expected!r}")
+    predictor.requires_grad_(False)  # fixed while the grid moves
+    digest = hashlib.sha256(args.predictor.with_suffix(".safetensors").read_bytes()).hexdigest()
+    return predictor, {"through_predictor": {"card": args.predictor.name, "weights_sha256": digest}}
+
+
+def _init_grid(
+    args: argparse.Namespace, model: models.Model, spec: solvers.SolverSpec[Any], params: solvers.Params, steps: int
+) -> torch.Tensor | None:
+    """--init-grid: LD3 starts from a stored grid for the same solver, NFE and AFS (None: --init)."""
+    if args.init_grid is None:
+        return None
+    if args.method != "ld3":
+        raise BenchError("--init-grid: only with --method ld3")
+    try:
+        card = read_grid(args.init_grid)
+    except GridLoadError as error:
+        raise BenchError(str(error)) from None
+    expected = grid_key(
+        model_fingerprint=model.fingerprint,
+        solver=spec.name,
+        solver_params=params.model_dump(),
+        method=card.method,
+        nfe=args.nfe,
+        afs=args.afs,
+        guidance=args.guidance,
+    )
+    if card.key() != expected or card.steps != steps:
+        raise BenchError(
+            f"--init-grid {args.init_grid}: trained for {card.key().describe()}, not {expected.describe()}"
+        )
+    return torch.tensor(card.sigmas, dtype=torch.float64)
+
+
 def compare_schedules(args: argparse.Namespace) -> int:
     """RMSE against the LD3 teacher (Heun, 64 logsnr steps) of each solver on the hand-designed
     schedules and on every learned grid found for it, on noises disjoint from the grids' training and
@@ -589,14 +662,7 @@ def compare_schedules(args: argparse.Namespace) -> int:
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     store = PredictorStore([*args.dir, predictor_folder(model, args.model)])
-    seeds = list(
-        range(GRID_SELECTION_SEED_BASE + args.seed_offset, GRID_SELECTION_SEED_BASE + args.seed_offset + args.num)
-    )
-    denoiser = _conditioning(model, args.prompt, args.guidance)(seeds)
-    noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
-    teacher = Teacher(steps=args.teacher_steps)
-    with torch.no_grad():
-        target = teacher.final(denoiser, noise * model.sigma_max)
+    seeds, denoiser, noise, teacher, target = _held_out(args, model)
     rows = []
     for name in args.solvers.split(","):
         solver, _, raw = name.partition(":")
@@ -640,6 +706,94 @@ def compare_schedules(args: argparse.Namespace) -> int:
                     }
                 )
                 print(f"{solver} {raw} NFE {nfe} {schedule:>14}: rmse {score:.4f}", file=sys.stderr)
+    meta = {**meta, "teacher": teacher.as_dict(), "seeds": [seeds[0], len(seeds)], "guidance": args.guidance}
+    provenance.write_csv(args.out / "results.csv", rows)
+    provenance.write_json(args.out / "results.json", meta, rows)
+    return 0
+
+
+def _held_out(
+    args: argparse.Namespace, model: models.Model
+) -> tuple[list[int], solvers.Denoiser, torch.Tensor, Teacher, torch.Tensor]:
+    """The fixed scoring protocol of compare-schedules and score-grids: `--num` noises from
+    2**42 + `--seed-offset` (past every grid's selection noises), the teacher's final states on them."""
+    seeds = list(
+        range(GRID_SELECTION_SEED_BASE + args.seed_offset, GRID_SELECTION_SEED_BASE + args.seed_offset + args.num)
+    )
+    denoiser = _conditioning(model, args.prompt, args.guidance)(seeds)
+    noise = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+    teacher = Teacher(steps=args.teacher_steps)
+    target = _cached(
+        args.teacher_cache,
+        model,
+        args.guidance,
+        "finals",
+        {"teacher": teacher.as_dict(), "seeds": seeds},
+        lambda: [teacher.final(denoiser, noise * model.sigma_max)],
+    )[0]
+    return seeds, denoiser, noise, teacher, target
+
+
+def score_grids(args: argparse.Namespace) -> int:
+    """Grid files (any folder, not only the store's) scored on compare-schedules' protocol, each row
+    with how its grid was trained (method, teacher, trajectories, init, cost): the ablation table.
+    A plugin's grid runs with --predictor (trained) or the neutral predictor."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    seeds, denoiser, noise, teacher, target = _held_out(args, model)
+    predictor = None
+    if args.predictor is not None:
+        predictor = load_predictor(args.predictor, model.device)[0]
+    rows = []
+    for entry in args.grids:
+        label, _, raw = entry.rpartition("=")
+        path = Path(raw)
+        try:
+            card = read_grid(path)
+        except GridLoadError as error:
+            raise BenchError(str(error)) from None
+        if card.model_fingerprint != model.fingerprint:
+            raise BenchError(f"{path}: trained for model {card.model}, not --model {args.model}")
+        spec = solvers.SOLVERS.get(card.solver)
+        params = spec.parse_params(card.solver_params)
+        used = predictor if spec.needs_predictor else None
+        if spec.needs_predictor and used is None:
+            used = new_predictor(PredictorConfig(), 0).to(model.device)
+        sigmas = torch.tensor(card.sigmas, dtype=torch.float64)
+        with torch.no_grad():
+            score = rmse(Student(spec, params, card.afs, used).run(denoiser, noise * sigmas[0].item(), sigmas), target)
+        training = card.training
+        judge = training.get("teacher")  # LD3: the Teacher's dict; GITS: a solver name
+        if not isinstance(judge, dict):  # GITS: (substeps + 1) teacher steps per candidate interval
+            steps = int(training.get("candidates", 0)) * (int(training.get("substeps", 0)) + 1)
+            judge = {"solver": judge, "steps": steps}
+        rows.append(
+            {
+                "label": label or path.stem,
+                "solver": card.solver,
+                "solver_params": json.dumps(card.solver_params, sort_keys=True),
+                "nfe": card.nfe,
+                "afs": card.afs,
+                "method": card.method,
+                "teacher": f"{judge['solver']}-{judge['steps']}",
+                "trajectories": training.get("trajectories"),
+                "epochs": training.get("epochs"),
+                "init": training.get("init"),
+                "through_predictor": bool(training.get("through_predictor")),
+                "predictor": args.predictor.name if (spec.needs_predictor and args.predictor) else None,
+                "train_wall_seconds": training.get("wall_seconds"),
+                "train_network_evals": training.get("network_evals"),
+                "selection_rmse": training.get("loss"),
+                "rmse_teacher": score,
+                "sigmas": " ".join(f"{v:.4g}" for v in card.sigmas),
+            }
+        )
+        print(f"{rows[-1]['label']:>28}: rmse {score:.4f}", file=sys.stderr)
     meta = {**meta, "teacher": teacher.as_dict(), "seeds": [seeds[0], len(seeds)], "guidance": args.guidance}
     provenance.write_csv(args.out / "results.csv", rows)
     provenance.write_json(args.out / "results.json", meta, rows)
@@ -758,6 +912,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=25, help="ld3")
     g.add_argument("--lr", type=float, default=0.05, help="ld3: Adam step of the logits")
     g.add_argument("--init", choices=HAND_DESIGNED, default="polynomial", help="ld3: the starting grid")
+    g.add_argument("--init-grid", type=Path, default=None, help="ld3: start from this grid file instead of --init")
+    g.add_argument(
+        "--predictor",
+        type=Path,
+        default=None,
+        help="ld3, amed_plugin: learn the grid through this trained predictor (a card .json; the joint option)",
+    )
     g.add_argument("--radius", type=float, default=0.01, help="ld3: soft ball radius / (sqrt(d) sigma_max)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
@@ -781,11 +942,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num", type=int, default=64, help="held-out noises (the grids' selection range)")
     c.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)")
     c.add_argument("--teacher-steps", type=int, default=64)
+    c.add_argument("--teacher-cache", type=Path, default=None)
     c.add_argument("--dir", type=Path, action="append", default=[])
     c.add_argument("--device", default="auto")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(handler=compare_schedules)
+    sg = commands.add_parser(
+        "score-grids", help="held-out RMSE of grid files (the ablation): compare-schedules' protocol"
+    )
+    sg.add_argument("grids", nargs="+", help="[LABEL=]PATH of a grid card")
+    sg.add_argument("--model", default="mnist")
+    sg.add_argument("--predictor", type=Path, default=None, help="amed_plugin grids: run with this predictor card")
+    sg.add_argument("--guidance", type=float, default=1.0)
+    sg.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
+    sg.add_argument("--num", type=int, default=64, help="held-out noises")
+    sg.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises")
+    sg.add_argument("--teacher-steps", type=int, default=64)
+    sg.add_argument("--teacher-cache", type=Path, default=None)
+    sg.add_argument("--device", default="auto")
+    sg.add_argument("--threads", type=int, default=None)
+    sg.add_argument("--out", type=Path, required=True)
+    sg.set_defaults(handler=score_grids)
     sel = commands.add_parser(
         "select", help="keep the best of predictors trained apart for one key (one folder per seed)"
     )

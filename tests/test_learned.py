@@ -99,6 +99,48 @@ def test_learned_grid_beats_the_polynomial_grid_on_the_exact_model(tmp_path: Pat
     assert rmse(learned.images) < 0.7 * rmse(plain.images), (rmse(learned.images), rmse(plain.images))
 
 
+def test_ld3_through_a_plugin_predictor_learns_the_grid_that_predictor_needs():
+    """The joint option's mechanism: LD3 run through a given (here deliberately skewed, r ~ 0.12)
+    AMED-Plugin predictor finds a grid on which that predictor lands well closer to the exact
+    solution than on the grid learned with the neutral predictor (r = 1/2), same budget and start.
+    Fails if the student ignores the predictor it is given."""
+    from solvers.amed import PredictorConfig, new_predictor
+
+    model = GaussianMixtureDenoiser.smooth(dim=8, components=3, seed=0)
+    params = {"base": "ipndm", "max_order": 2}
+    skewed = new_predictor(PredictorConfig(), 0).double()
+    with torch.no_grad():
+        skewed.head_r.bias.fill_(-2.0)
+    skewed.requires_grad_(False)
+    neutral = new_predictor(PredictorConfig(), 0).double()
+    ld3 = LD3Settings(trajectories=100, epochs=6, teacher=Teacher(steps=64))
+
+    def grid(predictor):
+        student = Student.of("amed_plugin", params, afs=True, predictor=predictor)
+        make_batch = lambda seeds: (model, _noise(seeds))  # noqa: E731
+        return train_ld3(student, 5, make_batch, settings=ld3, training_seeds=TRAIN, selection_seeds=SELECT).sigmas
+
+    test = _noise(range(10**7, 10**7 + 200))
+    exact = reference_solution(model, test * model.sigma_max, model.sigma_max, model.sigma_min)[0]
+
+    def rmse(sigmas):
+        out = solvers.sample(
+            model,
+            test,
+            solver="amed_plugin",
+            steps=3,
+            afs=True,
+            solver_params=params,
+            predictor=skewed,
+            schedule="learned",
+            grid=sigmas,
+        )
+        return float((out.images - exact).pow(2).mean().sqrt())
+
+    through, plain = rmse(grid(skewed)), rmse(grid(neutral))
+    assert through < 0.8 * plain, (through, plain)
+
+
 def test_dynamic_program_finds_the_cheapest_path():
     """On a cost where every interval costs its length squared, the cheapest S-interval path over
     an equally spaced candidate grid is the equal split (and coeff 1 weighs every interval alike)."""
@@ -265,7 +307,7 @@ def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
         running.stop()
 
 
-def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path):
+def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path, capsys):
     """AMED on a learned grid (tiny): the plugin's grid is learned with the neutral predictor, its
     predictor is then trained on that grid (`train --schedule learned`), and a sweep row of the
     plugin on the learned schedule finds both by key."""
@@ -285,6 +327,29 @@ def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path):
     (key,) = store.keys()
     assert (key.schedule, key.schedule_params, key.nfe) == ("learned", '{"method":"gits"}', 3)
     assert (key.sigma_max, key.sigma_min) == (grid.sigmas[0], grid.sigmas[-1])
+
+    # the joint option: LD3 from that grid through the trained predictor (one epoch, tiny)
+    (card_path,) = store.cards.values()
+    joint = ["train-schedule", "--method", "ld3", "--model", "mnist", "--solver-params", '{"base": "ipndm"}']
+    joint += ["--trajectories", "2", "--batch-size", "2", "--epochs", "1", "--selection", "2", "--teacher-steps", "4"]
+    through = [*joint, *plugin[:-3], "--out", str(tmp_path / "joint"), "--init-grid", str(grid_path)]
+    assert amed_main([*through, "--predictor", str(card_path)]) == 0
+    (joint_path,) = (tmp_path / "joint").glob("grid-*.json")
+    joint_card = read_grid(joint_path)
+    assert joint_card.training["through_predictor"]["card"] == card_path.name
+    assert (joint_card.training["init_grid"], joint_card.training["initial_sigmas"]) == (grid_path.name, grid.sigmas)
+    score = ["score-grids", f"sequential={grid_path}", f"joint={joint_path}", "--predictor", str(card_path)]
+    assert amed_main([*score, "--num", "2", "--teacher-steps", "4", "--out", str(tmp_path / "score")]) == 0
+    scored = json.loads((tmp_path / "score" / "results.json").read_text())["rows"]
+    assert [(r["label"], r["method"], r["through_predictor"]) for r in scored] == [
+        ("sequential", "gits", False),
+        ("joint", "ld3", True),
+    ]
+    assert all(r["rmse_teacher"] > 0 and r["predictor"] == card_path.name for r in scored)
+    wrong = [*through[: through.index("--nfe") + 1], "5", *through[through.index("--nfe") + 2 :]]
+    capsys.readouterr()
+    assert amed_main([*wrong, "--predictor", str(card_path)]) == 2
+    assert f"--predictor {card_path}: nfe=3, expected 5" in capsys.readouterr().err
 
     sweep = ["fd-vs-nfe", "--solvers", "amed_plugin", "--nfe", "3", "--afs", "--schedule", "learned"]
     sweep += ["--schedule-params", '{"method": "gits"}', "--num-samples", "16", "--batch-size", "16"]
