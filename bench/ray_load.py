@@ -58,6 +58,7 @@ COLUMNS = (
     "requests",
     "solver",
     "steps",
+    "guidance",
     "single_images_per_s",
     "ray_images_per_s",
     "throughput_ratio",
@@ -71,11 +72,29 @@ COLUMNS = (
     "single_cpu_ms_per_image",
     "ray_cpu_ms_per_image",
     "ray_replica_cpu_ms_per_image",
+    "same_cpu_ratio",
     "scaling_efficiency",
 )
 PIN_MODES = ("none", "replicas", "all")
 # How a Serve replica's process titles itself (setproctitle): `ray::ServeReplica:<app>:<deployment>`.
 REPLICA_TITLE = "ServeReplica:"
+# Ray's processes by what their command line contains (first match wins), for the CPU breakdown.
+ROLES = (
+    (REPLICA_TITLE, "replicas"),
+    ("ProxyActor", "proxy"),
+    ("ServeController", "controller"),
+    ("gcs_server", "gcs"),
+    ("raylet/raylet", "raylet"),
+    ("DashboardAgent", "dashboard_agent"),
+    ("RuntimeEnvAgent", "runtime_env_agent"),
+    ("log_monitor", "log_monitor"),
+    ("dashboard/dashboard.py", "dashboard"),
+    ("autoscaler/_private/monitor.py", "monitor"),
+)
+
+
+def role_of(command_line: str) -> str:
+    return next((role for text, role in ROLES if text in command_line), "driver")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -97,7 +116,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=positive_int, default=8, help="requests per client and round")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds per client count")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="rounds per client count (ABBA order)")
     parser.add_argument("--cpus", type=positive_int, default=2, help="CPUs (torch threads) of the single server")
     parser.add_argument(
         "--replicas", type=positive_int_list, default=None, help="Ray replica counts, e.g. 1,2,4 (default cpus)"
@@ -111,6 +130,7 @@ def add_parser(subparsers: Any) -> None:
         "--ray-env", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="env of the Ray head"
     )
     parser.add_argument("--method", choices=("unary", "stream"), default="unary", help="GenerateUnary or Generate")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="seconds Ray's idle CPU is measured")
     parser.add_argument("--label", default=None, help="results file suffix (default cpus<N>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(handler=run)
@@ -181,22 +201,21 @@ class ProcessTree:
                 continue
         return used
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """(all processes, Serve replicas only); processes that exit take their time with them."""
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far: `total` and per role (`role_of`); processes that exit take their
+        time with them."""
         import psutil
 
-        total = replicas = 0.0
+        used: dict[str, float] = {"total": 0.0}
         for process in self.processes():
             try:
                 times = process.cpu_times()
-                used = times.user + times.system
-                title = " ".join(process.cmdline())
+                role = role_of(" ".join(process.cmdline()))
             except psutil.Error:
                 continue
-            total += used
-            if REPLICA_TITLE in title:
-                replicas += used
-        return total, replicas
+            used["total"] += times.user + times.system
+            used[role] = used.get(role, 0.0) + times.user + times.system
+        return used
 
     def pin(self, replica_cpus: list[int], other_cpus: list[int]) -> dict[str, list[int]]:
         """Every thread of the replicas on `replica_cpus`, of the other processes on `other_cpus`."""
@@ -220,10 +239,12 @@ async def _load(
     clients: int,
     args: argparse.Namespace,
     paired: bool,
-    cpu: list[Callable[[], tuple[float, float]]],
-) -> list[tuple[float, list[float], list[int], tuple[float, float] | None]]:
-    """Per target: (wall seconds, latencies, batch rows, CPU seconds (all, replicas) during its phase).
-    Paired: one client, targets alternate per request (no CPU attribution)."""
+    cpu: list[Callable[[], dict[str, float]]],
+    order: list[int],
+) -> list[tuple[float, list[float], list[int], dict[str, float] | None]]:
+    """Per target: (wall seconds, latencies, batch rows, CPU seconds by role during its phase).
+    The phases run in `order` (rounds alternate it: ABBA). Paired: one client, targets alternate
+    per request (no CPU attribution)."""
     import grpc
 
     from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
@@ -265,8 +286,8 @@ async def _load(
                 for t in range(len(targets)):
                     await one(t, 0, r, *kept[t])
             return [(sum(lat), lat, rows, None) for lat, rows in kept]
-        results: list[tuple[float, list[float], list[int], tuple[float, float] | None]] = []
-        for t in range(len(targets)):
+        results: dict[int, tuple[float, list[float], list[int], dict[str, float] | None]] = {}
+        for t in order:
 
             async def client(k: int, t: int = t) -> None:
                 for r in range(args.requests):
@@ -277,9 +298,9 @@ async def _load(
             await asyncio.gather(*(client(k) for k in range(clients)))
             wall = time.perf_counter() - began
             cpu_after = cpu[t]()
-            used = (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
-            results.append((wall, *kept[t], used))
-        return results
+            used = {role: seconds - cpu_before.get(role, 0.0) for role, seconds in cpu_after.items()}
+            results[t] = (wall, *kept[t], used)
+        return [results[t] for t in range(len(targets))]
     finally:
         for channel in channels:
             await channel.close()
@@ -359,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
     single_tree = ProcessTree(single.pid)
     rows: list[dict[str, Any]] = []
     placements: dict[str, Any] = {}
-    idle_cpu: dict[str, dict[str, float]] = {}
+    idle_cpu: dict[str, dict[str, Any]] = {}
+    cpu_by_role: dict[str, dict[str, dict[str, float]]] = {}
     try:
         _wait_ready(f"127.0.0.1:{single_port}", (), single)
         with tempfile.TemporaryDirectory() as folder:
@@ -403,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
                         other_cpus,
                         placements,
                         idle_cpu,
+                        cpu_by_role,
                     )
                 finally:
                     _stop(on_ray)
@@ -418,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
     meta["ray_env"] = dict(args.ray_env)
     meta["placement"] = placements
     meta["ray_idle_cpu_fraction"] = idle_cpu
+    meta["ray_cpu_ms_per_image_by_role"] = cpu_by_role
     meta["setup"] = (
         f"single server: one process, {args.cpus} torch threads{' on cuda' if gpu else ''}; Ray: local head, "
         f"{replica_counts} replicas of {args.cpus_per_replica} CPU / torch thread and {args.num_gpus} GPU, "
@@ -431,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
         latency = f"; lone latency ratio {row['latency_ratio']:.3f}" if row["latency_ratio"] is not None else ""
         cpu = (
             f"; CPU ms/img {row['ray_cpu_ms_per_image']:.0f} (replicas {row['ray_replica_cpu_ms_per_image']:.0f})"
-            f" vs {row['single_cpu_ms_per_image']:.0f}"
+            f" vs {row['single_cpu_ms_per_image']:.0f}: same-CPU ratio {row['same_cpu_ratio']:.2f}"
             if row["ray_cpu_ms_per_image"] is not None
             else ""
         )
@@ -455,7 +479,8 @@ def _measure(
     server_cpus: list[int] | None,
     other_cpus: list[int],
     placements: dict[str, Any],
-    idle_cpu: dict[str, dict[str, float]],
+    idle_cpu: dict[str, dict[str, Any]],
+    cpu_by_role: dict[str, dict[str, dict[str, float]]],
 ) -> list[dict[str, Any]]:
     targets = [(f"127.0.0.1:{single_port}", ()), (f"127.0.0.1:{ray_port}", (("application", "mnist"),))]
     _wait_ready(*targets[1], on_ray)
@@ -463,18 +488,23 @@ def _measure(
     if args.pin == "replicas" and server_cpus is not None:
         placements[str(replicas)] = ray_tree.pin(server_cpus, other_cpus)
     # What Ray's control plane costs when no request comes (controller loop, raylet, GCS, metrics).
-    before, began = ray_tree.cpu_by_process(), time.perf_counter()
-    time.sleep(10.0)
-    after, seconds = ray_tree.cpu_by_process(), time.perf_counter() - began
+    before, roles_before, began = ray_tree.cpu_by_process(), ray_tree.cpu_seconds(), time.perf_counter()
+    time.sleep(args.idle_s)
+    after, roles_after, seconds = ray_tree.cpu_by_process(), ray_tree.cpu_seconds(), time.perf_counter() - began
     idle_cpu[str(replicas)] = {
-        "total": sum(after[k] - before.get(k, 0.0) for k in after) / seconds,
-        **{k: round((after[k] - before.get(k, 0.0)) / seconds, 4) for k in after},
+        **{role: round((used - roles_before.get(role, 0.0)) / seconds, 4) for role, used in roles_after.items()},
+        "by_process": {k: round((after[k] - before.get(k, 0.0)) / seconds, 4) for k in after},
     }
-    cpu = [lambda: (single_tree.cpu_seconds()[0], 0.0), ray_tree.cpu_seconds]
+    cpu = [single_tree.cpu_seconds, ray_tree.cpu_seconds]
     rows = []
     for clients in args.clients:
         paired = clients == 1
-        rounds = [asyncio.run(_load(targets, clients, args, paired, cpu)) for _ in range(args.rounds)]
+        # ABBA: the first target leads in even rounds, the second in odd ones, so that a drift in
+        # the machine's speed within a round does not favour the side that always goes first.
+        rounds = [
+            asyncio.run(_load(targets, clients, args, paired, cpu, [0, 1] if r % 2 == 0 else [1, 0]))
+            for r in range(args.rounds)
+        ]
         per_target = []
         for t in range(2):
             walls = [round_[t][0] for round_ in rounds]
@@ -483,12 +513,13 @@ def _measure(
             rate = statistics.median(clients * args.requests / wall for wall in walls)
             used = [u for round_ in rounds if (u := round_[t][3]) is not None]
             images = clients * args.requests * len(used)
-            cpu_ms = (
-                (1000 * sum(u[0] for u in used) / images, 1000 * sum(u[1] for u in used) / images) if used else None
-            )
+            roles = sorted({role for u in used for role in u})
+            cpu_ms = {role: 1000 * sum(u.get(role, 0.0) for u in used) / images for role in roles} if used else None
             per_target.append((rate, latencies, batch_rows, cpu_ms))
         (single_rate, single_lat, single_rows, single_cpu), (ray_rate, ray_lat, ray_rows, ray_cpu) = per_target
         pairs = [r / s for r, s in zip(ray_lat, single_lat, strict=True)] if paired else []
+        if ray_cpu is not None:
+            cpu_by_role.setdefault(str(replicas), {})[str(clients)] = {k: round(v, 2) for k, v in ray_cpu.items()}
         rows.append(
             {
                 "replicas": replicas,
@@ -497,6 +528,7 @@ def _measure(
                 "requests": clients * args.requests * args.rounds,
                 "solver": args.solver,
                 "steps": args.steps,
+                "guidance": args.guidance,
                 "single_images_per_s": single_rate,
                 "ray_images_per_s": ray_rate,
                 "throughput_ratio": ray_rate / single_rate,
@@ -507,9 +539,11 @@ def _measure(
                 "latency_ratio": statistics.median(pairs) if pairs else None,
                 "single_mean_batch_rows": statistics.fmean(single_rows),
                 "ray_mean_batch_rows": statistics.fmean(ray_rows),
-                "single_cpu_ms_per_image": single_cpu[0] if single_cpu else None,
-                "ray_cpu_ms_per_image": ray_cpu[0] if ray_cpu else None,
-                "ray_replica_cpu_ms_per_image": ray_cpu[1] if ray_cpu else None,
+                "single_cpu_ms_per_image": single_cpu["total"] if single_cpu else None,
+                "ray_cpu_ms_per_image": ray_cpu["total"] if ray_cpu else None,
+                "ray_replica_cpu_ms_per_image": ray_cpu.get("replicas", 0.0) if ray_cpu else None,
+                # Images per CPU second, Ray / single: the throughput ratio with the same total CPU.
+                "same_cpu_ratio": single_cpu["total"] / ray_cpu["total"] if single_cpu and ray_cpu else None,
             }
         )
     return rows

@@ -1,6 +1,14 @@
 """`serve-mixed`: step-level against request-level batching under mixed traffic, paired in one run.
 
     python -m bench serve-mixed                      # 16 and 32 clients, mnist, both modes
+    python -m bench serve-mixed --model tiny-sd      # the same load on a tiny Stable Diffusion
+
+Models: "mnist" (the built-in class-conditional UNet: its forward on a CPU is compute-bound, a
+row costs nearly as much at 32 rows as at 1) and "tiny-sd" (models/tiny_pipelines.py's random-weight
+StableDiffusionPipeline at 32 x 32 pixels, 4 x 8 x 8 latents, saved to a temporary folder: a forward
+whose cost barely grows with rows, the regime of a large model on a GPU at small batch). A text
+model's requests carry one prompt per sample, drawn from the tiny tokenizer's corpus, instead of
+labels; its images are decoded by the VAE.
 
 Two servers run side by side (`sampler-service serve` subprocesses on loopback, one per
 `batching.mode`, otherwise the same settings); they take turns, so both see the same machine:
@@ -10,7 +18,7 @@ Two servers run side by side (`sampler-service serve` subprocesses on loopback, 
    (goal: <= 1.05 x in-process).
 2. Mixed load: B closed-loop clients (GenerateUnary, one request after another), each drawing
    --requests requests from its own fixed-seed generator: solver in {euler, heun, dpmpp_2m,
-   unipc, ipndm}, steps 4..30, guidance in {1, 2, 4}, 1-4 samples, random labels and seeds. The
+   unipc, ipndm}, steps 4..30, guidance in {1, 2, 4}, 1-4 samples, random labels (or prompts) and seeds. The
    same requests go to both servers, --rounds times in ABBA order. Throughput (images/s, network
    rows/s), p50 / p99 latency, mean network rows per forward (the server's batch-fill metric).
    Goal: step >= 1.5 x request at 16 and 32 clients.
@@ -31,10 +39,12 @@ import argparse
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -53,6 +63,16 @@ from .errors import BenchError
 from .serve_load import _free_port, _percentile, _wait_healthy
 
 NAME = "serve-mixed"
+TEXT_MODELS: dict[str, Any] = {"tiny-sd": "sd"}  # served name -> models.tiny_pipelines kind
+BENCH_MODELS = ("mnist", *TEXT_MODELS)
+# One prompt per label: the corpus the tiny tokenizer is learned from (no prompt is truncated).
+PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "a painting of a red fox in the snow, highly detailed",
+    "the city at night with neon lights and rain on the street",
+    "a watercolor of mountains and a lake at sunrise",
+    "a cat sitting on a chair next to the window",
+)
 RESULTS = Path(__file__).resolve().parent / "results" / "serve-mixed-cpu"
 MODES = ("step", "request")
 MIXED_SOLVERS = ("euler", "heun", "dpmpp_2m", "unipc", "ipndm")
@@ -82,7 +102,7 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="mnist", choices=["mnist"])
+    parser.add_argument("--model", default="mnist", choices=list(BENCH_MODELS))
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[16, 32])
     parser.add_argument("--requests", type=positive_int, default=2, help="requests per client and round")
     parser.add_argument("--rounds", type=positive_int, default=2, help="ABBA rounds of the mixed load")
@@ -102,29 +122,52 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def mixed_requests(seed: int, client: int, count: int) -> list[dict[str, Any]]:
+def mixed_requests(seed: int, client: int, count: int, model: str = "mnist") -> list[dict[str, Any]]:
     """The fields of one client's requests (the same in both modes)."""
     draw = random.Random(seed * 1_000_003 + client)
     requests = []
     for _ in range(count):
         samples = draw.randint(1, 4)
-        requests.append(
-            {
-                "model": "mnist",
-                "solver": draw.choice(MIXED_SOLVERS),
-                "steps": draw.randint(4, 30),
-                "guidance": [draw.choice(GUIDANCE)],
-                "labels": [draw.randrange(10) for _ in range(samples)],
-                "seeds": [draw.randrange(2**31) for _ in range(samples)],
-            }
-        )
+        fields: dict[str, Any] = {
+            "model": model,
+            "solver": draw.choice(MIXED_SOLVERS),
+            "steps": draw.randint(4, 30),
+            "guidance": [draw.choice(GUIDANCE)],
+        }
+        conditioning = [draw.randrange(10) for _ in range(samples)]
+        if model in TEXT_MODELS:
+            fields["prompt"] = [PROMPTS[k % len(PROMPTS)] for k in conditioning]
+        else:
+            fields["labels"] = conditioning
+        fields["seeds"] = [draw.randrange(2**31) for _ in range(samples)]
+        requests.append(fields)
     return requests
+
+
+def conditioning(model: str, label: int, samples: int = 1) -> dict[str, Any]:
+    """The label (or a prompt) of a fixed request's samples."""
+    if model in TEXT_MODELS:
+        return {"prompt": [PROMPTS[label % len(PROMPTS)]] * samples}
+    return {"labels": [label] * samples}
+
+
+def model_source(name: str, folder: Path) -> tuple[str, Path | None]:
+    """(source for models.load, models config for the servers or None for the built-in default);
+    a tiny pipeline is saved under `folder` first."""
+    if name not in TEXT_MODELS:
+        return name, None
+    from models.tiny_pipelines import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline(TEXT_MODELS[name], folder / name)
+    config = folder / "models.toml"
+    config.write_text(f'[[models]]\nname = "{name}"\nsource = "{pipeline}"\ndevice = "cpu"\n')
+    return str(pipeline), config
 
 
 class Servers:
     """One `sampler-service serve` process per mode, with its gRPC stub and metrics port."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, models_config: Path | None = None) -> None:
         import grpc
 
         from sampler_service.gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
@@ -149,6 +192,8 @@ class Servers:
                 "SAMPLER_LIMITS__MAX_QUEUED_REQUESTS": str(max(64, 2 * max(args.clients) + 4)),
                 "SAMPLER_LIMITS__MAX_STEPS": "1000",
             }
+            if models_config is not None:
+                env["SAMPLER_MODELS_CONFIG"] = str(models_config)
             self.processes[mode] = subprocess.Popen(
                 [sys.executable, "-m", "sampler_service", "serve"],
                 env=env,
@@ -192,7 +237,17 @@ def _generate(stub: Any, fields: dict[str, Any], timeout: float | None = None) -
     return time.perf_counter() - began, response
 
 
-def _forward_cost(model: models.DiffusionModel) -> list[dict[str, Any]]:
+def _rows_denoiser(model: models.Model, rows: int) -> solvers.Denoiser:
+    """An unguided denoiser of `rows` rows as the step engine binds them (models.rows)."""
+    if isinstance(model, models.TextToImageModel):
+        encoded = model.sample_rows([PROMPTS[0]], None, 1.0).cond
+    else:
+        encoded = model.sample_rows(torch.zeros(1, dtype=torch.int64, device=model.device)).cond
+    assert encoded is not None  # guidance 1: the conditional pass
+    return model.rows_denoiser(encoded.take(torch.zeros(rows, dtype=torch.int64)))
+
+
+def _forward_cost(model: models.Model) -> list[dict[str, Any]]:
     """In process: seconds per network row of one unguided forward at 1..128 rows (what fuller
     forwards can buy), three interleaved passes, median."""
     sizes = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -200,7 +255,7 @@ def _forward_cost(model: models.DiffusionModel) -> list[dict[str, Any]]:
     with torch.inference_mode():
         inputs = {
             rows: (
-                model.conditioned(torch.zeros(rows, dtype=torch.int64, device=model.device)),
+                _rows_denoiser(model, rows),
                 torch.randn(rows, *model.sample_shape, device=model.device),
                 torch.full((rows,), 5.0, device=model.device),
             )
@@ -224,15 +279,21 @@ def _forward_cost(model: models.DiffusionModel) -> list[dict[str, Any]]:
     return out
 
 
-def _lone(args: argparse.Namespace, servers: Servers, model: models.DiffusionModel) -> list[dict[str, Any]]:
-    fields = {"model": "mnist", "solver": "dpmpp_2m", "steps": 20, "seeds": [7], "labels": [3], "guidance": [2.0]}
+def _lone(args: argparse.Namespace, servers: Servers, model: models.Model) -> list[dict[str, Any]]:
+    fields = {"model": args.model, "solver": "dpmpp_2m", "steps": 20, "seeds": [7], "guidance": [2.0]}
+    fields |= conditioning(args.model, 3)
 
     def in_process() -> float:
         began = time.perf_counter()
         noise = solvers.make_noise([7], model.sample_shape, device=model.device)
-        denoiser = model.conditioned(torch.tensor([3], device=model.device), torch.tensor([2.0], dtype=torch.float64))
+        w = torch.tensor([2.0], dtype=torch.float64)
         with torch.inference_mode():
-            images = solvers.sample(denoiser, noise, solver="dpmpp_2m", steps=20).images
+            if isinstance(model, models.TextToImageModel):  # prompts encoded (cached), latents decoded
+                text = model.conditioned(fields["prompt"], None, w)
+                images = model.decode(solvers.sample(text, noise, solver="dpmpp_2m", steps=20).images)
+            else:
+                denoiser = model.conditioned(torch.tensor([3], device=model.device), w)
+                images = solvers.sample(denoiser, noise, solver="dpmpp_2m", steps=20).images
         _ = images.cpu()
         return time.perf_counter() - began
 
@@ -253,7 +314,7 @@ def _lone(args: argparse.Namespace, servers: Servers, model: models.DiffusionMod
 
 
 def _mixed_once(servers: Servers, mode: str, clients: int, args: argparse.Namespace, round_: int) -> dict[str, Any]:
-    plans = [mixed_requests(args.seed + round_, k, args.requests) for k in range(clients)]
+    plans = [mixed_requests(args.seed + round_, k, args.requests, args.model) for k in range(clients)]
     latencies: list[float] = []
     images = rows = 0
     lock = threading.Lock()
@@ -313,9 +374,16 @@ def _long_and_short(args: argparse.Namespace, servers: Servers) -> list[dict[str
 
     from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
 
-    short = {"model": "mnist", "solver": "dpmpp_2m", "steps": 10, "seeds": [11], "labels": [5], "guidance": [2.0]}
+    short = {"model": args.model, "solver": "dpmpp_2m", "steps": 10, "seeds": [11], "guidance": [2.0]}
+    short |= conditioning(args.model, 5)
     long = pb.GenerateRequest(
-        model="mnist", solver="heun", steps=1000, num_samples=64, base_seed=0, labels=[1], guidance=[2.0]
+        model=args.model,
+        solver="heun",
+        steps=1000,
+        num_samples=64,
+        base_seed=0,
+        guidance=[2.0],
+        **conditioning(args.model, 1, 1 if args.model not in TEXT_MODELS else 64),
     )
     out = []
     for mode in MODES:
@@ -379,15 +447,17 @@ def _row(
 def run(args: argparse.Namespace) -> int:
     meta = provenance.collect(options_of(args))  # at the start: the code and tree this run executes
     torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="serve-mixed-"))
     try:
-        model = models.class_conditional(models.load(args.model, device=args.device))
+        source, models_config = model_source(args.model, folder)
+        model = models.load(source, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
     rows: list[dict[str, Any]] = []
     if "forward" not in args.skip:
         rows += _forward_cost(model)
     if {"lone", "mixed", "long"} - set(args.skip):
-        servers = Servers(args)
+        servers = Servers(args, models_config)
         try:
             if "lone" not in args.skip:
                 rows += _lone(args, servers, model)
@@ -399,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
                 rows += _long_and_short(args, servers)
         finally:
             servers.close()
+            shutil.rmtree(folder, ignore_errors=True)
     meta["device"]["torch_threads"] = torch.get_num_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     provenance.write_csv(args.out / "serve-mixed.csv", rows, COLUMNS)

@@ -43,6 +43,7 @@ from .flow import FLOW_SCHEDULERS, FlowSchedule
 from .flow_pipelines import load_flow_pipeline
 from .pipelines import FLOW_PIPELINE_CLASSES, TEXT_PIPELINES, VP_SCHEDULERS, load_text_pipeline, pipeline_class
 from .prompts import DEFAULT_CACHE_SIZE, PromptCache
+from .rows import PassRows, SampleRows
 from .text_to_image import ModelKind, SizeLimits, TextToImageModel
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -356,6 +357,40 @@ class DiffusionModel:
             null_embeddings=null_embeddings,
             guidance=guidance,
         )
+
+    def sample_rows(
+        self, labels: Tensor | None = None, guidance: float | Tensor = 1.0, *, count: int = 1
+    ) -> SampleRows:
+        """Per-row conditioning of samples for step-level batching (models.rows): the labels' rows,
+        and the null class's where a sample's guidance needs the unconditional pass.
+
+        Args:
+            labels: as `conditioned` ((B,) int64, or None: unconditional, guidance 1).
+            guidance: w, float or tensor (B,).
+            count: the number of samples when labels is None.
+        Raises:
+            InvalidConditioningError: as `conditioned`.
+        """
+        self.conditioned(labels, guidance)  # the same checks, the same messages
+        size = int(labels.shape[0]) if labels is not None else count
+        w = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu().expand(size).clone()
+        if labels is None:
+            if self.num_class_embeds is None:
+                return SampleRows(PassRows(size), None, w)
+            assert self.null_class is not None  # conditioned() refuses labels None without one
+            labels = torch.full((size,), self.null_class, dtype=torch.int64)
+        labels = labels.to(device=self.device, dtype=torch.int64)
+        uncond = None
+        if bool((w != 1).any()) and self.null_class is not None:
+            uncond = PassRows(size, labels=torch.full_like(labels, self.null_class))
+        return SampleRows(PassRows(size, labels=labels), uncond, w)
+
+    def rows_denoiser(self, rows: PassRows, height: int | None = None, width: int | None = None) -> UNetDenoiser:
+        """The unguided denoiser whose row k runs the pass of `rows` row k (the size is the model's)."""
+        placement = (self.device, self.dtype)
+        if rows.labels is None:
+            return UNetDenoiser(self.unet, self.schedule, placement=placement)
+        return UNetDenoiser(self.unet, self.schedule, labels=rows.labels, placement=placement)
 
     def __repr__(self) -> str:
         return (

@@ -31,6 +31,7 @@ from .diffusers_unet import UNetDenoiser, VPDiscreteSchedule, unet_traits
 from .errors import InvalidConditioningError, UnsupportedModelError
 from .latent_codec import LatentCodec
 from .prompts import PromptBatch, PromptEncoder
+from .rows import PassRows, SampleRows
 
 ModelKind = Literal["class-conditional", "text-to-image"]
 
@@ -122,6 +123,7 @@ class UNetTextBackbone:
             added=self._added(cond, height, width),
             null_added=self._added(uncond, height, width),
             guidance=guidance,
+            placement=(self.device, self.dtype),
         )
 
     def noise_range(self, height: int, width: int) -> tuple[float, float, Tensor | None]:
@@ -301,6 +303,47 @@ class TextToImageModel:
             uncond = self._unconditional(texts, negatives, cond)
         return self.backbone.denoiser(_to(cond, self.device), _to(uncond, self.device), w.clone(), height, width)
 
+    def sample_rows(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str | None] | None = None,
+        guidance: float | Tensor = 1.0,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> SampleRows:
+        """Per-row conditioning of these samples for step-level batching (models.rows): the
+        arguments and checks of `conditioned`, each prompt encoded once; `rows_denoiser` at the
+        same size runs any mix of such rows in one forward."""
+        denoiser = self.conditioned(prompts, negative_prompts, guidance, height=height, width=width)
+        del denoiser  # validated and encoded (the encodings are cached): the rows reuse them
+        texts = list(prompts)
+        batch = len(texts)
+        negatives: list[str | None] = list(negative_prompts) if negative_prompts is not None else [None] * batch
+        w = torch.as_tensor(guidance, dtype=torch.float64).detach().cpu().expand(batch).clone()
+        if self.guidance_distilled:
+            cond = _to(self.prompts.encode(texts), self.device)
+            assert cond is not None
+            rows = PassRows(batch, hidden=cond.hidden, pooled=cond.pooled, scale=w)
+            return SampleRows(rows, None, torch.ones(batch, dtype=torch.float64))
+        encoded = _to(self.prompts.encode(texts), self.device) if bool((w != 0).any()) else None
+        uncond = None
+        if bool((w != 1).any()):
+            uncond = _to(self._unconditional(texts, negatives, encoded), self.device)
+        return SampleRows(_pass_rows(encoded), _pass_rows(uncond), w)
+
+    def rows_denoiser(self, rows: PassRows, height: int | None = None, width: int | None = None) -> Denoiser:
+        """The unguided denoiser over latents of a height x width image (default: the model's) whose
+        row k runs the pass of `rows` row k (from `sample_rows` at that size)."""
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        if rows.hidden is None:
+            raise InvalidConditioningError("rows.hidden", None, "prompt states (N, L, D) from sample_rows")
+        # One pass per row: guidance 1 runs the conditional pass, here the rows' own prompts (an
+        # unconditional row carries the negative or empty prompt's states, or SDXL's zeros).
+        scale = rows.scale if rows.scale is not None else torch.ones(rows.size, dtype=torch.float64)
+        return self.backbone.denoiser(PromptBatch(rows.hidden, rows.pooled), None, scale, height, width)
+
     def _unconditional(self, texts: list[str], negatives: list[str | None], cond: PromptBatch | None) -> PromptBatch:
         """The unconditional pass's embeddings: the negative prompt where given, else the empty
         prompt's, or zeros where the pipeline says force_zeros_for_empty_prompt."""
@@ -348,6 +391,12 @@ def _texts(field: str, texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
         raise InvalidConditioningError(field, texts, "a non-empty list of strings, one per sample")
     return list(texts)
+
+
+def _pass_rows(prompts: PromptBatch | None) -> PassRows | None:
+    if prompts is None:
+        return None
+    return PassRows(int(prompts.hidden.shape[0]), hidden=prompts.hidden, pooled=prompts.pooled)
 
 
 def _to(prompts: PromptBatch | None, device: torch.device) -> PromptBatch | None:

@@ -100,6 +100,8 @@ def serve_ray(args: argparse.Namespace) -> int:
         return 2
     config = ray_app.read_config(args.config, grpc_port=args.grpc_port, replicas=args.replicas)
     began = time.perf_counter()
+    if args.address is None:
+        log.info(f"starting a local Ray head with {ray_app.lean_environment()}")
     ray.init(
         address=args.address,
         num_cpus=args.num_cpus,

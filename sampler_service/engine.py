@@ -2,8 +2,9 @@
 
 "step" (step_batcher.py): every admitted request runs its solver at once, in its own thread,
 against a denoiser proxy; the model's tick loop batches the network evaluations of all active
-requests, whatever their solver, steps, schedule or guidance. Text-to-image models run in request
-mode either way (their conditioning is bound per batch: prompts are encoded once per batch).
+requests, whatever their solver, steps, schedule, guidance, labels or prompts (a request's prompts
+are encoded once, on its own thread, into per-row conditioning; requests of one image size share
+forwards). A text model's request also encodes its init image and decodes its latents there.
 
 "request": request-level dynamic batching: admitted jobs wait in a per-model queue;
 a dispatcher merges jobs with equal merge keys into batches of at most `max_batch_size` network
@@ -171,15 +172,14 @@ class Engine:
         self.batchers: dict[str, StepBatcher] = {}  # step mode: the models whose evaluations are batched
         if settings.batching.mode == "step":
             for name, entry in served.items():
-                if isinstance(entry.model, models.DiffusionModel):
-                    self.batchers[name] = StepBatcher(
-                        name,
-                        entry.model,
-                        max_batch_size=settings.batching.max_batch_size,
-                        share_rows=settings.batching.share_rows,
-                        gather_seconds=settings.batching.max_queue_delay_ms / 1000.0,
-                        on_tick=self._count_tick,
-                    )
+                self.batchers[name] = StepBatcher(
+                    name,
+                    entry.model,
+                    max_batch_size=settings.batching.max_batch_size,
+                    share_rows=settings.batching.share_rows,
+                    gather_seconds=settings.batching.max_queue_delay_ms / 1000.0,
+                    on_tick=self._count_tick,
+                )
 
     def start(self) -> None:
         for batcher in self.batchers.values():
@@ -520,27 +520,13 @@ class Engine:
             try:
                 if ticket.cancelled:
                     return
-                labels, guidance = conditioning([(job, 0, job.num_samples)], model.device)
-
-                def bound() -> solvers.Denoiser:  # only AMED asks: the bottleneck feature, in its own forward
-                    return model.conditioned(labels, guidance) if labels is not None else model.conditioned()
-
-                proxy = DenoiserProxy(
-                    batcher,
-                    ticket,
-                    ticket.arrived,
-                    labels,
-                    guidance,
-                    job.evals_per_call,
-                    lambda: ticket.cancelled,
-                    bound=bound,
-                )
-                noise = solvers.make_noise(job.seeds, model.sample_shape, device=model.device)
                 with torch.inference_mode():
-                    result = _solve(job, proxy, noise, self._callback([item]), None)
+                    proxy, noise, init = self._request_inputs(ticket, batcher)
+                    result = _solve(job, proxy, noise, self._callback([item]), init)
             finally:
                 batcher.leave(ticket)
-            images = result.images.float().cpu()
+            with torch.inference_mode():
+                images = (model.decode(result.images) if job.text is not None else result.images.float()).cpu()
         except (RequestGone, solvers.SamplingCancelled):
             self.batches_stopped += 1
             log.info("request stopped: it is gone", extra={"request_id": job.request_id})
@@ -554,6 +540,51 @@ class Engine:
         sampling_seconds = time.perf_counter() - began
         rows = round(proxy.rows_seen / proxy.ticks) if proxy.ticks else 0
         self._post_results([item], images, result, began, sampling_seconds, rows)
+
+    @staticmethod
+    def _request_inputs(
+        ticket: Ticket, batcher: StepBatcher
+    ) -> tuple[DenoiserProxy, torch.Tensor, torch.Tensor | None]:
+        """A step-mode request's proxy (its conditioning encoded once, as per-row inputs), noise and
+        init latents (img2img), on its own thread."""
+        job = ticket.job
+        model = batcher.model
+        whole = [(job, 0, job.num_samples)]
+        init = None
+        if isinstance(model, models.TextToImageModel):
+            assert job.text is not None  # a text model's jobs always carry it (build_job)
+            text = text_batch(whole)
+            size = (text.height, text.width)
+            rows = model.sample_rows(text.prompts, text.negatives, text.guidance, height=size[0], width=size[1])
+            noise_range = model.noise_range(*size)
+            shape = text.latent_shape
+            init = init_latents(model, whole, shape)
+
+            def bound() -> solvers.Denoiser:  # only AMED asks: the bottleneck feature, in its own forward
+                return model.conditioned(text.prompts, text.negatives, text.guidance, height=size[0], width=size[1])
+
+        else:
+            labels, guidance = conditioning(whole, model.device)
+            rows = model.sample_rows(labels, guidance, count=job.num_samples)
+            size, shape = model.default_size, model.sample_shape
+            noise_range = (model.sigma_min, model.sigma_max, model.sigma_levels)
+
+            def bound() -> solvers.Denoiser:  # only AMED asks: the bottleneck feature, in its own forward
+                return model.conditioned(labels, guidance) if labels is not None else model.conditioned()
+
+        proxy = DenoiserProxy(
+            batcher,
+            ticket,
+            ticket.arrived,
+            rows,
+            size,
+            noise_range,
+            job.evals_per_call,
+            lambda: ticket.cancelled,
+            bound=bound,
+        )
+        noise = solvers.make_noise(job.seeds, shape, device=model.device)
+        return proxy, noise, init
 
 
 def _solve(

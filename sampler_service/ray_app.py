@@ -66,6 +66,19 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # Ray's own proxy health: OK once the proxy has routes, UNAVAILABLE while it has none or drains.
 RAY_HEALTHZ = "/ray.serve.RayServeAPIService/Healthz"
 BUILDER = "sampler_service.ray_app:build"  # a Serve config's import_path for our applications
+# Ray settings of a head that `sampler-service ray` starts (environment variables, read by the
+# processes Ray starts; a variable already set wins). Each cuts a fixed cost measured idle
+# (bench/results/serve-load-ray-lean/, docs/scale-out.md#what-ray-costs-and-what-was-cut):
+LEAN_ENVIRONMENT = {
+    # The Serve controller's reconcile loop runs every 0.1 s by default and fetches the cluster's
+    # nodes and resources from the GCS each time: 0.032 of a core in the controller and 0.016 in
+    # the GCS on an idle head. Once a second: 0.012 and 0.007. Health checks
+    # (health_check_period_s), autoscaling decisions (upscale_delay_s) and replica replacement
+    # keep their periods; each may act up to a second later.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
+    # No usage report to Ray's servers: the service makes no network calls at run time.
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 
 
 class Aborted(Exception):
@@ -341,6 +354,17 @@ def build(args: dict[str, Any]) -> serve.Application:
 # ---- starting it: `sampler-service ray --config deploy/ray/serve.yaml` ------------------------
 
 
+def lean_environment() -> dict[str, str]:
+    """Set `LEAN_ENVIRONMENT` in this process's environment where not set already, before Ray
+    starts a local head (its GCS, raylet and workers inherit it); return what is in effect.
+    Joining a running cluster, set the variables where its head starts (deploy/k8s/rayservice.yaml)."""
+    import os
+
+    for key, value in LEAN_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in LEAN_ENVIRONMENT}
+
+
 def read_config(path: Path, *, grpc_port: int | None = None, replicas: int | None = None) -> ServeDeploySchema:
     """A Serve config file, validated; relative `settings` and `overrides.models_config` paths in an
     application's args are resolved against the file's folder (as the models config does for its
@@ -431,6 +455,7 @@ def drain(config: ServeDeploySchema) -> None:
 __all__ = [
     "DEPLOYMENT_NAME",
     "HEALTH_CHECK",
+    "LEAN_ENVIRONMENT",
     "SERVICER_FUNCTION",
     "RayContext",
     "ReplicaOptions",
@@ -439,5 +464,6 @@ __all__ = [
     "build",
     "deploy",
     "drain",
+    "lean_environment",
     "read_config",
 ]

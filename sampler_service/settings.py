@@ -61,8 +61,8 @@ class Batching(BaseModel):
     mode: Literal["step", "request"] = Field(
         "request",
         description="step: each forward holds the pending evaluations of all active requests, whatever their "
-        "solver, steps and guidance; request: a batch merges whole requests with equal solver, steps, schedule "
-        "and guidance passes (text-to-image models always batch by request)",
+        "solver, steps, guidance, labels or prompts (requests of one image size); request: a batch merges whole "
+        "requests with equal solver, steps, schedule and guidance passes",
     )
     max_batch_size: int = Field(256, ge=1, le=65_536, description="network rows per batch (a guided sample counts 2)")
     max_queue_delay_ms: float = Field(

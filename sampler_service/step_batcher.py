@@ -1,14 +1,15 @@
 """Step-level batching: the network evaluations of all active requests of one model share forwards.
 
 Each active request runs its solver in its own thread against a `DenoiserProxy`. A proxy call posts
-the request's rows (x, per-row sigma, the request's labels and per-sample guidance) to the model's
+the request's rows (x, per-row sigma, the request's per-row conditioning) to the model's
 `StepBatcher` and blocks until they are denoised. The batcher's thread runs ticks: a tick gathers
-the pending evaluations, whatever solver, steps, schedule, AFS, guidance or labels they come from
+the pending evaluations, whatever solver, steps, schedule, AFS, guidance, labels or prompts they come from
 (rows at different sigmas), runs one forward of at most `max_batch_size` network rows, and hands
 each evaluation its rows. Requests join at the next tick and leave when their solver returns.
 
 Network rows: a sample with guidance w needs the conditional pass when w != 0 and the
-unconditional one (the null class) when w != 1; each pass is one row of an unguided forward, and
+unconditional one (the null class, the negative or empty prompt) when w != 1; each pass is one
+row of an unguided forward, and
 D = D_u + w (D_c - D_u) is formed here, in the solver's dtype, by the adapters' own function. So a
 guided sample costs two rows and an unguided one one row, whoever shares the tick.
 
@@ -30,7 +31,13 @@ Evaluations that need the U-Net's bottleneck feature (AMED's predictor) run as t
 with the request's bound denoiser. A cancelled request's pending rows leave at the next tick, and
 its thread stops at its next proxy call (`RequestGone`).
 
-This module knows models only through `conditioned(labels)` and the Denoiser contract.
+Conditioning is per row (models.rows): a request's prompts or labels are encoded once when it
+joins, into the rows of its conditional and unconditional passes, and a tick concatenates the rows
+it holds and binds them with `model.rows_denoiser(rows, height, width)`. So text-to-image requests
+mix prompts, negative prompts, guidance (a distilled model's guidance input included), solvers and
+steps in one forward like class-conditional ones; only evaluations of one image size (one latent
+shape) share a forward: a tick serves the size of its oldest pending evaluation. This module knows
+models only through `rows_denoiser` and the Denoiser contract.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from torch import Tensor
 import models
 import solvers
 from models.guidance import guided as combine_guidance
+from models.rows import PassRows, SampleRows
 
 from .errors import SampleFailed
 
@@ -68,8 +76,8 @@ class Evaluation:
     age: float  # when the request arrived: ties in the tick order go to the older
     x: Tensor
     sigma: Tensor
-    labels: Tensor | None  # (n,) int64 on the model's device, or None for an unconditional model
-    guidance: Tensor  # (n,) float64 on the CPU
+    rows: SampleRows  # per-sample conditioning: each pass's rows and the guidance weights
+    group: tuple[int, int]  # (height, width): only evaluations of one size share a forward
     cancelled: Callable[[], bool]
     bound: solvers.Denoiser | None = None
     posted: float = field(default_factory=time.perf_counter)
@@ -81,6 +89,7 @@ class Evaluation:
     rows_seen: int = 0  # network rows of the ticks this evaluation was part of (for timing)
     ticks: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    _masks: tuple[Tensor, Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -88,10 +97,15 @@ class Evaluation:
 
     def rows_of(self, start: int, stop: int) -> int:
         """Network rows of samples start..stop (1 or 2 each)."""
-        w = self.guidance[start:stop]
-        if self.labels is None:
-            return stop - start
-        return int((w != 0).sum()) + int((w != 1).sum())
+        cond, uncond = self.masks
+        return int(cond[start:stop].sum()) + int(uncond[start:stop].sum())
+
+    @property
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """Which samples run the conditional and which the unconditional row (SampleRows.passes)."""
+        if self._masks is None:
+            self._masks = self.rows.passes()
+        return self._masks
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
@@ -119,7 +133,7 @@ class StepBatcher:
     def __init__(
         self,
         name: str,
-        model: models.DiffusionModel,
+        model: models.Model,
         *,
         max_batch_size: int,
         share_rows: int,
@@ -240,9 +254,12 @@ class StepBatcher:
         pending one, and at least share_rows; what does not fit keeps its place for the next tick."""
         budget = self.max_batch_size
         shared = len(self.active | {id(e.owner) for e in self.pending}) > 1
-        remaining = {id(e): e.rows_of(e.taken, e.size) for e in self.pending}
+        ordered = sorted(self.pending, key=lambda e: (e.posted, e.age))
+        group = ordered[0].group  # one image size per forward: the oldest evaluation's
+        ordered = [e for e in ordered if e.group == group]
+        remaining = {id(e): e.rows_of(e.taken, e.size) for e in ordered}
         chunks: list[Chunk] = []
-        for evaluation in sorted(self.pending, key=lambda e: (e.posted, e.age)):
+        for evaluation in ordered:
             if budget <= 0:
                 break
             if evaluation.bound is not None:  # runs whole, in its own forward
@@ -254,7 +271,7 @@ class StepBatcher:
                 continue
             cap = budget
             if shared:
-                others = [r for e in self.pending if e.owner is not evaluation.owner for r in (remaining[id(e)],)]
+                others = [remaining[id(e)] for e in ordered if e.owner is not evaluation.owner]
                 cap = min(budget, max([self.share_rows, *others]))
             start = stop = evaluation.taken
             rows = 0
@@ -332,46 +349,48 @@ class StepBatcher:
         evaluation.finished = evaluation.size
         evaluation.done.set()
 
-    def _denoiser(self, labels: Tensor | None) -> solvers.Denoiser:
-        """The unguided denoiser of these row labels; the last one is reused while the labels stay
-        the same (binding costs about 0.5 ms, 6% of a one-row forward of the mnist model on a CPU)."""
-        key = tuple(labels.tolist()) if labels is not None else None
+    def _denoiser(self, rows: PassRows, group: tuple[int, int]) -> solvers.Denoiser:
+        """The unguided denoiser of these rows; for a label-only model the last one is reused while
+        the labels stay the same (binding costs about 0.5 ms, 6% of a one-row forward of the mnist
+        model on a CPU). Prompt rows are bound every tick: their states differ from tick to tick."""
+        height, width = group
+        if rows.hidden is not None or rows.scale is not None:
+            return self.model.rows_denoiser(rows, height, width)
+        key = tuple(rows.labels.tolist()) if rows.labels is not None else None
         if self._bound_labels is None or self._bound_labels[0] != key:
-            denoiser = self.model.conditioned(labels) if labels is not None else self.model.conditioned()
-            self._bound_labels = (key, denoiser)
+            self._bound_labels = (key, self.model.rows_denoiser(rows, height, width))
         return self._bound_labels[1]
 
     def _forward(self, chunks: list[Chunk]) -> None:
         """One forward of the chunks' network rows; each evaluation's rows are combined with its guidance."""
-        model = self.model
-        null_class = model.null_class if model.null_class is not None else -1  # guided rows need one (build_job)
         xs: list[Tensor] = []
         sigmas: list[Tensor] = []
-        labels: list[Tensor] = []
+        parts: list[PassRows] = []
         layout: list[tuple[Chunk, Tensor, Tensor]] = []  # chunk, conditional mask, unconditional mask
         for chunk in chunks:
             e, a, b = chunk.evaluation, chunk.start, chunk.stop
             x, sigma = e.x[a:b], e.sigma[a:b]
-            if e.labels is None:
-                cond = torch.ones(b - a, dtype=torch.bool)
-                uncond = torch.zeros(b - a, dtype=torch.bool)
-            else:
-                w = e.guidance[a:b]
-                cond, uncond = w != 0, w != 1
+            cond_all, uncond_all = e.masks
+            cond, uncond = cond_all[a:b], uncond_all[a:b]
             layout.append((chunk, cond, uncond))
-            for mask, null in ((cond, False), (uncond, True)):
-                if not bool(mask.any()):
+            for mask, rows in ((cond, e.rows.cond), (uncond, e.rows.uncond)):
+                if rows is None or not bool(mask.any()):
                     continue
-                index = mask.nonzero().squeeze(1).to(x.device)
-                xs.append(x.index_select(0, index))
-                sigmas.append(sigma.index_select(0, index))
-                if e.labels is not None:
-                    chosen = e.labels[a:b].index_select(0, index.to(e.labels.device))
-                    labels.append(torch.full_like(chosen, null_class) if null else chosen)
-        x_all = torch.cat(xs)
+                if bool(mask.all()):  # the common case: no gather, a view
+                    xs.append(x)
+                    sigmas.append(sigma)
+                    whole = torch.arange(a, b)
+                    parts.append(rows if (a, b) == (0, rows.size) else rows.take(whole))
+                    continue
+                index = mask.nonzero().squeeze(1)
+                xs.append(x.index_select(0, index.to(x.device)))
+                sigmas.append(sigma.index_select(0, index.to(sigma.device)))
+                parts.append(rows.take(index + a))
+        x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
         self._count(chunks, int(x_all.shape[0]))
+        group = chunks[0].evaluation.group
         with torch.inference_mode():
-            out = self._denoiser(torch.cat(labels) if labels else None)(x_all, torch.cat(sigmas))
+            out = self._denoiser(PassRows.cat(parts), group)(x_all, torch.cat(sigmas) if len(sigmas) > 1 else sigmas[0])
         offset = 0
         for chunk, cond, uncond in layout:
             e, a, b = chunk.evaluation, chunk.start, chunk.stop
@@ -379,6 +398,11 @@ class StepBatcher:
             d_cond = out[offset : offset + n_cond]
             d_uncond = out[offset + n_cond : offset + n_cond + n_uncond]
             offset += n_cond + n_uncond
+            if n_cond == b - a and n_uncond == 0 and e.size == b - a:  # one pass, the whole evaluation
+                e.out = d_cond
+                e.finished = e.size
+                e.done.set()
+                continue
             if e.out is None:
                 e.out = torch.empty_like(e.x)
             block = e.out[a:b]
@@ -396,7 +420,8 @@ class StepBatcher:
             if len(guided):
                 c = d_cond[cond_at[guided].to(d_cond.device)]
                 u = d_uncond[uncond_at[guided].to(d_uncond.device)]
-                w = e.guidance[a:b][guided].to(device=u.device, dtype=u.dtype).reshape(-1, *([1] * (u.dim() - 1)))
+                weights = e.rows.weights[a:b][guided]
+                w = weights.to(device=u.device, dtype=u.dtype).reshape(-1, *([1] * (u.dim() - 1)))
                 block[guided.to(block.device)] = combine_guidance(c, u, w)
             e.finished += b - a
             if e.finished >= e.size:
@@ -406,8 +431,10 @@ class StepBatcher:
 class DenoiserProxy:
     """A request's denoiser in step mode: each call becomes an `Evaluation` of the model's batcher.
 
-    Conditioning is the request's (labels, per-sample guidance); its rows are denoised in shared
-    ticks. `bound` is the request's own conditioned denoiser, used only for the bottleneck feature.
+    Conditioning is the request's per-sample rows (models.rows), encoded once; its evaluations are
+    denoised in shared ticks of its image size. `bound` is the request's own conditioned denoiser,
+    used only for the bottleneck feature. `noise_range` is the denoiser's (sigma_min, sigma_max,
+    sigma_levels) at this size (a size-dependent shift moves it).
     """
 
     def __init__(
@@ -415,24 +442,23 @@ class DenoiserProxy:
         batcher: StepBatcher,
         owner: object,
         age: float,
-        labels: Tensor | None,
-        guidance: Tensor,
+        rows: SampleRows,
+        group: tuple[int, int],
+        noise_range: tuple[float, float, Tensor | None],
         evals_per_call: int,
         cancelled: Callable[[], bool],
         bound: Callable[[], solvers.Denoiser] | None = None,
     ) -> None:
-        model = batcher.model
         self.batcher = batcher
         self.owner = owner
         self.age = age
-        self.labels = labels
-        self.guidance = guidance
+        self.rows = rows
+        self.group = group
+        self.masks = rows.passes()
         self.cancelled = cancelled
         self._bound_factory = bound
         self._bound: solvers.Denoiser | None = None
-        self.sigma_min = model.sigma_min
-        self.sigma_max = model.sigma_max
-        self.sigma_levels = model.sigma_levels
+        self.sigma_min, self.sigma_max, self.sigma_levels = noise_range
         self.evals_per_call = evals_per_call
         self.rows_seen = 0
         self.ticks = 0
@@ -440,7 +466,9 @@ class DenoiserProxy:
     def _evaluate(self, x: Tensor, sigma: Tensor, bound: solvers.Denoiser | None) -> Evaluation:
         if self.cancelled():
             raise RequestGone("cancelled")
-        evaluation = Evaluation(self.owner, self.age, x, sigma, self.labels, self.guidance, self.cancelled, bound=bound)
+        evaluation = Evaluation(
+            self.owner, self.age, x, sigma, self.rows, self.group, self.cancelled, bound=bound, _masks=self.masks
+        )
         self.batcher.evaluate(evaluation)
         self.rows_seen += evaluation.rows_seen
         self.ticks += evaluation.ticks

@@ -50,6 +50,7 @@ class RayCluster:
 
     def __init__(self) -> None:
         self.port = _free_port()
+        ray_app.lean_environment()  # as `sampler-service ray` starts its head
         ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
         self.config = ray_app.read_config(SERVE_CONFIG, grpc_port=self.port, replicas=2)
         ray_app.deploy(self.config)
@@ -313,6 +314,23 @@ def test_the_bearer_token_is_checked_by_the_replica(cluster: RayCluster) -> None
         serve.delete("secured", _blocking=True)
 
 
+def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -> None:
+    """`ray_app.LEAN_ENVIRONMENT` (the controller's loop period, ...) is in the environment of the
+    Serve controller and the replicas of a head started after `lean_environment()`: the processes
+    that read it, not just this one. The measured saving is in bench/results/serve-load-ray-lean."""
+    import psutil
+
+    started = {" ".join(p.cmdline()): p for p in psutil.Process().children(recursive=True)}
+    controllers = [p for line, p in started.items() if line.startswith("ray::ServeController")]
+    replicas = [p for line, p in started.items() if line.startswith("ray::ServeReplica:mnist")]
+    assert controllers, sorted(started)
+    assert replicas, sorted(started)
+    for process in (*controllers, *replicas):
+        environment = process.environ()
+        for key, value in ray_app.LEAN_ENVIRONMENT.items():
+            assert environment.get(key) == value, (process.cmdline(), key)
+
+
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
     """deploy/ray/serve.yaml and the RayService's embedded config: Ray's schema, our proxy hook,
     our application arguments, the models config they name."""
@@ -329,7 +347,10 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     cluster = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     assert cluster.grpc_options.grpc_servicer_functions == [ray_app.SERVICER_FUNCTION]
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e["value"] for e in head["env"]} == ray_app.LEAN_ENVIRONMENT  # where the controller runs
     for config in (local, cluster):
+        assert config.logging_config.enable_access_log is False  # the replicas log each request
         for application in config.applications:
             options = ray_app.ReplicaOptions.model_validate(application.args)
             assert application.name == options.model

@@ -14,11 +14,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import struct_pb2
 
 from sampler_service.gen.sampler.v1 import sampler_pb2 as pb
+from sampler_service.jobs import build_job
 from sampler_service.step_batcher import StepBatcher
 from sampler_service.threads import apply_threads, available_cpus, cgroup_cpu_quota, default_intra_op
-from tests.test_service import RunningServer, raw_images, request, wait_until
+from tests.test_service import RunningServer, details, raw_images, request, wait_until
 
 RAW = pb.OUTPUT_FORMAT_RAW_FLOAT32
 STEP = {"mode": "step", "max_batch_size": 64, "max_queue_delay_ms": 20.0}
@@ -168,16 +170,23 @@ def test_threads_settings_are_applied(tmp_path: Any) -> None:
 def test_tick_rows_are_shared_by_size() -> None:
     """A large evaluation takes at most as many rows as the largest other one (at least
     share_rows) while others are active; alone, the whole budget."""
+    from models.rows import PassRows, SampleRows
     from sampler_service.step_batcher import Evaluation
 
     def evaluation(owner: object, samples: int, guidance: float, posted: float) -> Evaluation:
+        labels = torch.zeros(samples, dtype=torch.int64)
+        rows = SampleRows(
+            PassRows(samples, labels=labels),
+            PassRows(samples, labels=labels + 1),
+            torch.full((samples,), guidance, dtype=torch.float64),
+        )
         return Evaluation(
             owner,
             posted,
             torch.zeros(samples, 1, 2, 2),
             torch.ones(samples),
-            torch.zeros(samples, dtype=torch.int64),
-            torch.full((samples,), guidance, dtype=torch.float64),
+            rows,
+            (2, 2),
             lambda: False,
             posted=posted,
         )
@@ -195,3 +204,60 @@ def test_tick_rows_are_shared_by_size() -> None:
     assert (second.start, second.stop, second.rows) == (0, 1, 2)
     first, *_ = tick._select()
     assert (first.start, first.stop) == (2, 4)  # the rest keeps its place at the front
+
+
+def test_a_solver_body_that_raises_fails_its_request_only(step64: RunningServer) -> None:
+    """The body itself raises (not a forward): AMED-Plugin's predictor, a real module loaded from the
+    shipped file, raises at its second interval through a fault-injection hook. That request fails
+    with MODEL_ERROR; the others in the same ticks get the images they get alone."""
+    engine = step64.service.engine
+    solver_params = struct_pb2.Struct()
+    solver_params.update({"base": "ipndm", "max_order": 2})
+    amed = request(solver="amed_plugin", nfe=8, solver_params=solver_params, labels=[5], seeds=[40], request_id="amed")
+    job = build_job(amed, engine.served, step64.settings.limits, "amed")
+    assert job.predictor is not None
+    predictor = engine.served["mnist"].predictors.find(job.predictor, "mnist", device="cpu")
+    calls = []
+
+    def fault(module: Any, args: Any) -> None:
+        calls.append(threading.current_thread().name)
+        if len(calls) >= 2:  # after one interval: the request has shared ticks
+            raise RuntimeError("injected fault in the AMED predictor")
+
+    others = [MIXED[0], MIXED[2], MIXED[4]]
+    alone = [raw_images(list(step64.stub.Generate(r))) for r in others]
+    handle = predictor.register_forward_pre_hook(fault)
+    try:
+        # a long request is ticking first, so the five below are admitted into running ticks
+        companion = step64.stub.Generate(request(solver="euler", steps=1000, seeds=[99], labels=[1]), timeout=120)
+        next(iter(companion))
+        ticks_before = batcher(step64).ticks
+        barrier = threading.Barrier(len(others) + 1)
+
+        def generate(r: pb.GenerateRequest) -> dict[int, np.ndarray] | grpc.RpcError:
+            barrier.wait()
+            try:
+                return raw_images(list(step64.stub.Generate(r, timeout=120)))
+            except grpc.RpcError as error:
+                return error
+
+        with ThreadPoolExecutor(len(others) + 1) as pool:
+            outcomes = list(pool.map(generate, [amed, *others]))
+        companion.cancel()
+    finally:
+        handle.remove()
+    failed, *survivors = outcomes
+    assert isinstance(failed, grpc.RpcError)
+    assert failed.code() == grpc.StatusCode.INTERNAL
+    assert [d.reason for d in details(failed)] == ["MODEL_ERROR"]
+    assert len(calls) == 2
+    assert calls[1].startswith("request-amed")  # raised in the request's own thread
+    assert batcher(step64).ticks > ticks_before
+    wait_until(lambda: not batcher(step64).active and not batcher(step64).pending)  # no request left behind
+    for lone, shared in zip(alone, survivors, strict=True):
+        assert isinstance(shared, dict)
+        assert lone.keys() == shared.keys()
+        for index, image in shared.items():
+            np.testing.assert_allclose(image, lone[index], atol=SHARED_TOLERANCE, rtol=0)
+    # the server carries on: the same request succeeds without the fault
+    assert sum(e.WhichOneof("event") == "result" for e in step64.stub.Generate(amed)) == 1
