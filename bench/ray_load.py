@@ -10,11 +10,12 @@ Both run as subprocesses on loopback: `sampler-service serve` with --cpus torch 
 `sampler-service ray` (deploy/ray/serve.yaml with fixed replicas: each of --cpus-per-replica CPUs and
 torch threads and --num-gpus GPUs). For each replica count in --replicas (default --cpus /
 --cpus-per-replica), a client process runs B concurrent batch-1 clients, each sending --requests
-requests back to back, against one target and then the other, alternating for --rounds rounds (the
-shared machine's speed drifts between phases): per target and B the median over rounds of
+requests back to back, against one target and then the other, in ABBA order over --rounds rounds
+(the shared machine's speed drifts between phases): per target and B the median over rounds of
 throughput, p50 / p99 latency, mean batch rows, and the CPU time each side spent per image (every
-process of its tree: for Ray the replicas, proxy, controller, raylet and GCS, with the replicas'
-share apart). With one client, single and Ray requests alternate one by one (paired): the lone
+process of its tree: for Ray the replicas' share apart, and in the JSON by role: proxy,
+controller, GCS, raylet, agents, log monitor, driver), with the same-CPU ratio (single server's CPU
+per image / Ray's). With one client, single and Ray requests alternate one by one (paired): the lone
 request's latency ratio is the median of Ray / single per pair (goal <= 1.15). Throughput ratio Ray /
 single at 8 and 32 clients (goal >= 0.9).
 

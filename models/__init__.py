@@ -4,7 +4,9 @@
 id from the local cache) of one of two kinds: a class-conditional `DiffusionModel`, whose
 `conditioned(labels, guidance)` is the denoiser solvers run, or a `TextToImageModel` (Stable
 Diffusion, SDXL, SD3 and Flux pipelines), whose `conditioned(prompts, negative_prompts, guidance, height=,
-width=)` is a denoiser over latents, with `decode` / `encode` between latents and images.
+width=)` is a denoiser over latents, with `decode` / `encode` between latents and images. Both
+kinds also give their conditioning per network row (`sample_rows`, `rows_denoiser`, models/rows.py),
+so that one forward can hold rows of many requests.
 
 Depends on the solver contract only (`solvers.contract`), never on the service or the benchmarks.
 """

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -27,34 +26,17 @@ from pydantic import ValidationError
 from models.errors import ModelError
 
 from . import IMPORTED_AT
+from .json_logs import json_handler
 from .settings import describe_error, load_settings
 from .threads import apply_threads
 
 log = logging.getLogger("sampler_service")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in ("request_id", "method", "code", "setting"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def setup_logging() -> None:
     """JSON records on stderr for everything: our loggers, grpc's and asyncio's, and Python
     warnings (torch, numpy), which would otherwise print plain lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.INFO, handlers=[json_handler()], force=True)
     logging.captureWarnings(True)
 
 

@@ -51,6 +51,7 @@ from .errors import NotReady, ServiceError
 from .gen.sampler.v1 import sampler_pb2 as pb
 from .gen.sampler.v1 import sampler_pb2_grpc as pb_grpc
 from .interceptors import TokenInterceptor
+from .json_logs import json_handler
 from .server import SamplerServicer, Service, build_service, load_served
 from .settings import load_settings
 
@@ -225,6 +226,7 @@ class SamplerDeployment:
     """One replica: the project's servicer and engine for one model."""
 
     async def __init__(self, options: ReplicaOptions) -> None:  # type: ignore[misc]  # Ray awaits it
+        _log_as_the_server_does()
         torch.set_num_threads(options.torch_threads)
         self.options = options
         self.failure: str | None = None
@@ -337,6 +339,19 @@ class SamplerDeployment:
         """Ray has waited for the requests in flight (graceful_shutdown_timeout_s); stop the engine."""
         await self.service.drain()
         await self.service.engine.stop()
+
+
+def _log_as_the_server_does() -> None:
+    """The service's loggers (`sampler_service.*`: a line per request with its id, method, status
+    and seconds; model loading; errors) as JSON records at INFO on the replica's stderr, which Ray
+    keeps in the worker's log file and forwards to the driver. Without this Python's default
+    (WARNING and up, plain text) would drop the request log, the only one once Ray's access log is
+    off (deploy/ray/serve.yaml). Ray's own loggers keep Ray's format."""
+    service_log = logging.getLogger("sampler_service")
+    if not service_log.handlers:
+        service_log.addHandler(json_handler())
+        service_log.setLevel(logging.INFO)
+        service_log.propagate = False  # not again through Ray's handlers on the root logger
 
 
 async def _refuse(grpc_context: RayServegRPCContext, error: ServiceError) -> None:

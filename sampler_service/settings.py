@@ -59,7 +59,7 @@ class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     mode: Literal["step", "request"] = Field(
-        "request",
+        "step",
         description="step: each forward holds the pending evaluations of all active requests, whatever their "
         "solver, steps, guidance, labels or prompts (requests of one image size); request: a batch merges whole "
         "requests with equal solver, steps, schedule and guidance passes",

@@ -154,6 +154,29 @@ def test_serve_mixed_command_small_run(tmp_path):
     assert float(rows[0]["ratio"]) > 0
 
 
+def test_serve_mixed_tiny_sd_load_is_mnist_load_with_prompts(tmp_path):
+    """serve-mixed --model tiny-sd: the same draws as mnist's with a prompt per label, a models
+    config the servers load, and the forward-cost denoiser over prompt rows."""
+    import models
+    from bench import serve_mixed
+    from models.config import read_models_config
+
+    mnist = serve_mixed.mixed_requests(3, 1, 4)
+    text = serve_mixed.mixed_requests(3, 1, 4, "tiny-sd")
+    for a, b in zip(mnist, text, strict=True):
+        assert b["prompt"] == [serve_mixed.PROMPTS[label % len(serve_mixed.PROMPTS)] for label in a.pop("labels")]
+        assert {**a, "model": "tiny-sd"} == {k: v for k, v in b.items() if k != "prompt"}
+    source, config = serve_mixed.model_source("tiny-sd", tmp_path)
+    assert config is not None
+    assert [entry.name for entry in read_models_config(config).models] == ["tiny-sd"]
+    model = models.load(source, device="cpu")
+    with torch.inference_mode():
+        denoiser = serve_mixed._rows_denoiser(model, 3)
+        out = denoiser(torch.randn(3, *model.sample_shape), torch.full((3,), 5.0))
+    assert out.shape == (3, *model.sample_shape)
+    assert serve_mixed.model_source("mnist", tmp_path) == ("mnist", None)
+
+
 def test_docs_results_sections_are_current(monkeypatch):
     """The generated tables of docs/benchmarks.md and docs/amed.md are what `python -m bench report`
     makes of the committed bench/results."""

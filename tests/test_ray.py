@@ -320,15 +320,46 @@ def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -
     that read it, not just this one. The measured saving is in bench/results/serve-load-ray-lean."""
     import psutil
 
-    started = {" ".join(p.cmdline()): p for p in psutil.Process().children(recursive=True)}
-    controllers = [p for line, p in started.items() if line.startswith("ray::ServeController")]
-    replicas = [p for line, p in started.items() if line.startswith("ray::ServeReplica:mnist")]
-    assert controllers, sorted(started)
-    assert replicas, sorted(started)
-    for process in (*controllers, *replicas):
-        environment = process.environ()
+    environments: dict[str, dict[str, str]] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:  # the replica killed by another test may linger as a zombie
+            environments[f"{process.pid} {' '.join(process.cmdline())}"] = process.environ()
+        except psutil.Error:
+            continue
+    controllers = [line for line in environments if " ray::ServeController" in line]
+    replicas = [line for line in environments if " ray::ServeReplica:mnist" in line]
+    assert controllers, sorted(environments)
+    assert replicas, sorted(environments)
+    for line in (*controllers, *replicas):
         for key, value in ray_app.LEAN_ENVIRONMENT.items():
-            assert environment.get(key) == value, (process.cmdline(), key)
+            assert environments[line].get(key) == value, (line, key)
+
+
+def test_the_replica_logs_each_request_as_the_server_does(cluster: RayCluster) -> None:
+    """With Ray's access log off (deploy/ray/serve.yaml), the request log is the service's own:
+    the replica writes its JSON line (request id, method, code) to its log file under Ray's
+    session folder, which Ray's log monitor forwards to the driver."""
+    import json
+
+    request_id = f"log-check-{time.monotonic_ns()}"
+    cluster.stub.GenerateUnary(request(steps=2, request_id=request_id), metadata=APPLICATION)
+    # Ray's node object knows its session's log folder (no public API without the dashboard).
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for path in logs.glob("worker-*.err")
+            for line in path.read_text(errors="replace").splitlines()
+            if request_id in line
+        ]
+        if lines:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replica log line with request_id {request_id} under {logs}")
+    records = [json.loads(line[line.index("{") :]) for line in lines]
+    assert any(r["method"] == "GenerateUnary" and r["code"] == "OK" for r in records), records
 
 
 def test_the_shipped_configs_are_valid_serve_configs() -> None:
@@ -350,6 +381,7 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
     assert {e["name"]: e["value"] for e in head["env"]} == ray_app.LEAN_ENVIRONMENT  # where the controller runs
     for config in (local, cluster):
+        assert config.logging_config is not None
         assert config.logging_config.enable_access_log is False  # the replicas log each request
         for application in config.applications:
             options = ray_app.ReplicaOptions.model_validate(application.args)
