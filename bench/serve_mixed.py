@@ -113,6 +113,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-batch-size", type=positive_int, default=256)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--share-rows", type=positive_int, default=4)
+    parser.add_argument("--solo-rows", type=positive_int, default=16)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads, servers and here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -188,6 +189,7 @@ class Servers:
                 "SAMPLER_BATCHING__MAX_BATCH_SIZE": str(args.max_batch_size),
                 "SAMPLER_BATCHING__MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
                 "SAMPLER_BATCHING__SHARE_ROWS": str(args.share_rows),
+                "SAMPLER_BATCHING__SOLO_ROWS": str(args.solo_rows),
                 "SAMPLER_THREADS__INTRA_OP": str(args.threads),
                 "SAMPLER_LIMITS__MAX_QUEUED_REQUESTS": str(max(64, 2 * max(args.clients) + 4)),
                 "SAMPLER_LIMITS__MAX_STEPS": "1000",

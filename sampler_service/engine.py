@@ -177,6 +177,7 @@ class Engine:
                     entry.model,
                     max_batch_size=settings.batching.max_batch_size,
                     share_rows=settings.batching.share_rows,
+                    solo_rows=settings.batching.solo_rows,
                     gather_seconds=settings.batching.max_queue_delay_ms / 1000.0,
                     on_tick=self._count_tick,
                 )

@@ -80,6 +80,14 @@ class Batching(BaseModel):
         "forward as the largest other one, and at least this many (the rest in the next forwards), so a large "
         "request does not slow a small one's steps",
     )
+    solo_rows: int = Field(
+        16,
+        ge=1,
+        le=65_536,
+        description="step mode: the most rows one request's evaluation takes of a forward while it runs alone, "
+        "so that a request that arrives waits at most one such forward for its first step (16: a CPU forward's "
+        "rows/s is flat from about 8 rows; raise it on a GPU for large lone requests)",
+    )
     adaptive_delay: bool = Field(
         True,
         description="end the wait once the expected company is here: as many requests as the last batch held "

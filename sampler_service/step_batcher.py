@@ -21,8 +21,9 @@ Selection: evaluations are served in the order they were posted (ties: the older
 so nobody starves. While other requests are active, one evaluation takes at most as many rows of a
 tick as the largest other pending evaluation (and at least `share_rows`); the rest of it waits for
 the next tick, at the front. A large request thus shares the model with small ones in small ticks
-(forward time grows with rows on a CPU), requests of similar size are never split, and a request
-alone has whole ticks to itself.
+(forward time grows with rows on a CPU), and requests of similar size are never split. A request
+alone takes at most `solo_rows` rows per tick, so that a newcomer waits at most one such tick for
+its first step instead of a whole large evaluation.
 
 Faults stay with the request that causes them: a tick that runs out of memory is re-run in halves
 by samples (a single sample fails alone with OUT_OF_MEMORY); a tick that raises anything else is
@@ -137,6 +138,7 @@ class StepBatcher:
         *,
         max_batch_size: int,
         share_rows: int,
+        solo_rows: int,
         gather_seconds: float,
         on_tick: Callable[[int], None] | None = None,
     ) -> None:
@@ -144,6 +146,7 @@ class StepBatcher:
         self.model = model
         self.max_batch_size = max_batch_size
         self.share_rows = share_rows
+        self.solo_rows = solo_rows
         self.gather_seconds = gather_seconds
         self.on_tick = on_tick
         self.lock = threading.Condition()
@@ -251,7 +254,8 @@ class StepBatcher:
     def _select(self) -> list[Chunk]:
         """Rows of this tick: evaluations in posting order (older request first on ties); while
         other requests are active, one evaluation takes at most as many rows as the largest other
-        pending one, and at least share_rows; what does not fit keeps its place for the next tick."""
+        pending one, and at least share_rows; alone, at most solo_rows; what does not fit keeps its
+        place for the next tick."""
         budget = self.max_batch_size
         shared = len(self.active | {id(e.owner) for e in self.pending}) > 1
         ordered = sorted(self.pending, key=lambda e: (e.posted, e.age))
@@ -269,10 +273,11 @@ class StepBatcher:
                     evaluation.taken = evaluation.size
                     budget -= rows
                 continue
-            cap = budget
             if shared:
                 others = [remaining[id(e)] for e in ordered if e.owner is not evaluation.owner]
                 cap = min(budget, max([self.share_rows, *others]))
+            else:  # alone: bounded, so that a newcomer waits at most one such forward
+                cap = min(budget, self.solo_rows)
             start = stop = evaluation.taken
             rows = 0
             while stop < evaluation.size:

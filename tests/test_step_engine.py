@@ -169,7 +169,7 @@ def test_threads_settings_are_applied(tmp_path: Any) -> None:
 
 def test_tick_rows_are_shared_by_size() -> None:
     """A large evaluation takes at most as many rows as the largest other one (at least
-    share_rows) while others are active; alone, the whole budget."""
+    share_rows) while others are active; alone, at most solo_rows (a newcomer waits one such tick)."""
     from models.rows import PassRows, SampleRows
     from sampler_service.step_batcher import Evaluation
 
@@ -191,12 +191,17 @@ def test_tick_rows_are_shared_by_size() -> None:
             posted=posted,
         )
 
-    tick = StepBatcher("m", None, max_batch_size=64, share_rows=4, gather_seconds=0.0)  # type: ignore[arg-type]
     long, short = object(), object()
+    tick = StepBatcher("m", None, max_batch_size=64, share_rows=4, solo_rows=1000, gather_seconds=0.0)  # type: ignore[arg-type]
     tick.pending = [evaluation(long, 64, 2.0, 0.0)]
     tick.active = {id(long)}
     (alone,) = tick._select()
     assert (alone.start, alone.stop, alone.rows) == (0, 32, 64)  # the whole budget
+    tick = StepBatcher("m", None, max_batch_size=64, share_rows=4, solo_rows=16, gather_seconds=0.0)  # type: ignore[arg-type]
+    tick.pending = [evaluation(long, 64, 2.0, 0.0)]
+    tick.active = {id(long)}
+    (alone,) = tick._select()
+    assert (alone.start, alone.stop, alone.rows) == (0, 8, 16)  # solo_rows
     tick.pending = [evaluation(long, 64, 2.0, 0.0), evaluation(short, 1, 2.0, 1.0)]
     tick.active = {id(long), id(short)}
     first, second = tick._select()
