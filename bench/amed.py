@@ -135,19 +135,25 @@ def _conditioning(
     return conditioned
 
 
-def train(args: argparse.Namespace) -> int:
-    if args.trajectories < 0:
-        raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
-    if args.batch_size < 1:
-        raise BenchError(f"--batch-size {args.batch_size}: expected 1 or more")
+def _start(args: argparse.Namespace) -> tuple[dict[str, Any], models.Model]:
+    """A command's start: torch's threads, the run's provenance (taken first: the code and tree this
+    run executes) and the model, a load error as a BenchError."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    # at the start: the code and tree this run executes
     meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
     try:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
+    return meta, model
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.trajectories < 0:
+        raise BenchError(f"--trajectories {args.trajectories}: expected 0 (the untrained predictor) or more")
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size {args.batch_size}: expected 1 or more")
+    meta, model = _start(args)
     if isinstance(model, models.TextToImageModel):
         if not args.prompt:
             raise BenchError(f"--model {args.model} is text-to-image: give training prompts with --prompt (repeatable)")
@@ -457,13 +463,7 @@ def subdivide(sigmas: torch.Tensor, parts: int) -> torch.Tensor:
 
 
 def train_schedule(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
-    try:
-        model = models.load(args.model, device=args.device)
-    except models.ModelError as error:
-        raise BenchError(str(error)) from None
+    meta, model = _start(args)
     conditioned = _conditioning(model, args.prompt, args.guidance)
     spec = solvers.SOLVERS.get(args.solver)
     params = spec.parse_params(args.solver_params)
@@ -654,13 +654,7 @@ def compare_schedules(args: argparse.Namespace) -> int:
     """RMSE against the LD3 teacher (Heun, 64 logsnr steps) of each solver on the hand-designed
     schedules and on every learned grid found for it, on noises disjoint from the grids' training and
     selection and from every benchmark (2**42 + 1000 + k by default): which method moved the number."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
-    try:
-        model = models.load(args.model, device=args.device)
-    except models.ModelError as error:
-        raise BenchError(str(error)) from None
+    meta, model = _start(args)
     store = PredictorStore([*args.dir, predictor_folder(model, args.model)])
     seeds, denoiser, noise, teacher, target = _held_out(args, model)
     rows = []
@@ -738,13 +732,7 @@ def score_grids(args: argparse.Namespace) -> int:
     """Grid files (any folder, not only the store's) scored on compare-schedules' protocol, each row
     with how its grid was trained (method, teacher, trajectories, init, cost): the ablation table.
     A plugin's grid runs with --predictor (trained) or the neutral predictor."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    meta = provenance.collect({k: v for k, v in vars(args).items() if k != "handler"})
-    try:
-        model = models.load(args.model, device=args.device)
-    except models.ModelError as error:
-        raise BenchError(str(error)) from None
+    meta, model = _start(args)
     seeds, denoiser, noise, teacher, target = _held_out(args, model)
     predictor = None
     if args.predictor is not None:
