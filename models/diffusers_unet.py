@@ -29,7 +29,7 @@ from diffusers.models import UNet2DConditionModel, UNet2DModel  # not `diffusers
 from torch import Tensor
 
 from .errors import InvalidConditioningError, UnsupportedModelError, UnsupportedSchedulerError
-from .guidance import guided
+from .guidance import guided_halves
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -491,10 +491,9 @@ class UNetDenoiser:
         output = raw.to(x.dtype)
         if len(passes) == 2:
             assert self._guidance is not None
-            w = self._guidance.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
-            uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
-            denoised = guided(cond, uncond, w)
+            denoised = guided_halves(
+                lambda out: self.schedule.denoised(x_dev, sigma_b, out), output, batch, self._guidance
+            )
         else:
             denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import InvalidConditioningError, UnsupportedModelError
 from .flow import FlowSchedule, t_of_sigma
-from .guidance import guided
+from .guidance import guided_halves
 from .prompts import PromptBatch
 
 # diffusers' calculate_shift defaults (FlowMatchEulerDiscreteScheduler's registered config).
@@ -302,10 +302,9 @@ class FlowTransformerDenoiser:
                 handle.remove()
         output = raw.to(x.dtype)  # D in x's dtype: x - sigma v cancels low bits at large sigma
         if self._weights is not None:
-            w = self._weights.to(device=device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            cond = self.schedule.denoised(x_dev, sigma_b, output[:batch])
-            uncond = self.schedule.denoised(x_dev, sigma_b, output[batch:])
-            denoised = guided(cond, uncond, w)
+            denoised = guided_halves(
+                lambda out: self.schedule.denoised(x_dev, sigma_b, out), output, batch, self._weights
+            )
         else:
             denoised = self.schedule.denoised(x_dev, sigma_b, output)
         feature = None

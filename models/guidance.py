@@ -5,6 +5,8 @@ Imports only torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,4 +28,12 @@ def guided(cond: Tensor, uncond: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight == 1.0, cond, torch.where(weight == 0.0, uncond, mixed))
 
 
-__all__ = ["guided"]
+def guided_halves(denoised: Callable[[Tensor], Tensor], output: Tensor, batch: int, weights: Tensor) -> Tensor:
+    """The guided data prediction of one forward over both passes: rows :batch the conditional
+    pass, batch: the unconditional one, each turned into D by `denoised`, then combined by `guided`
+    with the per-sample `weights` (B,) in the output's dtype."""
+    w = weights.to(device=output.device, dtype=output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
+    return guided(denoised(output[:batch]), denoised(output[batch:]), w)
+
+
+__all__ = ["guided", "guided_halves"]
