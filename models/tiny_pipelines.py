@@ -151,10 +151,11 @@ def _text_config(tokenizer: Any, **overrides: Any) -> Any:
     )
 
 
-def _vae() -> Any:
+def _vae(sample_size: int = SAMPLE_SIZE, scaling: float = 0.18215, **flow: Any) -> Any:
+    """The tiny autoencoder: three blocks, a spatial factor of 4 (SD's has four: 8). `flow`: SD3's
+    and Flux's extras (a shift as well as a scale, no quant convs)."""
     from diffusers import AutoencoderKL
 
-    # Three blocks: a spatial factor of 4 (SD's has four: 8).
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -164,8 +165,9 @@ def _vae() -> Any:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
-        sample_size=SAMPLE_SIZE * 4,
-        scaling_factor=0.18215,
+        sample_size=sample_size * 4,
+        scaling_factor=scaling,
+        **flow,
     )
 
 
@@ -228,24 +230,7 @@ def _t5_encoder(tokenizer: Any) -> Any:
 
 
 def _flow_vae(scaling: float, shift: float) -> Any:
-    from diffusers import AutoencoderKL
-
-    # As SD3's and Flux's: no quant convs, a shift as well as a scale.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=FLOW_SAMPLE_SIZE * 4,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return _vae(FLOW_SAMPLE_SIZE, scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _build_sd3(with_t5: bool) -> Any:
