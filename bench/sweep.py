@@ -290,6 +290,54 @@ def _reference_check(context: SweepContext) -> None:
     save_file({"check_rmse": rmse.reshape(1)}, str(path))
 
 
+def _seeds_and_labels(config: SweepConfig, model: models.DiffusionModel) -> tuple[list[int], Tensor | None]:
+    seeds = list(range(config.seed_base, config.seed_base + config.num_samples))
+    labels = None
+    if model.num_class_embeds is not None:
+        classes = model.null_class if model.null_class is not None else model.num_class_embeds
+        labels = balanced_labels(config.num_samples, classes, config.seed_base)
+    return seeds, labels
+
+
+def _reference_key(config: SweepConfig, fingerprint: str, labels: Tensor | None) -> str:
+    return _hash(
+        {
+            "kind": "reference",
+            "fingerprint": fingerprint,
+            "guidance": config.guidance,
+            "dtype": config.dtype,
+            "seeds": [config.seed_base, config.num_samples],
+            "batch": config.batch_size,
+            "steps": config.reference_steps,
+            "labels": labels.tolist() if labels is not None else None,
+        }
+    )
+
+
+def benchmark_targets(
+    config: SweepConfig, cache: Path, model: models.DiffusionModel
+) -> tuple[list[int], Tensor | None, Tensor]:
+    """A sweep's noise seeds, labels and reference samples, read from its cache and never computed:
+    what every row of that sweep is scored against (the oracle grid of `sampler-amed oracle-grid`
+    is fitted to exactly these).
+
+    Raises:
+        BenchError: a reference chunk is missing from `cache` (run the sweep first).
+    """
+    seeds, labels = _seeds_and_labels(config, model)
+    key = _reference_key(config, model.fingerprint, labels)
+    parts = []
+    for chunk, start in enumerate(range(0, config.num_samples, config.batch_size)):
+        path = cache / f"reference-{key}-c{chunk}.safetensors"
+        if not path.is_file():
+            raise BenchError(f"{path}: no reference chunk {chunk} for this sweep in {cache} (run the sweep first)")
+        samples = load_file(str(path))["samples"]
+        if samples.shape[0] != min(config.batch_size, config.num_samples - start):
+            raise BenchError(f"{path}: {samples.shape[0]} samples, expected chunk {chunk} of {config.num_samples}")
+        parts.append(samples)
+    return seeds, labels, torch.cat(parts)
+
+
 def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) -> SweepContext:
     """Load the model and the scorers, fix seeds and labels, and compute (or load) the reference."""
     state = state if state is not None else distributed_state(config.device)
@@ -305,23 +353,8 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
             fid_note = f"FID not computed: {error}"
             if state.is_main_process:
                 warnings.warn(fid_note, stacklevel=2)
-    seeds = list(range(config.seed_base, config.seed_base + config.num_samples))
-    labels = None
-    if model.num_class_embeds is not None:
-        classes = model.null_class if model.null_class is not None else model.num_class_embeds
-        labels = balanced_labels(config.num_samples, classes, config.seed_base)
-    reference_key = _hash(
-        {
-            "kind": "reference",
-            "fingerprint": model.fingerprint,
-            "guidance": config.guidance,
-            "dtype": config.dtype,
-            "seeds": [config.seed_base, config.num_samples],
-            "batch": config.batch_size,
-            "steps": config.reference_steps,
-            "labels": labels.tolist() if labels is not None else None,
-        }
-    )
+    seeds, labels = _seeds_and_labels(config, model)
+    reference_key = _reference_key(config, model.fingerprint, labels)
     meta = provenance.collect(config.model_dump())
     context = SweepContext(config, model, scorer, fid, fid_note, seeds, labels, cache, reference_key, meta, state)
     folders = [*map(Path, config.predictor_dirs), models.loading.find_files(config.model).root / "amed"]  # yours win

@@ -52,7 +52,9 @@ class LD3Settings:
     lr_perturbation: float = 0.2
     """Adam step of x' as a fraction of the ball's radius."""
     fd_step: float = 1e-2
-    """Central finite-difference step in xi."""
+    """Finite-difference step in xi."""
+    fd_scheme: str = "central"
+    """"central" (2 S solver runs per minibatch) or "forward" (S + 1, about half the cost; bias O(fd_step))."""
     init: str = "polynomial"
     teacher: Teacher = field(default_factory=Teacher)
     selection: int = 64
@@ -66,6 +68,7 @@ class LD3Settings:
             "radius": self.radius,
             "lr_perturbation": self.lr_perturbation,
             "fd_step": self.fd_step,
+            "fd_scheme": self.fd_scheme,
             "init": self.init,
             "teacher": self.teacher.as_dict(),
             "selection": self.selection,
@@ -142,6 +145,8 @@ def train_ld3(
             run here); a caller may serve them from a cache, the teacher being the same for every
             solver and NFE.
     """
+    if settings.fd_scheme not in ("central", "forward"):
+        raise ValueError(f"fd_scheme={settings.fd_scheme!r} is not one of: central, forward")
     began = time.perf_counter()
     say = on_progress or (lambda _text: None)
     steps = student.steps_for(nfe)
@@ -204,21 +209,28 @@ def train_ld3(
                 delta[rows] = _project(
                     _adam_rows(delta, grad, rows, delta_state, settings.lr_perturbation * ball), ball
                 )
-            # xi step: central differences of the same minibatch loss at the new x'
+            # xi step: finite differences of the same minibatch loss at the new x'
             x_soft = x_b + delta[rows]
             gradient = torch.zeros_like(xi.detach())
+            central = settings.fd_scheme == "central"
             with torch.no_grad():
+                if not central:  # the unshifted loss: x' has not moved when there is no ball
+                    here = (
+                        loss.detach() if ball == 0 else _loss(student, batch_denoiser, x_soft, y_b, xi.detach(), lo, hi)
+                    )
                 for k in range(xi.numel()):
                     bump = torch.zeros_like(gradient)
                     bump[k] = settings.fd_step
-                    up = squared_error(
-                        student.run(batch_denoiser, x_soft, grid_of(xi.detach() + bump, lo, hi)), y_b
-                    ).mean()
-                    down = squared_error(
-                        student.run(batch_denoiser, x_soft, grid_of(xi.detach() - bump, lo, hi)), y_b
-                    ).mean()
-                    gradient[k] = (up - down) / (2 * settings.fd_step)
-            network_evals += 2 * xi.numel() * evals_per_run * len(rows)
+                    if central:
+                        up = _loss(student, batch_denoiser, x_soft, y_b, xi.detach() + bump, lo, hi)
+                        down = _loss(student, batch_denoiser, x_soft, y_b, xi.detach() - bump, lo, hi)
+                        gradient[k] = (up - down) / (2 * settings.fd_step)
+                    else:
+                        gradient[k] = (
+                            _loss(student, batch_denoiser, x_soft, y_b, xi.detach() + bump, lo, hi) - here
+                        ) / settings.fd_step
+            runs = 2 * xi.numel() if central else xi.numel() + (ball > 0)
+            network_evals += runs * evals_per_run * len(rows)
             optimizer.zero_grad()
             xi.grad = gradient.to(xi.dtype)
             optimizer.step()
@@ -237,6 +249,11 @@ def train_ld3(
         network_evals=network_evals,
         wall_seconds=time.perf_counter() - began,
     )
+
+
+def _loss(student: Student, denoiser: Denoiser, x: Tensor, y: Tensor, xi: Tensor, lo: float, hi: float) -> Tensor:
+    """The minibatch's mean squared error on the grid of logits xi (no grad)."""
+    return squared_error(student.run(denoiser, x, grid_of(xi, lo, hi)), y).mean()
 
 
 def _adam_rows(delta: Tensor, grad: Tensor, rows: list[int], state: dict[str, Any], lr: float) -> Tensor:
