@@ -314,25 +314,35 @@ def test_the_bearer_token_is_checked_by_the_replica(cluster: RayCluster) -> None
         serve.delete("secured", _blocking=True)
 
 
+# Which of Ray's processes reads each of `ray_app.LEAN_ENVIRONMENT`'s settings, by what its command
+# line contains: the test below checks that the setting reaches them.
+LEAN_READERS = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": ("ray::ServeController",),
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": ("ray/_private/log_monitor.py",),
+    "RAY_USAGE_STATS_ENABLED": ("ray/dashboard/dashboard.py",),  # its usage module reports
+}
+
+
 def test_the_lean_settings_reach_the_processes_ray_starts(cluster: RayCluster) -> None:
-    """`ray_app.LEAN_ENVIRONMENT` (the controller's loop period, ...) is in the environment of the
-    Serve controller and the replicas of a head started after `lean_environment()`: the processes
-    that read it, not just this one. The measured saving is in bench/results/serve-load-ray-lean."""
+    """Each of `ray_app.LEAN_ENVIRONMENT`'s settings (the controller's loop period, the log
+    monitor's scan for new files, ...) is in the environment of the processes of a head started
+    after `lean_environment()` that read it, not just in this one's. The measured savings are in
+    bench/results/serve-load-ray-lean."""
     import psutil
 
+    assert set(LEAN_READERS) == set(ray_app.LEAN_ENVIRONMENT)  # a new setting names its readers here
     environments: dict[str, dict[str, str]] = {}
     for process in psutil.Process().children(recursive=True):
         try:  # the replica killed by another test may linger as a zombie
             environments[f"{process.pid} {' '.join(process.cmdline())}"] = process.environ()
         except psutil.Error:
             continue
-    controllers = [line for line in environments if " ray::ServeController" in line]
-    replicas = [line for line in environments if " ray::ServeReplica:mnist" in line]
-    assert controllers, sorted(environments)
-    assert replicas, sorted(environments)
-    for line in (*controllers, *replicas):
-        for key, value in ray_app.LEAN_ENVIRONMENT.items():
-            assert environments[line].get(key) == value, (line, key)
+    for key, value in ray_app.LEAN_ENVIRONMENT.items():
+        for reader in LEAN_READERS[key]:
+            lines = [line for line in environments if reader in line]
+            assert lines, (reader, sorted(environments))
+            for line in lines:
+                assert environments[line].get(key) == value, (line, key)
 
 
 def test_the_replica_logs_each_request_as_the_server_does(cluster: RayCluster) -> None:
@@ -380,6 +390,9 @@ def test_the_shipped_configs_are_valid_serve_configs() -> None:
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
     (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
     assert {e["name"]: e["value"] for e in head["env"]} == ray_app.LEAN_ENVIRONMENT  # where the controller runs
+    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:  # log monitors run on every node
+        (worker,) = group["template"]["spec"]["containers"]
+        assert ray_app.LEAN_ENVIRONMENT.items() <= {e["name"]: e["value"] for e in worker["env"]}.items()
     for config in (local, cluster):
         assert config.logging_config is not None
         assert config.logging_config.enable_access_log is False  # the replicas log each request
