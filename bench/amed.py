@@ -74,6 +74,7 @@ from solvers.amed import (
     save_predictor,
     train_predictor,
 )
+from solvers.errors import MissingGridError
 from solvers.learned import (
     GRID_SELECTION_SEED_BASE,
     GRID_TRAINING_SEED_BASE,
@@ -187,33 +188,20 @@ def train(args: argparse.Namespace) -> int:
             params=schedule_params,
         )
 
-    learned_grid = None
-    if schedule_spec.needs_grid:  # a learned coarse grid: the teacher subdivides each interval geometrically
-        store = PredictorStore([*args.grid_dir, predictor_folder(model, args.model)])
-        learned_grid = store.find_grid(
-            grid_key(
-                model_fingerprint=model.fingerprint,
-                solver=args.solver,
-                solver_params=params.model_dump(),
-                method=schedule_params.model_dump()["method"],
-                nfe=args.nfe,
-                afs=args.afs,
-                guidance=args.guidance,
-            ),
-            args.model,
-        )
-    # The student's run as sampling will run it: its grid and the predictor's key come from this plan.
-    plan = solvers.plan(
-        args.solver,
+    # The student's run as sampling will run it: its grid and the predictor's key come from this plan
+    # (a learned coarse grid: the teacher subdivides each interval geometrically).
+    plan, learned_grid = _student_plan(
+        model,
+        args.model,
+        args.grid_dir,
+        solver=args.solver,
+        params=params,
         steps=steps,
         schedule=args.schedule,
         schedule_params=schedule_params,
-        solver_params=params,
+        nfe=args.nfe,
         afs=args.afs,
-        sigma_min=model.sigma_min,
-        sigma_max=model.sigma_max,
-        sigma_levels=model.sigma_levels,
-        grid=learned_grid,
+        guidance=args.guidance,
     )
     sigmas = plan.sigmas
     teacher_sigmas = subdivide(sigmas, substeps + 1) if learned_grid is not None else grid((substeps + 1) * steps)
@@ -316,6 +304,52 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _student_plan(
+    model: models.Model,
+    source: str,
+    grid_dirs: Sequence[Path],
+    *,
+    solver: str,
+    params: solvers.Params,
+    steps: int,
+    schedule: str,
+    schedule_params: solvers.Params,
+    nfe: int,
+    afs: bool,
+    guidance: float,
+) -> tuple[solvers.SamplingPlan, torch.Tensor | None]:
+    """The plan a predictor is trained and selected on, and its learned grid (None on a designed
+    schedule): the grid is found by its key in `grid_dirs`, then the model's own folder."""
+    learned_grid = None
+    if solvers.SCHEDULES.get(schedule).needs_grid:
+        store = PredictorStore([*grid_dirs, predictor_folder(model, source)])
+        learned_grid = store.find_grid(
+            grid_key(
+                model_fingerprint=model.fingerprint,
+                solver=solver,
+                solver_params=params.model_dump(),
+                method=schedule_params.model_dump()["method"],
+                nfe=nfe,
+                afs=afs,
+                guidance=guidance,
+            ),
+            source,
+        )
+    plan = solvers.plan(
+        solver,
+        steps=steps,
+        schedule=schedule,
+        schedule_params=schedule_params,
+        solver_params=params,
+        afs=afs,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        sigma_levels=model.sigma_levels,
+        grid=learned_grid,
+    )
+    return plan, learned_grid
+
+
 def _select(
     args: argparse.Namespace,
     model: models.Model,
@@ -390,18 +424,37 @@ def select(args: argparse.Namespace) -> int:
     if first.model_fingerprint != model.fingerprint:
         raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
     spec = solvers.SOLVERS.get(first.solver)
-    if solvers.SCHEDULES.get(first.schedule).needs_grid:
-        raise BenchError("select: predictors on a learned grid are selected by `train --seeds`")
-    plugin = {"base": first.base, "max_order": first.base_max_order} if first.base else {}
-    params = spec.parse_params(plugin)
-    sigmas = solvers.build_sigmas(
-        first.schedule,
-        first.steps,
-        sigma_min=model.sigma_min,
-        sigma_max=model.sigma_max,
-        sigma_levels=model.sigma_levels,
-        params=solvers.SCHEDULES.get(first.schedule).parse_params(first.schedule_params),
-    )
+    # The card keeps the plugin's order limit; a grid is keyed by the parameters it was trained with,
+    # which leave max_order out when it is the base's default: both spellings are tried, in turn.
+    forms = [{"base": first.base, "max_order": first.base_max_order}] if first.base else [{}]
+    if first.base and spec.parse_params({"base": first.base}).order_limit() == first.base_max_order:
+        forms.append({"base": first.base})
+    for index, form in enumerate(forms):
+        params = spec.parse_params(form)
+        try:  # the grid sampling would use (a learned one found by its key, as `train` finds it)
+            plan, _ = _student_plan(
+                model,
+                args.model,
+                args.grid_dir,
+                solver=first.solver,
+                params=params,
+                steps=first.steps,
+                schedule=first.schedule,
+                schedule_params=solvers.SCHEDULES.get(first.schedule).parse_params(first.schedule_params),
+                nfe=first.nfe,
+                afs=first.afs,
+                guidance=first.guidance,
+            )
+            break
+        except MissingGridError:
+            if index == len(forms) - 1:
+                raise
+    expected = predictor_key(plan, model_fingerprint=model.fingerprint, guidance=first.guidance)
+    if first.key() != expected:  # a learned grid whose end points are not the ones it was trained on
+        raise BenchError(
+            f"select: the candidates are for {first.key().describe()}, the grid found gives {expected.describe()}"
+        )
+    sigmas = plan.sigmas
     students = [Student(spec, params, first.afs, load_predictor(path, model.device)[0]) for path, _ in found]
     walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
     conditioned = _conditioning(model, [], first.guidance)
@@ -1148,6 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--selection", type=int, default=128, help="held-out noises")
     sel.add_argument("--selection-teacher-steps", type=int, default=64)
     sel.add_argument("--teacher-cache", type=Path, default=None)
+    sel.add_argument("--grid-dir", type=Path, action="append", default=[], help="learned grids (--schedule learned)")
     sel.add_argument("--device", default="auto")
     sel.add_argument("--threads", type=int, default=None)
     sel.add_argument("--out", type=Path, required=True)

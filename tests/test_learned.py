@@ -14,7 +14,7 @@ import torch
 import solvers
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers import InvalidParameterError, MissingPredictorError
-from solvers.amed import PredictorStore
+from solvers.amed import PredictorStore, read_card
 from solvers.errors import MissingGridError
 from solvers.learned import GridCard, GridLoadError, grid_key, read_grid, save_grid
 from solvers.learned.gits import GITSSettings, dynamic_program, train_gits
@@ -345,6 +345,22 @@ def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path, capsys
     (key,) = store.keys()
     assert (key.schedule, key.schedule_params, key.nfe) == ("learned", '{"method":"gits"}', 3)
     assert (key.sigma_max, key.sigma_min) == (grid.sigmas[0], grid.sigmas[-1])
+
+    # seeds trained apart on the grid, then `select --grid-dir`: the scores `train --seeds` gives
+    tiny = [*train, *plugin[:-3], "--trajectories", "4", "--batch-size", "4", "--grid-dir", str(out)]
+    judge = ["--selection", "2", "--selection-teacher-steps", "4"]
+    assert amed_main([*tiny, *judge, "--seeds", "0,1", "--out", str(tmp_path / "both"), "--quiet"]) == 0
+    for seed in (0, 1):
+        assert amed_main([*tiny, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"), "--quiet"]) == 0
+    select = ["select", str(tmp_path / "s0"), str(tmp_path / "s1"), *judge, "--out", str(tmp_path / "picked")]
+    assert amed_main([*select, "--grid-dir", str(out)]) == 0
+    ((both_path,), (picked_path,)) = ((tmp_path / d).glob("*.json") for d in ("both", "picked"))
+    both, picked = (read_card(p).training["selection"] for p in (both_path, picked_path))
+    assert picked["held_out_rmse"] == both["held_out_rmse"]
+    assert picked["chosen_seed"] == both["chosen_seed"]
+    capsys.readouterr()
+    assert amed_main(select) == 2  # without the grid: refused with the command that trains it
+    assert "train-schedule --method gits" in capsys.readouterr().err
 
     # the joint option: LD3 from that grid through the trained predictor (one epoch, tiny)
     (card_path,) = store.cards.values()
