@@ -195,6 +195,21 @@ def test_fewer_samples_than_dimensions_warns_not_nan(tmp_path: Path) -> None:
     assert row["fd_indomain"] == row["fd_indomain"]  # not NaN
 
 
+def test_a_sweep_without_a_reference_scores_the_images_only(tmp_path: Path) -> None:
+    """`reference_steps=0` (FD at a large N for the rows' own cost): no reference is computed or
+    cached, `rmse_ref` stays empty, the image metrics are there; 1 step is refused by name."""
+    config = SweepConfig(solvers=["euler"], **{**TINY, "nfe": [3], "num_samples": 160, "reference_steps": 0})
+    (row,) = run_sweep(config, tmp_path / "out")
+    assert (row["rmse_ref"], row["reference"]) == (None, "none")
+    assert row["fd_indomain"] > 0
+    assert row["fd_indomain_floor"] > 0
+    assert row["class_acc"] > 0.5
+    assert not list((tmp_path / "out" / "cache").glob("reference-*"))
+    assert (tmp_path / "out" / "samples-nfe3.png").is_file()
+    with pytest.raises(pydantic.ValidationError, match="reference_steps=1 is out of range: expected 0"):
+        SweepConfig(solvers=["euler"], **{**TINY, "reference_steps": 1})
+
+
 def test_two_processes_equal_one(tmp_path: Path) -> None:
     """`accelerate launch` with two CPU processes (chunks sharded, statistics gathered through the
     cache) gives the single-process numbers: batches are composed the same way."""
