@@ -21,7 +21,8 @@ Protocol, identical for every row:
 
 Metrics: the in-domain Frechet distance on the project's MNIST classifier features against the
 10,000 test images, its noise floor at the same N and a bias-corrected bootstrap 90% interval; class accuracy of
-conditional samples; `rmse_ref`, the RMSE of each final sample against the reference from the same
+conditional samples (the reference's own FD, interval and class accuracy go into the results' meta: the
+value every row tends to as NFE grows); `rmse_ref`, the RMSE of each final sample against the reference from the same
 noise, averaged; FID when asked for (bench/fid.py); counted nfe and network_evals; wall time per
 sample (summed over processes).
 
@@ -385,6 +386,26 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     return context
 
 
+def reference_scores(context: SweepContext) -> dict[str, Any]:
+    """The image metrics of the reference samples themselves (main process, after the reference
+    exists): what every row converges to as its NFE grows. A row can sit below it by noise or by
+    an error that happens to help, but no solver of the same ODE approaches anything else."""
+    if context.scorer is None or not context.config.has_reference:
+        return {}
+    images = torch.cat([_reference_chunk(context, *chunk) for chunk in context.chunks])
+    features = context.scorer.features(quantise(images))
+    low, high = bootstrap_interval(features, context.scorer.test_stats, context.config.bootstrap)
+    scores = {
+        "reference_fd_indomain": frechet_distance(FeatureStats.of(features), context.scorer.test_stats),
+        "reference_fd_ci": [low, high],
+    }
+    if context.labels is not None:
+        with torch.inference_mode():
+            logits = context.scorer.classifier.classify(features.to(context.scorer.device)).cpu()
+        scores["reference_class_acc"] = float((logits.argmax(1) == context.labels).double().mean())
+    return scores
+
+
 def bootstrap_interval(
     features: Tensor, reference: FeatureStats, resamples: int, level: float = 0.9
 ) -> tuple[float, float]:
@@ -711,7 +732,12 @@ def run_sweep(
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    meta = {**context.meta, "reference_check_rmse": context.reference_check_rmse, "fid_note": context.fid_note}
+    meta = {
+        **context.meta,
+        "reference_check_rmse": context.reference_check_rmse,
+        **reference_scores(context),
+        "fid_note": context.fid_note,
+    }
     provenance.write_csv(out / "results.csv", rows, COLUMNS)
     provenance.write_json(out / "results.json", meta, rows)
     plot(rows, out / "fd-vs-nfe.png")

@@ -80,6 +80,11 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     meta = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]
     # a 16-step reference is only 8x below the errors here; the 128-step default is far below
     assert 0 < meta["reference_check_rmse"] < min(r["rmse_ref"] for r in rows) / 5
+    # the reference's own scores: near the better rows' (at NFE 4-5 they are close to converged)
+    low, high = meta["reference_fd_ci"]
+    assert low <= meta["reference_fd_indomain"] <= high
+    assert meta["reference_fd_indomain"] < max(r["fd_indomain"] for r in rows)
+    assert meta["reference_class_acc"] > 0.9
 
     # FID asked for without weights: the column stays empty, the reason is recorded, the rest completes
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
