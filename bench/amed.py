@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -828,8 +829,9 @@ def fit_oracle_grid(
 
 def oracle_grid(args: argparse.Namespace) -> int:
     """The oracle bound of grid learning on a sweep's own noises and reference (read from its cache,
-    never computed): for each solver, NFE and start, LD3 fitted to the benchmark itself, scored
-    exactly as the sweep scores a row (solvers.sample per chunk, per-sample RMSE averaged)."""
+    never computed): for each solver, NFE and start, a grid fitted to the benchmark itself (LD3's
+    minibatch Adam, or a direct search of the interior nodes on the first --search-samples noises),
+    scored exactly as the sweep scores a row (solvers.sample per chunk, per-sample RMSE averaged)."""
     from .sweep import SweepConfig, benchmark_targets
 
     if args.epochs < 1 or args.batch_size < 1:
@@ -956,7 +958,7 @@ def oracle_grid(args: argparse.Namespace) -> int:
                 else:
                     count = args.search_samples or len(seeds)
                     search = search_grid(
-                        lambda grid, spec=spec, params=params, count=count: score(spec, params, grid, count),
+                        partial(score, spec, params, count=count),
                         sigmas,
                         settings=SearchSettings(
                             optimizer=args.optimizer, max_evals=args.max_evals, initial_step=args.initial_step
@@ -1214,7 +1216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.set_defaults(handler=select)
     o = commands.add_parser(
         "oracle-grid",
-        help="the bound of grid learning: LD3 fitted to a sweep's own noises and reference (never shipped)",
+        help="the bound of grid learning: a grid fitted to a sweep's own noises and reference by LD3's Adam or a "
+        "direct search (never shipped)",
     )
     o.add_argument("--model", default="mnist")
     o.add_argument("--solvers", required=True, help='comma-separated solver[:JSON params], e.g. ipndm:{"max_order":2}')

@@ -129,7 +129,7 @@ def search_grid(
 
     def evaluate(values: Any) -> float:
         if len(trace) >= settings.max_evals:  # scipy may overrun maxfev by a few within one step
-            return best["loss"] + 1.0
+            return float(best["loss"]) + 1.0
         z = torch.as_tensor(np.asarray(values, dtype=np.float64))
         loss = float(objective(grid_from_free(z, lo, hi)))
         if not np.isfinite(loss):
