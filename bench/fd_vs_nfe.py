@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed-base", type=int, default=0)
-    parser.add_argument("--reference-steps", type=int, default=128)
+    parser.add_argument("--reference-steps", type=int, default=128, help="0: no reference (rmse_ref empty)")
     parser.add_argument("--reference-check", type=int, default=64, help="samples checked against 2x steps")
     parser.add_argument("--tier", default="cpu")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD interval")
@@ -131,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
             return
         fd = row.get("fd_indomain")
         fd_text = f"FD {fd:8.3f} [{row['fd_ci_low']:.3f}, {row['fd_ci_high']:.3f}]" if fd is not None else ""
+        rmse = row["rmse_ref"]
+        rmse_text = f"rmse_ref {rmse:.4f} " if rmse is not None else ""
         print(
-            f"{row['solver']:>14} NFE {row['nfe']:>3}: rmse_ref {row['rmse_ref']:.4f} {fd_text}"
-            f"{' (cached)' if row['cached'] else ''}",
+            f"{row['solver']:>14} NFE {row['nfe']:>3}: {rmse_text}{fd_text}{' (cached)' if row['cached'] else ''}",
             file=sys.stderr,
         )
 

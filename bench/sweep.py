@@ -12,13 +12,17 @@ Protocol, identical for every row:
 - the reference is one high-accuracy run per (model, guidance, dtype, seeds): `heun` with
   `reference_steps` steps on the `logsnr` schedule over the model's full sigma range, validated
   against twice the steps on the first `reference_check` samples (that RMSE is printed and
-  recorded; it must be far below the smallest error reported);
+  recorded; it must be far below the smallest error reported). `reference_steps=0` runs without
+  one: `rmse_ref` stays empty and the rows carry the image metrics only, so a large N (where the
+  Frechet distance resolves what N = 1,000 cannot) costs the rows' own evaluations, not a
+  255-evaluation reference per sample;
 - an NFE a solver cannot spend exactly is a row with `reachable=false` and no metrics, never
   rounded to a neighbour.
 
 Metrics: the in-domain Frechet distance on the project's MNIST classifier features against the
 10,000 test images, its noise floor at the same N and a bias-corrected bootstrap 90% interval; class accuracy of
-conditional samples; `rmse_ref`, the RMSE of each final sample against the reference from the same
+conditional samples (the reference's own FD, interval and class accuracy go into the results' meta: the
+value every row tends to as NFE grows); `rmse_ref`, the RMSE of each final sample against the reference from the same
 noise, averaged; FID when asked for (bench/fid.py); counted nfe and network_evals; wall time per
 sample (summed over processes).
 
@@ -47,7 +51,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -125,7 +129,7 @@ class SweepConfig(BaseModel):
     device: str = "auto"
     batch_size: int = Field(250, ge=1)
     seed_base: int = Field(0, ge=0)
-    reference_steps: int = Field(128, ge=2)
+    reference_steps: int = Field(128, ge=0, description="0: no reference (rmse_ref empty); else >= 2")
     reference_check: int = Field(64, ge=1)
     tier: str = "cpu"
     bootstrap: int = Field(BOOTSTRAP_RESAMPLES, ge=0)
@@ -134,6 +138,17 @@ class SweepConfig(BaseModel):
     fid_reference: str | None = Field(None, description="image folder or .npz of statistics; default MNIST test")
     grid: int = Field(10, ge=0, le=64, description="samples per solver in the sample grids")
     predictor_dirs: list[str] = Field(default_factory=list, description="AMED predictor folders, before the model's")
+
+    @field_validator("reference_steps")
+    @classmethod
+    def _reference_steps(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("reference_steps=1 is out of range: expected 0 (no reference) or >= 2")
+        return value
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference_steps > 0
 
 
 class Distributed(Protocol):
@@ -324,6 +339,8 @@ def benchmark_targets(
     Raises:
         BenchError: a reference chunk is missing from `cache` (run the sweep first).
     """
+    if not config.has_reference:
+        raise BenchError("reference_steps=0: a sweep without a reference has no targets to fit")
     seeds, labels = _seeds_and_labels(config, model)
     key = _reference_key(config, model.fingerprint, labels)
     parts = []
@@ -359,12 +376,34 @@ def prepare(config: SweepConfig, cache: Path, state: Distributed | None = None) 
     context = SweepContext(config, model, scorer, fid, fid_note, seeds, labels, cache, reference_key, meta, state)
     folders = [*map(Path, config.predictor_dirs), models.loading.find_files(config.model).root / "amed"]  # yours win
     context.predictors = PredictorStore([folder for folder in folders if folder.is_dir()])
+    if not config.has_reference:
+        return context
     for chunk in tqdm(context.owned(), desc="reference", disable=not state.is_main_process, leave=False):
         _reference_chunk(context, *chunk)
     _reference_check(context)
     state.wait_for_everyone()
     context.reference_check_rmse = float(load_file(str(_check_path(context)))["check_rmse"][0])
     return context
+
+
+def reference_scores(context: SweepContext) -> dict[str, Any]:
+    """The image metrics of the reference samples themselves (main process, after the reference
+    exists): what every row converges to as its NFE grows. A row can sit below it by noise or by
+    an error that happens to help, but no solver of the same ODE approaches anything else."""
+    if context.scorer is None or not context.config.has_reference:
+        return {}
+    images = torch.cat([_reference_chunk(context, *chunk) for chunk in context.chunks])
+    features = context.scorer.features(quantise(images))
+    low, high = bootstrap_interval(features, context.scorer.test_stats, context.config.bootstrap)
+    scores = {
+        "reference_fd_indomain": frechet_distance(FeatureStats.of(features), context.scorer.test_stats),
+        "reference_fd_ci": [low, high],
+    }
+    if context.labels is not None:
+        with torch.inference_mode():
+            logits = context.scorer.classifier.classify(features.to(context.scorer.device)).cpu()
+        scores["reference_class_acc"] = float((logits.argmax(1) == context.labels).double().mean())
+    return scores
 
 
 def bootstrap_interval(
@@ -445,6 +484,8 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
         "reference": (
             f"{REFERENCE_SOLVER} {config.reference_steps} steps {REFERENCE_SCHEDULE} "
             f"(2x check rmse {context.reference_check_rmse:.2e})"
+            if config.has_reference
+            else "none"
         ),
         "processes": context.state.num_processes,
     }
@@ -572,8 +613,10 @@ def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, 
         predictor,
         row.grid,
     )
-    reference = _reference_chunk(context, chunk, start, stop)
-    stored = {"rmse": (images - reference).flatten(1).pow(2).mean(1).sqrt().contiguous()}
+    stored = {}
+    if config.has_reference:
+        reference = _reference_chunk(context, chunk, start, stop)
+        stored["rmse"] = (images - reference).flatten(1).pow(2).mean(1).sqrt().contiguous()
     if context.scorer is not None:
         features = context.scorer.features(quantise(images))
         with torch.inference_mode():
@@ -609,7 +652,7 @@ def assemble_row(context: SweepContext, row: RowPlan, cached: bool) -> dict[str,
         "nfe": metas[0]["nfe"],
         "network_evals": metas[0]["network_evals"],
         "wall_s_per_sample": sum(m["seconds"] for m in metas) / config.num_samples,
-        "rmse_ref": float(torch.cat([p["rmse"] for p in parts]).double().mean()),
+        "rmse_ref": float(torch.cat([p["rmse"] for p in parts]).double().mean()) if config.has_reference else None,
         "fid": _row_fid(context, row, parts),
     }
     if context.scorer is not None:
@@ -621,7 +664,9 @@ def assemble_row(context: SweepContext, row: RowPlan, cached: bool) -> dict[str,
                 stacklevel=2,
             )
         result["fd_indomain"] = frechet_distance(FeatureStats.of(features), context.scorer.test_stats)
-        result["fd_indomain_floor"] = context.scorer.noise_floor(config.num_samples)
+        # N real test images against the other 10,000 - N: defined while some are left over
+        enough = config.num_samples < len(context.scorer.test_features)
+        result["fd_indomain_floor"] = context.scorer.noise_floor(config.num_samples) if enough else None
         result["fd_ci_low"], result["fd_ci_high"] = bootstrap_interval(
             features, context.scorer.test_stats, config.bootstrap
         )
@@ -687,7 +732,12 @@ def run_sweep(
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    meta = {**context.meta, "reference_check_rmse": context.reference_check_rmse, "fid_note": context.fid_note}
+    meta = {
+        **context.meta,
+        "reference_check_rmse": context.reference_check_rmse,
+        **reference_scores(context),
+        "fid_note": context.fid_note,
+    }
     provenance.write_csv(out / "results.csv", rows, COLUMNS)
     provenance.write_json(out / "results.json", meta, rows)
     plot(rows, out / "fd-vs-nfe.png")
@@ -698,21 +748,24 @@ def run_sweep(
 
 
 def sample_grid(context: SweepContext, plans: Sequence[RowPlan], path: Path) -> Path | None:
-    """The first `grid` samples of each solver at one NFE (same seeds and labels), the reference on top."""
+    """The first `grid` samples of each solver at one NFE (same seeds and labels), the reference on
+    top (when the sweep has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     count = min(context.config.grid, len(context.seeds))
-    reference = context.reference_chunks.get(0)
-    if reference is None:
-        reference = load_file(str(_reference_path(context, 0)))["samples"]
-    lines = [("reference", ((reference[:count].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))]
+    lines = []
+    if context.config.has_reference:
+        reference = context.reference_chunks.get(0)
+        if reference is None:
+            reference = load_file(str(_reference_path(context, 0)))["samples"]
+        lines.append(("reference", ((reference[:count].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)))
     for plan in plans:
         if plan.steps is not None:
             lines.append((plan.solver, load_file(str(plan.chunk_path(context, 0)))["preview"][:count]))
-    if len(lines) < 2:
+    if len(lines) < 1 + context.config.has_reference:
         return None
     figure, axes = plt.subplots(len(lines), count, figsize=(0.8 * count + 1.2, 0.85 * len(lines)), squeeze=False)
     for line, (name, images) in zip(axes, lines, strict=True):
@@ -745,9 +798,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, 
     import matplotlib.pyplot as plt
 
     metric = "fd_indomain" if any(r.get("fd_indomain") is not None for r in rows) else "rmse_ref"
-    figure, axes = plt.subplots(1, 2, figsize=(14, 4.6))
+    panels = [metric, "rmse_ref"] if any(r.get("rmse_ref") is not None for r in rows) else [metric]  # no reference
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), squeeze=False)
+    axes = axes[0]
     lines = list(dict.fromkeys(name_of(r) for r in rows))
-    for ax, name in zip(axes, (metric, "rmse_ref"), strict=True):
+    for ax, name in zip(axes, panels, strict=True):
         for k, line in enumerate(lines):  # one colour and marker per line in both panels
             points = [(r["nfe"], r[name]) for r in rows if name_of(r) == line and r.get(name) is not None]
             if points:
@@ -760,7 +815,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, label: Callable[[dict[str, 
         ax.set_ylabel(name)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plots, not over them
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plots, not over them
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

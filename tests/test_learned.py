@@ -321,6 +321,9 @@ def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "learned grid method=ld3 solver=ipndm" in error.details()
         assert "train-schedule --method ld3" in error.details()
+        unnamed = running.stub.Plan(request(**params, solver_params={"max_order": 2}))  # the default method: ld3
+        assert "learned grid method=ld3 solver=ipndm" in unnamed.predictor.key
+        assert not unnamed.predictor.available
     finally:
         running.stop()
 

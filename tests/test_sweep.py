@@ -80,6 +80,11 @@ def test_tiny_sweep_resumes_and_extends(tmp_path: Path, monkeypatch: pytest.Monk
     meta = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]
     # a 16-step reference is only 8x below the errors here; the 128-step default is far below
     assert 0 < meta["reference_check_rmse"] < min(r["rmse_ref"] for r in rows) / 5
+    # the reference's own scores: near the better rows' (at NFE 4-5 they are close to converged)
+    low, high = meta["reference_fd_ci"]
+    assert low <= meta["reference_fd_indomain"] <= high
+    assert meta["reference_fd_indomain"] < max(r["fd_indomain"] for r in rows)
+    assert meta["reference_class_acc"] > 0.9
 
     # FID asked for without weights: the column stays empty, the reason is recorded, the rest completes
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
@@ -193,6 +198,21 @@ def test_fewer_samples_than_dimensions_warns_not_nan(tmp_path: Path) -> None:
         (row,) = run_sweep(config, tmp_path / "small")
     assert any("feature dimensions" in str(w.message) for w in caught)
     assert row["fd_indomain"] == row["fd_indomain"]  # not NaN
+
+
+def test_a_sweep_without_a_reference_scores_the_images_only(tmp_path: Path) -> None:
+    """`reference_steps=0` (FD at a large N for the rows' own cost): no reference is computed or
+    cached, `rmse_ref` stays empty, the image metrics are there; 1 step is refused by name."""
+    config = SweepConfig(solvers=["euler"], **{**TINY, "nfe": [3], "num_samples": 160, "reference_steps": 0})
+    (row,) = run_sweep(config, tmp_path / "out")
+    assert (row["rmse_ref"], row["reference"]) == (None, "none")
+    assert row["fd_indomain"] > 0
+    assert row["fd_indomain_floor"] > 0
+    assert row["class_acc"] > 0.5
+    assert not list((tmp_path / "out" / "cache").glob("reference-*"))
+    assert (tmp_path / "out" / "samples-nfe3.png").is_file()
+    with pytest.raises(pydantic.ValidationError, match="reference_steps=1 is out of range: expected 0"):
+        SweepConfig(solvers=["euler"], **{**TINY, "reference_steps": 1})
 
 
 def test_two_processes_equal_one(tmp_path: Path) -> None:
