@@ -93,6 +93,18 @@ def test_oracle_grid_scores_as_the_sweep_and_never_computes_its_reference(tmp_pa
     assert len(result["sigmas"].split()) == 7
     assert sorted(cache.iterdir()) == before  # read, not written
 
+    # the direct search: the same start and score; its objective is the first 4 noises' error
+    search = [*oracle, "--optimizer", "nelder-mead", "--search-samples", "4", "--max-evals", "4"]
+    assert amed_main([*search, "--sweep-cache", str(cache), "--out", str(tmp_path / "search")]) == 0
+    (found,) = csv.DictReader((tmp_path / "search" / "results.csv").open())
+    assert float(found["init_rmse"]) == pytest.approx(row["rmse_ref"], rel=1e-6)
+    assert float(found["search_rmse"]) <= float(found["search_init_rmse"])
+    assert int(found["evaluations"]) <= 4
+    assert found["optimizer"] == "nelder-mead"
+    assert sorted(cache.iterdir()) == before
+    assert amed_main([*search, "--search-samples", "7", "--sweep-cache", str(cache)]) == 2
+    assert "--search-samples=7 is out of range: expected 0..6" in capsys.readouterr().err
+
     capsys.readouterr()
     assert amed_main([*oracle, "--reference-steps", "7", "--sweep-cache", str(cache)]) == 2
     error = capsys.readouterr().err
