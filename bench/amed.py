@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -503,7 +504,10 @@ def _cached(
         return [stored[str(k)].to(model.device) for k in range(len(stored))]
     values = list(compute())
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(path))
+    # Written aside and renamed: processes sharing the cache never read a half-written file.
+    staged = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    save_file({str(k): v.detach().float().cpu().contiguous() for k, v in enumerate(values)}, str(staged))
+    os.replace(staged, path)
     return values
 
 

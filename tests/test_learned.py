@@ -293,6 +293,30 @@ def test_train_schedule_command_lists_and_the_sweep_and_service_use_the_grid(tmp
     _service_resolves_the_grid(out, card)
 
 
+def test_a_shared_teacher_cache_is_written_whole_and_read_back(tmp_path: Path):
+    """Two trainings with one `--teacher-cache`: the first writes its teacher solves (staged and
+    renamed into place, so a process sharing the cache never reads half a file), the second reads
+    them instead of solving again (the files are not rewritten) and learns the same grid."""
+    from bench.amed import main as amed_main
+
+    cache = tmp_path / "teacher"
+    args = ["train-schedule", "--method", "gits", "--model", "mnist", "--solver", "ipndm", "--nfe", "3"]
+    args += ["--candidates", "6", "--trajectories", "2", "--selection", "2", "--threads", "1", "--quiet"]
+    args += ["--teacher-cache", str(cache)]
+    assert amed_main([*args, "--out", str(tmp_path / "first")]) == 0
+    written = {path.name: path.stat() for path in cache.iterdir()}
+    assert written
+    assert all(name.startswith("teacher-") and name.endswith(".safetensors") for name in written)
+    assert amed_main([*args, "--out", str(tmp_path / "second")]) == 0
+    again = {path.name: path.stat() for path in cache.iterdir()}
+    assert again.keys() == written.keys()
+    assert all(
+        (again[name].st_ino, again[name].st_mtime_ns) == (s.st_ino, s.st_mtime_ns) for name, s in written.items()
+    )
+    (first,), (second,) = (list((tmp_path / name).glob("*.json")) for name in ("first", "second"))
+    assert read_grid(second).sigmas == read_grid(first).sigmas
+
+
 def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
     from sampler_service.jobs import ServedModel
     from sampler_service.settings import load_settings
