@@ -361,9 +361,11 @@ def _select(
     sigmas: torch.Tensor,
     seeds: Sequence[int],
     wall_seconds: Sequence[float],
+    labels: Sequence[str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Which of several trained predictors (one per training seed) has the lowest RMSE against a
-    Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and the record of it for the card."""
+    Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and the record of it for the card.
+    `labels` name the candidates in the printed line (default: their seeds)."""
     noises = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
     judge = Teacher(steps=args.selection_teacher_steps)
     denoiser = conditioned(noises)
@@ -382,10 +384,9 @@ def _select(
         with torch.no_grad():
             scores.append(rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target))
     chosen = min(range(len(students)), key=scores.__getitem__)
-    listed = ", ".join(f"seed {seed}: {v:.4f}" for seed, v in zip(seeds, scores, strict=True))
-    print(
-        f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping seed {seeds[chosen]}", file=sys.stderr
-    )
+    names = list(labels) if labels is not None else [f"seed {seed}" for seed in seeds]
+    listed = ", ".join(f"{name}: {v:.4f}" for name, v in zip(names, scores, strict=True))
+    print(f"held-out rmse against {judge.solver}-{judge.steps}: {listed}; keeping {names[chosen]}", file=sys.stderr)
     return chosen, {
         "selection": {
             "seeds": list(seeds),
@@ -461,7 +462,8 @@ def select(args: argparse.Namespace) -> int:
     students = [Student(spec, params, first.afs, load_predictor(path, model.device)[0]) for path, _ in found]
     walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
     conditioned = _conditioning(model, [], first.guidance)
-    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls)
+    labels = [f"{folder} (seed {seed})" for folder, seed in zip(args.candidates, seeds, strict=True)]
+    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls, labels)
     # candidates may differ in more than the seed (an earlier budget, another init): say how each was trained
     selection["selection"]["candidates"] = [
         {
@@ -479,7 +481,7 @@ def select(args: argparse.Namespace) -> int:
     stem = args.out / path.stem
     shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
     stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
-    print(f"kept seed {seeds[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
+    print(f"kept {labels[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
     return 0
 
 

@@ -406,7 +406,10 @@ def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, cap
     other = 1 - best
     assert amed_main([*args, "--seed", str(other), "--out", str(tmp_path / "other")]) == 0
     select = ["select", str(tmp_path / "one"), str(tmp_path / "other"), "--selection", "4"]
+    capsys.readouterr()
     assert amed_main([*select, "--selection-teacher-steps", "4", "--out", str(tmp_path / "picked")]) == 0
+    # the printed line names each folder, which tells apart candidates trained with the same seed
+    assert f"keeping {tmp_path / 'one'} (seed {best})" in capsys.readouterr().err
     picked_card = PredictorCard.model_validate_json((tmp_path / "picked" / card_path.name).read_text())
     assert picked_card.training["selection"]["chosen_seed"] == best
     assert sorted(picked_card.training["selection"]["held_out_rmse"]) == sorted(scores)
