@@ -150,7 +150,7 @@ def test_every_shipped_solver_grid_keeps_its_starting_fd():
         name = card.key().describe()
         learned = _committed_rows(card, "learned")
         start = _committed_rows(card, card.training["init"])
-        assert len(learned) == 1 and len(start) == 1, f"{name}: rows {[r['file'] for r in learned + start]}"
+        assert [len(learned), len(start)] == [1, 1], f"{name}: rows {[r['file'] for r in learned + start]}"
         fd, ceiling = float(learned[0]["fd_indomain"]), float(start[0]["fd_ci_high"])
         assert fd <= ceiling, f"{name}: FD {fd:.2f} ({learned[0]['file']}) above its start's interval, {ceiling:.2f}"
         checked += 1
