@@ -119,7 +119,8 @@ def test_every_shipped_ld3_grid_beat_its_starting_grid_under_the_current_default
 
 
 def _committed_rows(card: GridCard, schedule: str) -> list[dict[str, str]]:
-    """The N = 1,000 rows under bench/results/ for this grid's model, solver, NFE and AFS on `schedule`."""
+    """The N = 1,000 rows under bench/results/ for this grid's model, solver, NFE and AFS on
+    `schedule` (on `learned`, those of the card's method)."""
     found = []
     for path in sorted((SHIPPED.parents[1] / "bench" / "results").glob("*/results.csv")):
         with path.open(newline="", encoding="utf-8") as handle:
@@ -131,7 +132,9 @@ def _committed_rows(card: GridCard, schedule: str) -> list[dict[str, str]]:
                     "1000",
                 ):
                     continue
-                if int(row["nfe"]) == card.nfe and row.get("afs") == str(card.afs).lower():
+                if int(row["nfe"]) != card.nfe or row.get("afs") != str(card.afs).lower():
+                    continue
+                if schedule != "learned" or json.loads(row["schedule_params"]).get("method") == card.method:
                     found.append({**row, "file": path.parent.name})
     return found
 
