@@ -297,7 +297,10 @@ def render_sweep(rows: list[dict[str, Any]], commands: list[str], results: Path,
             parts.append("\nand RMSE against the reference:\n")
             parts.append(table(other, "rmse_ref", label=other_name))
         if any(r.get("predictor") for r in tier_rows):
-            parts.append("\nThe AMED rows' predictors and what training them cost (this tier's device):\n")
+            parts.append(
+                "\nThe AMED rows' predictors and what training them cost (this tier's device; where seeds were"
+                " compared, the wall time of every candidate, and the trajectories of the one kept):\n"
+            )
             parts.append(predictor_costs(tier_rows))
     parts.append(f"\n![quality versus NFE]({link(results / 'fd-vs-nfe.png', folder)})\n")
     if not all(is_plain(r) for r in rows if r["model"] == main_model(rows)):
