@@ -104,6 +104,8 @@ COLUMNS = (
     "predictor",
     "predictor_training_s",
     "predictor_trajectories",
+    "grid",
+    "grid_sigmas",
     "cached",
 )
 BOOTSTRAP_RESAMPLES = 200
@@ -493,7 +495,9 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     weights = None
     grid = None
     if steps is not None and solvers.SCHEDULES.get(config.schedule).needs_grid:
-        grid = _grid_of(context, spec, solver_params, nfe)
+        grid_name, grid = _grid_of(context, spec, solver_params, nfe)
+        # which grid scored this row: a retrained grid leaves older rows naming sigmas no longer shipped
+        base.update(grid=grid_name, grid_sigmas=json.dumps(grid.tolist()))
     if spec.needs_predictor and steps is not None:
         wanted, weights = _predictor_of(context, spec, solver_params, steps, grid)
         card = read_card(context.predictors.cards[wanted])
@@ -520,8 +524,8 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     return RowPlan(solver, nfe, steps, solver_params, base, key, wanted, grid)
 
 
-def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int) -> Tensor:
-    """The learned grid a row needs (its training seeds checked against the sweep's).
+def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int) -> tuple[str, Tensor]:
+    """The learned grid a row needs, with its file's name (its training seeds checked against the sweep's).
 
     Raises:
         MissingGridError: none matches; the message carries the command that trains it.
@@ -538,14 +542,24 @@ def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nf
         guidance=config.guidance,
     )
     grid = context.predictors.find_grid(wanted, config.model)
-    training = context.predictors.grids[wanted][1].training
+    path, card = context.predictors.grids[wanted]
+    training = card.training
     _check_held_out(training, config, wanted.describe())
     selection = {
         "first_noise_seed": training.get("selection_first_noise_seed", 0),
         "trajectories": training.get("selection", 0),
     }
     _check_held_out(selection, config, wanted.describe())
-    return grid
+    return _shown_path(path), grid
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory (the repository root in the committed commands)
+    where it lies below it, else as it is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) -> None:

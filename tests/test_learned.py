@@ -327,6 +327,8 @@ def test_train_schedule_command_lists_and_the_sweep_and_service_use_the_grid(tmp
     (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
     assert (row["schedule"], row["nfe"], row["steps"]) == ("learned", 3, 3)
     assert row["rmse_ref"] > 0
+    assert row["grid"].endswith(path.name)
+    assert json.loads(row["grid_sigmas"]) == card.sigmas
     capsys.readouterr()
     assert bench_main([*sweep[:6], "4", *sweep[7:]]) == 2
     assert "sampler-amed train-schedule --method gits --model mnist --solver ipndm" in capsys.readouterr().err
