@@ -160,6 +160,24 @@ def test_every_shipped_solver_grid_keeps_its_starting_fd():
     assert checked >= 40
 
 
+def test_every_committed_learned_row_names_the_grid_it_was_scored_with():
+    """Each committed row on a `learned` schedule names its grid file, which is still in the
+    repository, and carries that file's sigmas: a grid retrained after its row was run fails this
+    until the row is re-run."""
+    root = SHIPPED.parents[1]
+    checked = 0
+    for path in sorted((root / "bench" / "results").glob("*/results.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("schedule") == "learned"]
+        for row in rows:
+            where = f"{path.parent.name}: {row['solver']} NFE {row['nfe']}"
+            assert row.get("grid"), f"{where} does not name its grid: re-run it"
+            card = read_grid(root / row["grid"])
+            assert json.loads(row["grid_sigmas"]) == pytest.approx(card.sigmas, rel=1e-12), f"{where}: {row['grid']}"
+            checked += 1
+    assert checked >= 50
+
+
 def test_ld3_through_a_plugin_predictor_learns_the_grid_that_predictor_needs():
     """The joint option's mechanism: LD3 run through a given (here deliberately skewed, r ~ 0.12)
     AMED-Plugin predictor finds a grid on which that predictor lands well closer to the exact
