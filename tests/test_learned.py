@@ -118,9 +118,9 @@ def test_every_shipped_ld3_grid_beat_its_starting_grid_under_the_current_default
             assert card.training["loss"] < start, name
 
 
-def _committed_rows(card: GridCard, schedule: str) -> list[dict[str, str]]:
+def _committed_rows(card: GridCard, schedule: str, grid_file: Path | None = None) -> list[dict[str, str]]:
     """The N = 1,000 rows under bench/results/ for this grid's model, solver, NFE and AFS on
-    `schedule` (on `learned`, those of the card's method)."""
+    `schedule` (on `learned`, those scored with `grid_file`)."""
     found = []
     for path in sorted((SHIPPED.parents[1] / "bench" / "results").glob("*/results.csv")):
         with path.open(newline="", encoding="utf-8") as handle:
@@ -134,7 +134,7 @@ def _committed_rows(card: GridCard, schedule: str) -> list[dict[str, str]]:
                     continue
                 if int(row["nfe"]) != card.nfe or row.get("afs") != str(card.afs).lower():
                     continue
-                if schedule != "learned" or json.loads(row["schedule_params"]).get("method") == card.method:
+                if grid_file is None or row.get("grid") == grid_file.relative_to(SHIPPED.parents[1]).as_posix():
                     found.append({**row, "file": path.parent.name})
     return found
 
@@ -145,13 +145,13 @@ def test_every_shipped_solver_grid_keeps_its_starting_fd():
     through a DEIS grid on mnist-flow at NFE 3 with FD 8.57 against its start's 0.89 [0.23, 1.95]
     (its card is kept in bench/results/mnist-flow-ld3-unshipped/). AMED-Plugin grids are left out:
     their start is the plugin with another predictor (docs/amed.md compares them)."""
-    cards = [read_grid(path) for path in sorted(SHIPPED.glob("*/amed/grid-ld3-*.json"))]
     checked = 0
-    for card in cards:
+    for path in sorted(SHIPPED.glob("*/amed/grid-ld3-*.json")):
+        card = read_grid(path)
         if card.solver == "amed_plugin":
             continue
         name = card.key().describe()
-        learned = _committed_rows(card, "learned")
+        learned = _committed_rows(card, "learned", path)
         start = _committed_rows(card, card.training["init"])
         assert [len(learned), len(start)] == [1, 1], f"{name}: rows {[r['file'] for r in learned + start]}"
         fd, ceiling = float(learned[0]["fd_indomain"]), float(start[0]["fd_ci_high"])
