@@ -104,6 +104,7 @@ COLUMNS = (
     "predictor",
     "predictor_training_s",
     "predictor_trajectories",
+    "predictor_sha256",
     "grid",
     "grid_sigmas",
     "cached",
@@ -511,6 +512,8 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
             # with several training seeds, the cost of all of them
             predictor_training_s=(picked or {}).get("wall_seconds_all_seeds", card.training.get("wall_seconds")),
             predictor_trajectories=card.training.get("trajectories"),
+            # which weights scored this row: a retrained predictor leaves older rows naming weights no longer shipped
+            predictor_sha256=weights,
         )
     identity = {k: base[k] for k in ("solver", "schedule", "schedule_params", "afs", "nfe")}
     # The parameters as the solver sees them, defaults filled in: a changed default must not reuse

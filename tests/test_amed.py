@@ -4,8 +4,11 @@ lookup errors. The AMED solvers also run the shared solver suite (test_solvers_s
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import itertools
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -275,6 +278,10 @@ def test_train_command_writes_an_artifact_that_sampling_and_the_sweep_use(tmp_pa
     assert row["nfe"] == 3
     assert row["predictor"] == card.key().describe()
     assert row["predictor_trajectories"] == 8
+    assert (
+        row["predictor_sha256"]
+        == hashlib.sha256(store.cards[card.key()].with_suffix(".safetensors").read_bytes()).hexdigest()
+    )
     assert (row["solver"], row["base"]) == ("amed_plugin", "ipndm")
     assert row["rmse_ref"] > 0
 
@@ -422,3 +429,34 @@ def test_train_command_keeps_the_best_seed_on_held_out_noise(tmp_path: Path, cap
         with pytest.raises(SystemExit):
             amed_main([*args, "--seeds", bad, "--out", str(tmp_path / "bad")])
         assert f"--seeds: '{bad}': expected" in capsys.readouterr().err
+
+
+def test_every_committed_predictor_row_names_the_weights_it_was_scored_with():
+    """Each committed fd-vs-nfe row with an AMED predictor records the SHA-256 of the weights that
+    scored it, and those are the weights the row's command finds now (the model's shipped folder
+    behind any `--predictor-dir`): a predictor retrained after its row was run fails this until the
+    row is re-run. The ablations train their own predictors and are left out."""
+    root = Path(__file__).resolve().parents[1]
+    stores: dict[tuple[str, ...], dict[str, Path]] = {}
+    checked = 0
+    for path in sorted((root / "bench" / "results").glob("*/results.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("predictor") and " fd-vs-nfe " in row["command"]]
+        for row in rows:
+            where = f"{path.parent.name}: {row['solver']} NFE {row['nfe']}"
+            argv = shlex.split(row["command"])
+            folders = (
+                *(argv[i + 1] for i, arg in enumerate(argv) if arg == "--predictor-dir"),
+                f"models/builtin/{row['model']}/amed",
+            )
+            if folders not in stores:
+                store = PredictorStore([root / folder for folder in folders if (root / folder).is_dir()])
+                stores[folders] = {key.describe(): card for key, card in store.cards.items()}
+            card = stores[folders].get(row["predictor"])
+            assert card is not None, f"{where}: its predictor is no longer in {folders}"
+            weights = hashlib.sha256(card.with_suffix(".safetensors").read_bytes()).hexdigest()
+            assert row.get("predictor_sha256") == weights, (
+                f"{where}: scored with other weights than {card.name}'s: re-run it"
+            )
+            checked += 1
+    assert checked >= 40
