@@ -533,7 +533,8 @@ def train_schedule(args: argparse.Namespace) -> int:
     predictor, through = _grid_predictor(args, model, spec, params)
     student = Student(spec, params, args.afs, predictor)
     steps = student.steps_for(args.nfe)
-    init_sigmas = _init_grid(args, model, spec, params, steps)
+    init_card = _init_grid(args, model, spec, params, steps)
+    init_sigmas = None if init_card is None else torch.tensor(init_card.sigmas, dtype=torch.float64)
 
     def make_batch(seeds: Sequence[int]) -> tuple[solvers.Denoiser, torch.Tensor]:
         return conditioned(seeds), solvers.make_noise(seeds, model.sample_shape, device=model.device)
@@ -629,7 +630,12 @@ def train_schedule(args: argparse.Namespace) -> int:
             "first_noise_seed": first_train,
             "selection_first_noise_seed": first_select,
             **through,
-            **({"init_grid": args.init_grid.name} if args.init_grid is not None else {}),
+            # a grid trained on from another keeps that one's record: the training it continues
+            **(
+                {"init_grid": args.init_grid.name, "init_grid_training": init_card.training}
+                if args.init_grid is not None and init_card is not None
+                else {}
+            ),
             "command": meta["command"],
             "git": meta.get("git"),
             "versions": meta.get("versions"),
@@ -687,8 +693,8 @@ def _grid_predictor(
 
 def _init_grid(
     args: argparse.Namespace, model: models.Model, spec: solvers.SolverSpec[Any], params: solvers.Params, steps: int
-) -> torch.Tensor | None:
-    """--init-grid: LD3 starts from a stored grid for the same solver, NFE and AFS (None: --init)."""
+) -> GridCard | None:
+    """--init-grid: the stored grid (same solver, NFE and AFS) LD3 starts from (None: --init)."""
     if args.init_grid is None:
         return None
     if args.method != "ld3":
@@ -710,7 +716,7 @@ def _init_grid(
         raise BenchError(
             f"--init-grid {args.init_grid}: trained for {card.key().describe()}, not {expected.describe()}"
         )
-    return torch.tensor(card.sigmas, dtype=torch.float64)
+    return card
 
 
 def compare_schedules(args: argparse.Namespace) -> int:
