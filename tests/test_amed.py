@@ -441,7 +441,11 @@ def test_every_committed_predictor_row_names_the_weights_it_was_scored_with():
     checked = 0
     for path in sorted((root / "bench" / "results").glob("*/results.csv")):
         with path.open(newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.DictReader(handle) if row.get("predictor") and " fd-vs-nfe " in row["command"]]
+            rows = [
+                row
+                for row in csv.DictReader(handle)
+                if row.get("predictor") and " fd-vs-nfe " in (row.get("command") or "")
+            ]
         for row in rows:
             where = f"{path.parent.name}: {row['solver']} NFE {row['nfe']}"
             argv = shlex.split(row["command"])
