@@ -633,7 +633,7 @@ def train_schedule(args: argparse.Namespace) -> int:
             # a grid trained on from another keeps that one's record: the training it continues
             **(
                 {"init_grid": args.init_grid.name, "init_grid_training": init_card.training}
-                if args.init_grid is not None and init_card is not None
+                if init_card is not None
                 else {}
             ),
             "command": meta["command"],
