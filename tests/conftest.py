@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Iterator
@@ -22,6 +23,16 @@ from models.analytic import GaussianMixtureDenoiser
 torch.set_num_threads(1)
 
 TRAINING_FREE = [spec.name for spec in solvers.list_solvers() if not spec.needs_predictor]
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def committed_rows() -> Iterator[dict[str, str]]:
+    """Every row of every committed bench/results/*/results.csv, with its folder's name as `file`."""
+    for path in sorted((REPOSITORY / "bench" / "results").glob("*/results.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                yield {**row, "file": path.parent.name}
 
 
 @pytest.fixture(autouse=True)

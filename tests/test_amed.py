@@ -4,7 +4,6 @@ lookup errors. The AMED solvers also run the shared solver suite (test_solvers_s
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import json
@@ -30,6 +29,7 @@ from solvers.amed import (
     train_predictor,
 )
 from solvers.schedules import build_sigmas
+from tests.conftest import REPOSITORY, committed_rows
 
 SHAPE = (8,)
 
@@ -436,31 +436,23 @@ def test_every_committed_predictor_row_names_the_weights_it_was_scored_with():
     scored it, and those are the weights the row's command finds now (the model's shipped folder
     behind any `--predictor-dir`): a predictor retrained after its row was run fails this until the
     row is re-run. The ablations train their own predictors and are left out."""
-    root = Path(__file__).resolve().parents[1]
     stores: dict[tuple[str, ...], dict[str, Path]] = {}
     checked = 0
-    for path in sorted((root / "bench" / "results").glob("*/results.csv")):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [
-                row
-                for row in csv.DictReader(handle)
-                if row.get("predictor") and " fd-vs-nfe " in (row.get("command") or "")
-            ]
-        for row in rows:
-            where = f"{path.parent.name}: {row['solver']} NFE {row['nfe']}"
-            argv = shlex.split(row["command"])
-            folders = (
-                *(argv[i + 1] for i, arg in enumerate(argv) if arg == "--predictor-dir"),
-                f"models/builtin/{row['model']}/amed",
-            )
-            if folders not in stores:
-                store = PredictorStore([root / folder for folder in folders if (root / folder).is_dir()])
-                stores[folders] = {key.describe(): card for key, card in store.cards.items()}
-            card = stores[folders].get(row["predictor"])
-            assert card is not None, f"{where}: its predictor is no longer in {folders}"
-            weights = hashlib.sha256(card.with_suffix(".safetensors").read_bytes()).hexdigest()
-            assert row.get("predictor_sha256") == weights, (
-                f"{where}: scored with other weights than {card.name}'s: re-run it"
-            )
-            checked += 1
+    for row in committed_rows():
+        if not row.get("predictor") or " fd-vs-nfe " not in (row.get("command") or ""):
+            continue
+        where = f"{row['file']}: {row['solver']} NFE {row['nfe']}"
+        argv = shlex.split(row["command"])
+        folders = (
+            *(argv[i + 1] for i, arg in enumerate(argv) if arg == "--predictor-dir"),
+            f"models/builtin/{row['model']}/amed",
+        )
+        if folders not in stores:
+            store = PredictorStore([REPOSITORY / folder for folder in folders if (REPOSITORY / folder).is_dir()])
+            stores[folders] = {key.describe(): card for key, card in store.cards.items()}
+        card = stores[folders].get(row["predictor"])
+        assert card is not None, f"{where}: its predictor is no longer in {folders}"
+        weights = hashlib.sha256(card.with_suffix(".safetensors").read_bytes()).hexdigest()
+        assert row.get("predictor_sha256") == weights, f"{where}: scored with other weights than {card.name}: re-run it"
+        checked += 1
     assert checked >= 40

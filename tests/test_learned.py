@@ -4,7 +4,6 @@ when the key is wrong or the file is corrupt; the CLI, the sweep and the service
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from solvers.learned import GridCard, GridLoadError, grid_key, read_grid, save_g
 from solvers.learned.gits import GITSSettings, dynamic_program, train_gits
 from solvers.learned.ld3 import LD3Settings, grid_of, logits_of, train_ld3
 from solvers.learned.student import Student, Teacher
+from tests.conftest import REPOSITORY, committed_rows
 
 SHAPE = (8,)
 TRAIN = range(2**41, 2**41 + 100)
@@ -100,7 +100,7 @@ def test_learned_grid_beats_the_polynomial_grid_on_the_exact_model(tmp_path: Pat
     assert rmse(learned.images) < 0.7 * rmse(plain.images), (rmse(learned.images), rmse(plain.images))
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "builtin"
+SHIPPED = REPOSITORY / "models" / "builtin"
 
 
 def test_every_shipped_ld3_grid_beat_its_starting_grid_under_the_current_defaults():
@@ -122,20 +122,18 @@ def _committed_rows(card: GridCard, schedule: str, grid_file: Path | None = None
     """The N = 1,000 rows under bench/results/ for this grid's model, solver, NFE and AFS on
     `schedule` (on `learned`, those scored with `grid_file`)."""
     found = []
-    for path in sorted((SHIPPED.parents[1] / "bench" / "results").glob("*/results.csv")):
-        with path.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                if (row.get("model"), row.get("solver"), row.get("schedule"), row.get("num_samples")) != (
-                    card.model,
-                    card.solver,
-                    schedule,
-                    "1000",
-                ):
-                    continue
-                if int(row["nfe"]) != card.nfe or row.get("afs") != str(card.afs).lower():
-                    continue
-                if grid_file is None or row.get("grid") == grid_file.relative_to(SHIPPED.parents[1]).as_posix():
-                    found.append({**row, "file": path.parent.name})
+    for row in committed_rows():
+        if (row.get("model"), row.get("solver"), row.get("schedule"), row.get("num_samples")) != (
+            card.model,
+            card.solver,
+            schedule,
+            "1000",
+        ):
+            continue
+        if int(row["nfe"]) != card.nfe or row.get("afs") != str(card.afs).lower():
+            continue
+        if grid_file is None or row.get("grid") == grid_file.relative_to(REPOSITORY).as_posix():
+            found.append(row)
     return found
 
 
@@ -171,17 +169,15 @@ def test_every_committed_learned_row_names_the_grid_it_was_scored_with():
     """Each committed row on a `learned` schedule names its grid file, which is still in the
     repository, and carries that file's sigmas: a grid retrained after its row was run fails this
     until the row is re-run."""
-    root = SHIPPED.parents[1]
     checked = 0
-    for path in sorted((root / "bench" / "results").glob("*/results.csv")):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.DictReader(handle) if row.get("schedule") == "learned"]
-        for row in rows:
-            where = f"{path.parent.name}: {row['solver']} NFE {row['nfe']}"
-            assert row.get("grid"), f"{where} does not name its grid: re-run it"
-            card = read_grid(root / row["grid"])
-            assert json.loads(row["grid_sigmas"]) == pytest.approx(card.sigmas, rel=1e-12), f"{where}: {row['grid']}"
-            checked += 1
+    for row in committed_rows():
+        if row.get("schedule") != "learned":
+            continue
+        where = f"{row['file']}: {row['solver']} NFE {row['nfe']}"
+        assert row.get("grid"), f"{where} does not name its grid: re-run it"
+        card = read_grid(REPOSITORY / row["grid"])
+        assert json.loads(row["grid_sigmas"]) == pytest.approx(card.sigmas, rel=1e-12), f"{where}: {row['grid']}"
+        checked += 1
     assert checked >= 50
 
 
