@@ -736,6 +736,7 @@ def compare_schedules(args: argparse.Namespace) -> int:
             steps = spec.steps_for_nfe(nfe, args.afs, params)
             if steps is None:
                 continue
+            files: dict[str, str] = {}
             grids = {
                 schedule: solvers.build_sigmas(
                     schedule, steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max, sigma_levels=None
@@ -754,11 +755,13 @@ def compare_schedules(args: argparse.Namespace) -> int:
                 )
                 if store.has_grid(key):
                     grids[f"learned-{method}"] = store.find_grid(key, args.model)
+                    files[f"learned-{method}"] = provenance.shown_path(store.grids[key][0])
             for schedule, sigmas in grids.items():
                 with torch.no_grad():
                     score = rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target)
                 rows.append(
                     {
+                        "model": args.model,
                         "solver": solver,
                         "solver_params": json.dumps(params.model_dump(), sort_keys=True),
                         "nfe": nfe,
@@ -766,6 +769,7 @@ def compare_schedules(args: argparse.Namespace) -> int:
                         "schedule": schedule,
                         "rmse_teacher": score,
                         "sigmas": " ".join(f"{v:.4g}" for v in sigmas.tolist()),
+                        "grid": files.get(schedule),
                     }
                 )
                 print(f"{solver} {raw} NFE {nfe} {schedule:>14}: rmse {score:.4f}", file=sys.stderr)

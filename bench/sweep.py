@@ -553,16 +553,7 @@ def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nf
         "trajectories": training.get("selection", 0),
     }
     _check_held_out(selection, config, wanted.describe())
-    return _shown_path(path), grid
-
-
-def _shown_path(path: Path) -> str:
-    """`path` relative to the working directory (the repository root in the committed commands)
-    where it lies below it, else as it is."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    return provenance.shown_path(path), grid
 
 
 def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) -> None:

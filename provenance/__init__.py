@@ -145,6 +145,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory (the repository root in the committed commands)
+    where it lies below it, else as it is: how a results row names a file it used."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
     """Write `rows` with a header. None is an empty cell, booleans are true/false, floats keep
     their shortest exact form. `columns` fixes the order (default: the first row's keys)."""
