@@ -79,7 +79,9 @@ def load_rows(results: Path) -> tuple[list[dict[str, Any]], list[str]]:
     commands: list[str] = []
     for path in sorted(results.glob("fd-vs-nfe-*/results.json")):
         document = json.loads(path.read_text())
-        rows.extend(r for r in document["rows"] if r.get("reachable"))
+        # a folder named *-unshipped holds rows of artifacts that were tried and not shipped
+        shipped = not path.parent.name.endswith("-unshipped")
+        rows.extend({**r, "shipped": shipped} for r in document["rows"] if r.get("reachable"))
         commands.append(f"{document['meta']['command']}  # {path.parent.name}, git {_short(document['meta'])}")
     return rows, commands
 
@@ -117,11 +119,15 @@ def solver_name(row: dict[str, Any]) -> str:
 
 def other_name(row: dict[str, Any]) -> str:
     """A line of the other-settings table: solver (with an AMED plugin's base), schedule (a learned
-    one with its method), AFS."""
+    one with its method), AFS, and whether its grid or predictor was not shipped."""
     schedule = row["schedule"]
     if schedule == "learned":
         schedule += f" ({json.loads(row.get('schedule_params') or '{}').get('method', 'gits')})"
-    return f"{solver_name(row)}, {schedule}" + (", AFS" if row["afs"] else "")
+    return (
+        f"{solver_name(row)}, {schedule}"
+        + (", AFS" if row["afs"] else "")
+        + ("" if row["shipped"] else ", not shipped")
+    )
 
 
 def is_plain(row: dict[str, Any]) -> bool:
