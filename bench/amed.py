@@ -86,7 +86,14 @@ from solvers.learned import (
     read_grid,
     save_grid,
 )
-from solvers.learned.gits import GITSSettings, teacher_trajectories, train_gits
+from solvers.learned.gits import (
+    GITSSettings,
+    candidate_grid,
+    cost_matrix,
+    dynamic_program,
+    teacher_trajectories,
+    train_gits,
+)
 from solvers.learned.ld3 import LD3Result, LD3Settings, train_ld3
 from solvers.learned.search import OPTIMIZERS, SearchSettings, search_grid
 from solvers.learned.student import Student, Teacher, rmse
@@ -801,6 +808,36 @@ def _held_out(
     return seeds, denoiser, noise, teacher, target
 
 
+def gits_cost(args: argparse.Namespace) -> int:
+    """GITS's cost matrix for one solver on one model, every candidate interval with its cost (the
+    mean L2 error of one student interval from the teacher's state), and the path the dynamic
+    program picks for `--intervals` at coefficient 1: where along sigma the cost lies."""
+    meta, model = _start(args)
+    spec = solvers.SOLVERS.get(args.solver)
+    student = Student(spec, spec.parse_params(args.solver_params), False)
+    settings = GITSSettings(candidates=args.candidates, trajectories=args.trajectories)
+    seeds = [GRID_TRAINING_SEED_BASE + k for k in range(args.trajectories)]
+    denoiser = _conditioning(model, [], 1.0)(seeds)
+    fine = candidate_grid(denoiser, settings)
+    unit = solvers.make_noise(seeds, model.sample_shape, device=model.device)
+    with torch.no_grad():
+        states = teacher_trajectories(denoiser, unit * fine[0].item(), fine, settings.teacher, settings.substeps)
+        cost, _ = cost_matrix(student, denoiser, states, fine)
+    path, value = dynamic_program(cost, args.intervals, 1.0)
+    rows = [
+        {"i": i, "j": j, "sigma_from": float(fine[i]), "sigma_to": float(fine[j]), "cost": float(cost[i, j])}
+        for i in range(len(fine))
+        for j in range(i + 1, len(fine))
+    ]
+    sigmas = [float(fine[i]) for i in path]
+    print(f"{args.model} {args.solver}: DP path {[round(v, 3) for v in sigmas]}, cost {value:.3f}")
+    dp = {"path": path, "sigmas": sigmas, "cost": value}
+    meta = {**meta, "settings": settings.as_dict(), "seeds": [seeds[0], len(seeds)], "dp": dp}
+    provenance.write_csv(args.out / "results.csv", rows)
+    provenance.write_json(args.out / "results.json", meta, rows)
+    return 0
+
+
 def score_grids(args: argparse.Namespace) -> int:
     """Grid files (any folder, not only the store's) scored on compare-schedules' protocol, each row
     with how its grid was trained (method, teacher, trajectories, init, cost): the ablation table.
@@ -1270,6 +1307,17 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--threads", type=int, default=None)
     sg.add_argument("--out", type=Path, required=True)
     sg.set_defaults(handler=score_grids)
+    gc = commands.add_parser("gits-cost", help="GITS's cost matrix and DP path for one solver: where the cost lies")
+    gc.add_argument("--model", default="mnist")
+    gc.add_argument("--solver", default="ipndm")
+    gc.add_argument("--solver-params", type=json.loads, default={"max_order": 2})
+    gc.add_argument("--candidates", type=int, default=48)
+    gc.add_argument("--trajectories", type=int, default=16)
+    gc.add_argument("--intervals", type=int, default=5, help="the DP path's length (NFE 5 with AFS: 5)")
+    gc.add_argument("--device", default="auto")
+    gc.add_argument("--threads", type=int, default=None)
+    gc.add_argument("--out", type=Path, required=True)
+    gc.set_defaults(handler=gits_cost)
     sel = commands.add_parser(
         "select", help="keep the best of predictors trained apart for one key (one folder per seed)"
     )

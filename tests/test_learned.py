@@ -4,6 +4,7 @@ when the key is wrong or the file is corrupt; the CLI, the sweep and the service
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -342,6 +343,29 @@ def test_a_corrupt_grid_file_is_refused_naming_the_file(tmp_path: Path, gmm, con
     assert not store.grids
     (reported,) = store.problems
     assert reported.startswith(f"{path}: not a valid learned grid")
+
+
+def test_gits_cost_command_writes_the_matrix_its_dp_path_is_taken_from(tmp_path: Path):
+    """`sampler-amed gits-cost` writes every candidate interval's cost and the DP path of those very
+    costs (docs/amed.md uses it to say where GITS's cost lies on mnist and mnist-flow)."""
+    from bench.amed import main as amed_main
+
+    args = ["gits-cost", "--model", "mnist", "--candidates", "6", "--trajectories", "2", "--intervals", "3"]
+    assert amed_main([*args, "--threads", "1", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = document["rows"]
+    assert len(rows) == 6 * 7 // 2
+    cost = torch.full((7, 7), float("inf"), dtype=torch.float64)
+    for row in rows:
+        assert row["cost"] >= 0
+        assert row["sigma_from"] > row["sigma_to"]
+        cost[row["i"], row["j"]] = row["cost"]
+    path, value = dynamic_program(cost, 3, 1.0)
+    dp = document["meta"]["dp"]
+    assert (dp["path"], dp["cost"]) == (path, pytest.approx(value, rel=1e-12))
+    assert dp["cost"] == pytest.approx(sum(cost[a, b].item() for a, b in itertools.pairwise(path)))
+    assert dp["sigmas"][0] == rows[0]["sigma_from"]
+    assert len(path) == 4
 
 
 def test_train_schedule_command_lists_and_the_sweep_and_service_use_the_grid(tmp_path: Path, capsys):
