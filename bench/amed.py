@@ -820,9 +820,8 @@ def gits_cost(args: argparse.Namespace) -> int:
     denoiser = _conditioning(model, [], 1.0)(seeds)
     fine = candidate_grid(denoiser, settings)
     unit = solvers.make_noise(seeds, model.sample_shape, device=model.device)
-    with torch.no_grad():
-        states = teacher_trajectories(denoiser, unit * fine[0].item(), fine, settings.teacher, settings.substeps)
-        cost, _ = cost_matrix(student, denoiser, states, fine)
+    states = teacher_trajectories(denoiser, unit * fine[0].item(), fine, settings.teacher, settings.substeps)
+    cost, _ = cost_matrix(student, denoiser, states, fine)
     path, value = dynamic_program(cost, args.intervals, 1.0)
     rows = [
         {"i": i, "j": j, "sigma_from": float(fine[i]), "sigma_to": float(fine[j]), "cost": float(cost[i, j])}
