@@ -28,7 +28,9 @@ selection (which GITS coefficient, which LD3 epoch) `2**42 + seed * 1000003 + k`
 `grid-<method>-<solver>...json` (the sigmas and a card: command, revision, teacher, seeds,
 losses, cost) beside the predictors. An AMED plugin's grid is learned with the untrained
 (neutral, r = 1/2) predictor; train its predictor on the grid afterwards with
-`train --schedule learned --schedule-params '{"method": "gits"}'`.
+`train --schedule learned --schedule-params '{"method": "gits"}'`. Where one key has grids of both
+methods, `rank-grids` scores them on held-out noise and writes the folder's ranking, which picks
+the grid for a request that names no method.
 """
 
 from __future__ import annotations
@@ -78,13 +80,20 @@ from solvers.amed import (
 )
 from solvers.errors import MissingGridError
 from solvers.learned import (
+    ANY_METHOD,
     GRID_SELECTION_SEED_BASE,
     GRID_TRAINING_SEED_BASE,
+    RANKING_FILE,
     GridCard,
+    GridKey,
     GridLoadError,
+    GridRanking,
+    RankedGrid,
+    RankingEntry,
     grid_key,
     read_grid,
     save_grid,
+    save_ranking,
 )
 from solvers.learned.gits import (
     GITSSettings,
@@ -329,22 +338,24 @@ def _student_plan(
     guidance: float,
 ) -> tuple[solvers.SamplingPlan, torch.Tensor | None]:
     """The plan a predictor is trained and selected on, and its learned grid (None on a designed
-    schedule): the grid is found by its key in `grid_dirs`, then the model's own folder."""
+    schedule): the grid is found by its key in `grid_dirs`, then the model's own folder (with no
+    method named, the one sampling would pick: the plan's key then names it)."""
     learned_grid = None
     if solvers.SCHEDULES.get(schedule).needs_grid:
         store = PredictorStore([*grid_dirs, predictor_folder(model, source)])
-        learned_grid = store.find_grid(
+        wanted = store.resolve_grid(
             grid_key(
                 model_fingerprint=model.fingerprint,
                 solver=solver,
                 solver_params=params.model_dump(),
-                method=schedule_params.model_dump()["method"],
+                method=schedule_params.model_dump()["method"] or ANY_METHOD,
                 nfe=nfe,
                 afs=afs,
                 guidance=guidance,
-            ),
-            source,
+            )
         )
+        learned_grid = store.find_grid(wanted, source)
+        schedule_params = schedule_params.model_copy(update={"method": wanted.method})
     plan = solvers.plan(
         solver,
         steps=steps,
@@ -808,6 +819,57 @@ def _held_out(
     return seeds, denoiser, noise, teacher, target
 
 
+def rank_grids(args: argparse.Namespace) -> int:
+    """Score every key's grids where the store holds more than one method (compare-schedules'
+    protocol) and write the ranking that picks among them for a request naming no method. A
+    plugin's grids are not ranked: their score depends on the predictor trained on each."""
+    meta, model = _start(args)
+    folder = predictor_folder(model, args.model)
+    store = PredictorStore([*args.dir, folder])
+    groups: dict[GridKey, list[GridKey]] = {}
+    for key in store.grid_keys(model.fingerprint):
+        if key.guidance == args.guidance and not solvers.SOLVERS.get(key.solver).needs_predictor:
+            groups.setdefault(key.any_method(), []).append(key)
+    groups = {group: keys for group, keys in groups.items() if len(keys) > 1}
+    if not groups:
+        searched = ", ".join(str(path) for path in [*args.dir, folder])
+        raise BenchError(f"no key has grids of more than one method to rank (searched {searched})")
+    seeds, denoiser, noise, teacher, target = _held_out(args, model)
+    entries = []
+    for group, keys in sorted(groups.items(), key=lambda item: (item[0].solver, item[0].nfe, item[0].afs)):
+        spec = solvers.SOLVERS.get(group.solver)
+        params = spec.parse_params(json.loads(group.solver_params))
+        ranked = []
+        for key in keys:
+            path, card = store.grids[key]
+            sigmas = torch.tensor(card.sigmas, dtype=torch.float64)
+            with torch.no_grad():
+                score = rmse(Student(spec, params, card.afs).run(denoiser, noise * sigmas[0].item(), sigmas), target)
+            ranked.append(RankedGrid(method=card.method, file=path.name, sigmas=card.sigmas, rmse=score))
+        ranked.sort(key=lambda grid: grid.rmse)
+        shown = ", ".join(f"{grid.method} {grid.rmse:.4f}" for grid in ranked)
+        print(f"{group.solver} {group.solver_params} NFE {group.nfe} afs={group.afs}: {shown}", file=sys.stderr)
+        entries.append(
+            RankingEntry(
+                solver=group.solver,
+                solver_params=params.model_dump(),
+                nfe=group.nfe,
+                afs=group.afs,
+                guidance=group.guidance,
+                grids=ranked,
+            )
+        )
+    ranking = GridRanking(
+        model=args.model,
+        model_fingerprint=model.fingerprint,
+        protocol={"teacher": teacher.as_dict(), "seeds": [seeds[0], len(seeds)], "metric": "rmse against the teacher"},
+        entries=entries,
+        provenance=meta,
+    )
+    save_ranking(ranking, args.out if args.out is not None else folder / RANKING_FILE)
+    return 0
+
+
 def gits_cost(args: argparse.Namespace) -> int:
     """GITS's cost matrix for one solver on one model, every candidate interval with its cost (the
     mean L2 error of one student interval from the teacher's state), and the path the dynamic
@@ -1155,6 +1217,9 @@ def list_predictors(args: argparse.Namespace) -> int:
         print(f"{path.stem}: {key.describe()}")
     for grid, (path, card) in store.grids.items():
         print(f"{path.stem}: {grid.describe()} sigmas {', '.join(f'{v:.4g}' for v in card.sigmas)}")
+    for group, (path, entry) in store.rankings.items():
+        order = " < ".join(f"{ranked.method} {ranked.rmse:.4f}" for ranked in entry.grids)
+        print(f"{path.stem}: {group.describe()}: {order} (held-out RMSE; unnamed method -> {entry.grids[0].method})")
     for problem in store.problems:
         print(f"unusable: {problem}", file=sys.stderr)
     return 0
@@ -1306,6 +1371,22 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--threads", type=int, default=None)
     sg.add_argument("--out", type=Path, required=True)
     sg.set_defaults(handler=score_grids)
+    rk = commands.add_parser(
+        "rank-grids",
+        help="where a key has grids of both methods: which is better on held-out noise (the folder's ranking)",
+    )
+    rk.add_argument("--model", default="mnist")
+    rk.add_argument("--guidance", type=float, default=1.0, help="rank the grids trained for this guidance")
+    rk.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
+    rk.add_argument("--num", type=int, default=64, help="held-out noises")
+    rk.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises")
+    rk.add_argument("--teacher-steps", type=int, default=64)
+    rk.add_argument("--teacher-cache", type=Path, default=None)
+    rk.add_argument("--dir", type=Path, action="append", default=[], help="grid folders read before the model's")
+    rk.add_argument("--device", default="auto")
+    rk.add_argument("--threads", type=int, default=None)
+    rk.add_argument("--out", type=Path, default=None, help=f"the ranking file (default: the model's {RANKING_FILE})")
+    rk.set_defaults(handler=rank_grids)
     gc = commands.add_parser("gits-cost", help="GITS's cost matrix and DP path for one solver: where the cost lies")
     gc.add_argument("--model", default="mnist")
     gc.add_argument("--solver", default="ipndm")

@@ -121,8 +121,9 @@ def other_name(row: dict[str, Any]) -> str:
     """A line of the other-settings table: solver (with an AMED plugin's base), schedule (a learned
     one with its method), AFS, and whether its grid or predictor was not shipped."""
     schedule = row["schedule"]
-    if schedule == "learned":
-        schedule += f" ({json.loads(row.get('schedule_params') or '{}').get('method', 'gits')})"
+    if schedule == "learned":  # the method asked for, else the one the store picked
+        method = json.loads(row.get("schedule_params") or "{}").get("method") or row.get("grid_method")
+        schedule += f" ({method})"
     return (
         f"{solver_name(row)}, {schedule}"
         + (", AFS" if row["afs"] else "")

@@ -61,7 +61,7 @@ import models
 import provenance
 import solvers
 from solvers.amed import PredictorKey, PredictorStore, predictor_key, read_card
-from solvers.learned import grid_key
+from solvers.learned import ANY_METHOD, grid_key
 
 from .errors import BenchError
 from .fid import FidExtractor, FidUnavailable
@@ -106,6 +106,7 @@ COLUMNS = (
     "predictor_trajectories",
     "predictor_sha256",
     "grid",
+    "grid_method",
     "grid_sigmas",
     "cached",
 )
@@ -447,6 +448,8 @@ class RowPlan:
     solver_params: dict[str, Any]
     base: dict[str, Any]
     key: str
+    schedule_params: dict[str, Any]
+    """The sweep's, with a `learned` schedule's method resolved (the grid's)."""
     predictor: PredictorKey | None = None
     grid: Tensor | None = None
     """The stored sigmas of a `learned` schedule."""
@@ -495,12 +498,13 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     wanted = None
     weights = None
     grid = None
+    schedule_params = dict(config.schedule_params)
     if steps is not None and solvers.SCHEDULES.get(config.schedule).needs_grid:
-        grid_name, grid = _grid_of(context, spec, solver_params, nfe)
+        grid_name, grid, schedule_params["method"] = _grid_of(context, spec, solver_params, nfe)
         # which grid scored this row: a retrained grid leaves older rows naming sigmas no longer shipped
-        base.update(grid=grid_name, grid_sigmas=json.dumps(grid.tolist()))
+        base.update(grid=grid_name, grid_method=schedule_params["method"], grid_sigmas=json.dumps(grid.tolist()))
     if spec.needs_predictor and steps is not None:
-        wanted, weights = _predictor_of(context, spec, solver_params, steps, grid)
+        wanted, weights = _predictor_of(context, spec, solver_params, steps, schedule_params, grid)
         card = read_card(context.predictors.cards[wanted])
         _check_held_out(card.training, config, wanted.describe())
         picked = card.training.get("selection")  # the held-out noises that chose among training seeds
@@ -524,25 +528,28 @@ def plan_row(context: SweepContext, solver: str, nfe: int) -> RowPlan:
     if grid is not None:
         payload["grid"] = grid.tolist()
     key = _hash(payload)
-    return RowPlan(solver, nfe, steps, solver_params, base, key, wanted, grid)
+    return RowPlan(solver, nfe, steps, solver_params, base, key, schedule_params, wanted, grid)
 
 
-def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int) -> tuple[str, Tensor]:
-    """The learned grid a row needs, with its file's name (its training seeds checked against the sweep's).
+def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nfe: int) -> tuple[str, Tensor, str]:
+    """The learned grid a row needs, with its file's name and its method (the one asked for, or the
+    store's choice); its training seeds checked against the sweep's.
 
     Raises:
         MissingGridError: none matches; the message carries the command that trains it.
     """
     config = context.config
     method = solvers.SCHEDULES.get(config.schedule).parse_params(config.schedule_params).model_dump()["method"]
-    wanted = grid_key(
-        model_fingerprint=context.model.fingerprint,
-        solver=spec.name,
-        solver_params=spec.parse_params(solver_params).model_dump(),
-        method=method,
-        nfe=nfe,
-        afs=config.afs,
-        guidance=config.guidance,
+    wanted = context.predictors.resolve_grid(
+        grid_key(
+            model_fingerprint=context.model.fingerprint,
+            solver=spec.name,
+            solver_params=spec.parse_params(solver_params).model_dump(),
+            method=method or ANY_METHOD,
+            nfe=nfe,
+            afs=config.afs,
+            guidance=config.guidance,
+        )
     )
     grid = context.predictors.find_grid(wanted, config.model)
     path, card = context.predictors.grids[wanted]
@@ -553,7 +560,7 @@ def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nf
         "trajectories": training.get("selection", 0),
     }
     _check_held_out(selection, config, wanted.describe())
-    return provenance.shown_path(path), grid
+    return provenance.shown_path(path), grid, wanted.method
 
 
 def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) -> None:
@@ -575,7 +582,12 @@ def _check_held_out(training: dict[str, Any], config: SweepConfig, name: str) ->
 
 
 def _predictor_of(
-    context: SweepContext, spec: Any, solver_params: dict[str, Any], steps: int, grid: Tensor | None = None
+    context: SweepContext,
+    spec: Any,
+    solver_params: dict[str, Any],
+    steps: int,
+    schedule_params: dict[str, Any],
+    grid: Tensor | None = None,
 ) -> tuple[PredictorKey, str]:
     """The AMED predictor a row needs and the SHA-256 of its weights (part of the row's cache key).
 
@@ -587,7 +599,7 @@ def _predictor_of(
         spec.name,
         steps=steps,
         schedule=config.schedule,
-        schedule_params=config.schedule_params,
+        schedule_params=schedule_params,
         solver_params=solver_params,
         afs=config.afs,
         sigma_min=model.sigma_min,
@@ -615,7 +627,7 @@ def _compute_chunk(context: SweepContext, row: RowPlan, chunk: int, start: int, 
         row.solver,
         row.steps,
         config.schedule,
-        config.schedule_params,
+        row.schedule_params,
         row.solver_params,
         config.afs,
         predictor,

@@ -23,7 +23,7 @@ import solvers
 from solvers import MAX_SEED, Params, SolverSpec
 from solvers.amed import PredictorKey, PredictorStore, predictor_key, train_command
 from solvers.errors import shorten
-from solvers.learned import GridKey, grid_key, train_schedule_command
+from solvers.learned import ANY_METHOD, GridKey, grid_key, train_schedule_command
 
 from .errors import InvalidRequest, NotFound, PredictorMissing, ServiceError, Violation, from_domain
 from .gen.sampler.v1 import sampler_pb2 as pb
@@ -324,15 +324,19 @@ def build_job(
     wanted_grid: GridKey | None = None
     grid: Tensor | None = None
     if learned and steps is not None and schedule_params is not None and solver_params is not None:
-        wanted_grid = grid_key(
-            model_fingerprint=model.fingerprint,
-            solver=spec.name,
-            solver_params=solver_params.model_dump(),
-            method=schedule_params.model_dump()["method"],
-            nfe=spec.nfe(steps, afs),
-            afs=afs,
-            guidance=guidance[0] if guidance else 1.0,
+        wanted_grid = served.predictors.resolve_grid(
+            grid_key(
+                model_fingerprint=model.fingerprint,
+                solver=spec.name,
+                solver_params=solver_params.model_dump(),
+                method=schedule_params.model_dump()["method"] or ANY_METHOD,
+                nfe=spec.nfe(steps, afs),
+                afs=afs,
+                guidance=guidance[0] if guidance else 1.0,
+            )
         )
+        # the plan, its merge key and a plugin's predictor key carry the method the grid has
+        schedule_params = schedule_params.model_copy(update={"method": wanted_grid.method})
         if guidance is not None and len(set(guidance)) > 1:
             violations.append(
                 Violation(

@@ -80,9 +80,10 @@ LEARNED_METHODS = ("gits", "ld3")
 
 
 class LearnedParams(Params):
-    method: Literal["gits", "ld3"] = "ld3"
-    """Which trained grid: LD3 (trained sigmas; the default, as the only method whose grids beat
-    the hand-designed schedules on the shipped models) or GITS (dynamic programming over a fine grid)."""
+    method: Literal["gits", "ld3"] | None = None
+    """Which trained grid: LD3 (trained sigmas) or GITS (dynamic programming over a fine grid).
+    Unset: the model's better grid for this solver and NFE, as the store resolves it (the only
+    one trained, else the one its folder's ranking scored lower, else LD3)."""
 
 
 @dataclass(frozen=True)

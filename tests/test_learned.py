@@ -4,6 +4,7 @@ when the key is wrong or the file is corrupt; the CLI, the sweep and the service
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -12,13 +13,24 @@ import grpc
 import pytest
 import torch
 
+import models
 import solvers
 from bench.amed import HAND_DESIGNED
 from models.analytic import GaussianMixtureDenoiser, reference_solution
 from solvers import InvalidParameterError, MissingPredictorError
 from solvers.amed import PredictorStore, read_card
 from solvers.errors import MissingGridError
-from solvers.learned import GridCard, GridLoadError, grid_key, read_grid, save_grid
+from solvers.learned import (
+    ANY_METHOD,
+    RANKING_FILE,
+    GridCard,
+    GridLoadError,
+    grid_key,
+    read_grid,
+    read_ranking,
+    save_grid,
+    save_ranking,
+)
 from solvers.learned.gits import GITSSettings, dynamic_program, train_gits
 from solvers.learned.ld3 import LD3Settings, grid_of, logits_of, train_ld3
 from solvers.learned.student import Student, Teacher
@@ -210,6 +222,134 @@ def test_every_committed_learned_row_names_the_grid_it_was_scored_with():
         assert json.loads(row["grid_sigmas"]) == pytest.approx(card.sigmas, rel=1e-12), f"{where}: {row['grid']}"
         checked += 1
     assert checked >= 50
+
+
+def test_every_shipped_ranking_is_current_and_agrees_with_compare_schedules():
+    """A model folder's ranking (which method a request naming none gets) is not stale: the store
+    reads it without a problem, every key with grids of two methods is in it, and each score equals
+    the committed compare-schedules row of that grid (the same protocol), so the grid it picks is the
+    one those rows scored lower."""
+    rows = [row for row in committed_rows() if "rmse_teacher" in row and row.get("grid")]
+    checked = 0
+    for path in sorted(SHIPPED.glob(f"*/amed/{RANKING_FILE}")):
+        store = PredictorStore([path.parent])
+        assert not store.problems, store.problems
+        ranked = read_ranking(path)
+        groups = {key.any_method() for key in store.grids if key.method == "gits"}
+        groups &= {key.any_method() for key in store.grids if key.method == "ld3"}
+        groups = {key for key in groups if not solvers.SOLVERS.get(key.solver).needs_predictor}
+        assert groups == set(store.rankings), f"{path}: rerun sampler-amed rank-grids"
+        for entry in ranked.entries:
+            for grid in entry.grids:
+                shown = (path.parent / grid.file).relative_to(REPOSITORY).as_posix()
+                scored = [float(row["rmse_teacher"]) for row in rows if row["grid"] == shown]
+                assert scored, f"{shown}: no committed compare-schedules row"
+                assert grid.rmse == pytest.approx(scored[-1], rel=1e-4), shown
+            checked += 1
+    assert checked >= 20
+
+
+def test_rank_grids_picks_the_grid_a_request_naming_no_method_gets(tmp_path: Path, capsys):
+    """Two grids for one key (GITS and LD3): `sampler-amed rank-grids` scores them exactly as
+    compare-schedules does and writes the ranking; the store then resolves a key naming no method
+    to the lower one, and to the other when the ranking says so; a ranking whose grid has changed
+    since, or a corrupt one, is ignored with a problem naming the file (falling back to LD3); Plan
+    over gRPC and a sweep row step along the ranked grid."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    model = models.load("mnist", device="cpu")
+    folder = tmp_path / "grids"
+    for method, schedule in (("gits", "polynomial"), ("ld3", "time_uniform")):
+        sigmas = solvers.build_sigmas(schedule, 3, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+        card = _card(model, "ipndm", {"max_order": 2}, method, 3, False, sigmas)
+        save_grid(
+            card.model_copy(update={"model": "mnist", "model_fingerprint": model.fingerprint}),
+            folder / f"{method}.json",
+        )
+    protocol = ["--model", "mnist", "--dir", str(folder), "--num", "4", "--teacher-steps", "8", "--threads", "1"]
+    ranking_path = folder / RANKING_FILE
+    assert amed_main(["rank-grids", *protocol, "--out", str(ranking_path)]) == 0
+    compared = ["compare-schedules", *protocol, "--solvers", 'ipndm:{"max_order":2}', "--nfe", "3"]
+    assert amed_main([*compared, "--out", str(tmp_path / "compared")]) == 0
+    scores = {
+        row["schedule"]: row["rmse_teacher"]
+        for row in json.loads((tmp_path / "compared" / "results.json").read_text())["rows"]
+    }
+    (entry,) = read_ranking(ranking_path).entries
+    assert {grid.method: grid.rmse for grid in entry.grids} == {
+        "gits": scores["learned-gits"],
+        "ld3": scores["learned-ld3"],
+    }
+    best = entry.grids[0].method
+    other = entry.grids[1].method
+    assert scores[f"learned-{best}"] < scores[f"learned-{other}"]
+    unnamed = grid_key(
+        model_fingerprint=model.fingerprint,
+        solver="ipndm",
+        solver_params=solvers.SOLVERS.get("ipndm").parse_params({"max_order": 2}).model_dump(),
+        method=ANY_METHOD,
+        nfe=3,
+        afs=False,
+        guidance=1.0,
+    )
+    store = PredictorStore([folder])
+    assert not store.problems
+    assert store.resolve_grid(unnamed).method == best
+    assert store.resolve_grid(dataclasses.replace(unnamed, method=other)).method == other  # named: kept
+    capsys.readouterr()
+    assert amed_main(["list", "--dir", str(folder)]) == 0
+    assert f"unnamed method -> {best}" in capsys.readouterr().out
+
+    # the same two grids ranked the other way round (scores swapped, lowest still first)
+    swapped = [grid.model_copy(update={"rmse": entry.grids[i].rmse}) for i, grid in enumerate(entry.grids[::-1])]
+    reversed_entry = entry.model_copy(update={"grids": swapped})
+    ranking = read_ranking(ranking_path)
+    save_ranking(ranking.model_copy(update={"entries": [reversed_entry]}), ranking_path)
+    assert PredictorStore([folder]).resolve_grid(unnamed).method == other
+
+    save_ranking(ranking, ranking_path)
+    _service_plans_on_the_ranked_grid(folder, best, read_grid(folder / f"{best}.json").sigmas)
+    sweep = ["fd-vs-nfe", "--solvers", "ipndm", "--solver-params", '{"ipndm": {"max_order": 2}}', "--nfe", "3"]
+    sweep += ["--schedule", "learned", "--num-samples", "4", "--batch-size", "4", "--reference-steps", "4"]
+    sweep += ["--reference-check", "4", "--bootstrap", "0", "--device", "cpu", "--grid", "0"]
+    sweep += ["--predictor-dir", str(folder), "--out", str(tmp_path / "sweep")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main(sweep) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert row["grid"].endswith(f"{best}.json")
+    assert row["grid_method"] == best
+
+    changed = read_grid(folder / "gits.json")
+    save_grid(
+        changed.model_copy(update={"sigmas": [changed.sigmas[0], *(v * 0.9 for v in changed.sigmas[1:])]}),
+        folder / "gits.json",
+    )
+    stale = PredictorStore([folder])
+    (problem,) = stale.problems
+    assert str(ranking_path) in problem
+    assert "rerun sampler-amed rank-grids" in problem
+    assert stale.resolve_grid(unnamed).method == "ld3"  # unranked: LD3
+    ranking_path.write_text('{"artifact": "learned_grid_ranking", "entries": [}', encoding="utf-8")
+    (problem,) = PredictorStore([folder]).problems
+    assert problem.startswith(f"{ranking_path}: not a valid learned-grid ranking")
+
+
+def _service_plans_on_the_ranked_grid(folder: Path, method: str, sigmas: list[float]) -> None:
+    from sampler_service.jobs import ServedModel
+    from sampler_service.settings import load_settings
+    from tests.test_service import SERVED, RunningServer, request
+
+    served = SERVED.get(load_settings(None, port=0, device="cpu"))["mnist"]  # the session's loaded model
+    mine = {"mnist": ServedModel("mnist", served.model, served.description, predictors=PredictorStore([folder]))}
+    running = RunningServer(served=mine, warmup=False)
+    try:
+        plan = running.stub.Plan(request(solver="ipndm", nfe=3, schedule="learned", solver_params={"max_order": 2}))
+        assert f"learned grid method={method} solver=ipndm" in plan.predictor.key
+        assert plan.predictor.available
+        assert list(plan.sigmas) == pytest.approx(sigmas, rel=1e-12)
+    finally:
+        running.stop()
 
 
 def test_ld3_through_a_plugin_predictor_learns_the_grid_that_predictor_needs():
@@ -465,9 +605,10 @@ def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "learned grid method=ld3 solver=ipndm" in error.details()
         assert "train-schedule --method ld3" in error.details()
-        unnamed = running.stub.Plan(request(**params, solver_params={"max_order": 2}))  # the default method: ld3
-        assert "learned grid method=ld3 solver=ipndm" in unnamed.predictor.key
-        assert not unnamed.predictor.available
+        unnamed = running.stub.Plan(request(**params, solver_params={"max_order": 2}))  # the only method stored
+        assert "learned grid method=gits solver=ipndm" in unnamed.predictor.key
+        assert unnamed.predictor.available
+        assert list(unnamed.sigmas) == pytest.approx(card.sigmas, rel=1e-12)
     finally:
         running.stop()
 

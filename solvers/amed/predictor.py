@@ -20,6 +20,7 @@ the predictor was trained for; `PredictorStore` finds the one a request needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -35,15 +36,21 @@ from torch import Tensor, nn
 
 from ..errors import InvalidParameterError, MissingGridError, MissingPredictorError, SolverError
 from ..learned.grid import (
+    ANY_METHOD,
     GRID_FILE_PREFIX,
+    UNRANKED_METHOD,
     GridCard,
     GridKey,
     GridLoadError,
+    RankingEntry,
     is_grid_file,
+    is_ranking_file,
     read_grid,
+    read_ranking,
     train_schedule_command,
 )
 from ..planning import SamplingPlan
+from ..schedules import LEARNED_METHODS
 from .bases import AMEDPluginParams
 
 ARTIFACT_VERSION = 1
@@ -319,10 +326,17 @@ class PredictorStore:
     def __init__(self, folders: Sequence[Path]) -> None:
         self.cards: dict[PredictorKey, Path] = {}
         self.grids: dict[GridKey, tuple[Path, GridCard]] = {}
+        self.rankings: dict[GridKey, tuple[Path, RankingEntry]] = {}
+        """Ranking entries by their key naming no method (`GridKey.any_method`)."""
         self.problems: list[str] = []
         for folder in folders:
             for card_path in sorted(Path(folder).glob("*.json")):
                 try:
+                    if is_ranking_file(card_path):
+                        ranking = read_ranking(card_path)
+                        for entry in ranking.entries:
+                            self.rankings.setdefault(ranking.key(entry), (card_path, entry))
+                        continue
                     if _claims_grid(card_path):
                         grid = read_grid(card_path)
                         self.grids.setdefault(grid.key(), (card_path, grid))
@@ -332,7 +346,23 @@ class PredictorStore:
                     self.problems.append(str(error))
                     continue
                 self.cards.setdefault(card.key(), card_path)
+        self._drop_stale_rankings()
         self._loaded: dict[tuple[PredictorKey, str], AMEDPredictor] = {}
+
+    def _drop_stale_rankings(self) -> None:
+        """Forget a ranking entry unless every grid it ranks is the one stored under its key now
+        (same sigmas): a grid retrained or removed after the ranking does not keep its rank."""
+        for key, (path, entry) in list(self.rankings.items()):
+            for ranked in entry.grids:
+                stored = self.grids.get(dataclasses.replace(key, method=ranked.method))
+                if stored is None or stored[1].sigmas != ranked.sigmas:
+                    del self.rankings[key]
+                    change = "is not stored" if stored is None else f"in {stored[0].name} differs from the one ranked"
+                    self.problems.append(
+                        f"{path}: ranking of {key.describe()} ignored: its {ranked.method} grid {change} "
+                        "(rerun sampler-amed rank-grids)"
+                    )
+                    break
 
     def preload(self, device: torch.device | str = "cpu") -> None:
         """Load every predictor now; one that fails is dropped and its problem recorded."""
@@ -370,6 +400,20 @@ class PredictorStore:
         if cache_key not in self._loaded:
             self._loaded[cache_key] = load_predictor(self.cards[key], device)[0]
         return self._loaded[cache_key]
+
+    def resolve_grid(self, key: GridKey) -> GridKey:
+        """`key` with a method: itself when it names one; else the only method with a grid for the
+        rest of the key, or of several the one ranked best (`sampler-amed rank-grids`), or, unranked
+        or with none stored, `UNRANKED_METHOD` (whose absence `find_grid` then reports)."""
+        if key.method != ANY_METHOD:
+            return key
+        stored = [method for method in LEARNED_METHODS if dataclasses.replace(key, method=method) in self.grids]
+        if len(stored) == 1:
+            return dataclasses.replace(key, method=stored[0])
+        if stored and key in self.rankings:
+            ranked = self.rankings[key][1].grids  # lowest RMSE first, every one stored
+            return dataclasses.replace(key, method=ranked[0].method)
+        return dataclasses.replace(key, method=UNRANKED_METHOD)
 
     def find_grid(self, key: GridKey, model: str) -> Tensor:
         """The sigmas of the learned grid for `key`, float64 (steps + 1,).

@@ -7,18 +7,24 @@ cost). It is validated when read (steps + 1 strictly decreasing positive sigmas,
 fields complete), so a corrupt or hand-edited file is refused naming the file. The key is built
 by `grid_key` and nothing else; `GridCard.key()` and every caller go through it.
 
+Where one key has grids of several methods, a ranking (`GridRanking`, one `learned-ranking.json`
+per folder, written by `sampler-amed rank-grids`) records each one's held-out error, so that a
+request naming no method gets the better grid. A ranked entry holds the sigmas it scored, so a
+grid retrained after the ranking does not inherit its rank.
+
 The store that finds grids is the AMED predictor store (solvers/amed/predictor.py): one folder,
 one listing, one lookup for every trained artifact of a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -32,6 +38,13 @@ GRID_FILE_PREFIX = "grid-"
 # from the AMED predictors' range (2**40 + seed * 1000003 + k).
 GRID_TRAINING_SEED_BASE = 2**41
 GRID_SELECTION_SEED_BASE = 2**42
+RANKING_ARTIFACT = "learned_grid_ranking"
+RANKING_FILE = "learned-ranking.json"
+# What a request naming no method gets where a key has grids of several methods and no ranking:
+# LD3, the method whose grids beat the hand-designed schedules on both shipped models.
+UNRANKED_METHOD = "ld3"
+ANY_METHOD = ""
+"""The method of a key that names none (`GridKey.any_method`): the store picks one."""
 
 
 class GridLoadError(SolverError):
@@ -93,9 +106,13 @@ class GridKey:
     afs: bool
     guidance: float
 
+    def any_method(self) -> GridKey:
+        """This key naming no method: what a ranking entry and a request without one are filed under."""
+        return dataclasses.replace(self, method=ANY_METHOD)
+
     def describe(self) -> str:
         return (
-            f"model {self.model_fingerprint[:12]} learned grid method={self.method} solver={self.solver} "
+            f"model {self.model_fingerprint[:12]} learned grid method={self.method or 'any'} solver={self.solver} "
             f"{self.solver_params} nfe={self.nfe} afs={self.afs} guidance={self.guidance:g}"
         )
 
@@ -143,14 +160,101 @@ def read_grid(path: Path) -> GridCard:
     try:
         return GridCard.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, pydantic.ValidationError) as error:
-        text = str(error).strip().splitlines()
-        detail = "; ".join(line.strip() for line in text[1:3]) if len(text) > 1 else (text[0] if text else "")
-        raise GridLoadError(f"{path}: not a valid learned grid ({detail})") from None
+        raise GridLoadError(f"{path}: not a valid learned grid ({_detail(error)})") from None
+
+
+class RankedGrid(pydantic.BaseModel):
+    """One grid of a ranking entry: its method, file, the sigmas scored and their held-out RMSE."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["gits", "ld3"]
+    file: str
+    sigmas: list[float]
+    rmse: Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]
+
+
+class RankingEntry(pydantic.BaseModel):
+    """The grids of one key (all but the method) on one held-out protocol, lowest RMSE first."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    solver: str
+    solver_params: dict[str, Any]
+    """Complete (defaults included), as in a grid card."""
+    nfe: int = pydantic.Field(ge=1)
+    afs: bool
+    guidance: float
+    grids: list[RankedGrid] = pydantic.Field(min_length=2)
+
+    @pydantic.model_validator(mode="after")
+    def _check_grids(self) -> RankingEntry:
+        methods = [grid.method for grid in self.grids]
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"grids name a method twice: {methods}")
+        if [grid.rmse for grid in self.grids] != sorted(grid.rmse for grid in self.grids):
+            raise ValueError("grids must be ordered by rmse, lowest first")
+        return self
+
+
+class GridRanking(pydantic.BaseModel):
+    """The ranking file of one model's folder: which method's grid is better, key by key."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    artifact: Literal["learned_grid_ranking"] = "learned_grid_ranking"
+    version: int = GRID_VERSION
+    model: str
+    model_fingerprint: str
+    protocol: dict[str, Any]
+    """How the grids were scored: teacher, noise seeds (disjoint from training and benchmarks)."""
+    entries: list[RankingEntry]
+    provenance: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+    def key(self, entry: RankingEntry) -> GridKey:
+        """The key `entry` is filed under: its grids' key, naming no method."""
+        return grid_key(
+            model_fingerprint=self.model_fingerprint,
+            solver=entry.solver,
+            solver_params=entry.solver_params,
+            method=ANY_METHOD,
+            nfe=entry.nfe,
+            afs=entry.afs,
+            guidance=entry.guidance,
+        )
+
+
+def is_ranking_file(path: Path) -> bool:
+    """Whether the file at `path` is a folder's grid ranking (by its name: the store reads it)."""
+    return path.name == RANKING_FILE
+
+
+def read_ranking(path: Path) -> GridRanking:
+    """The validated ranking at `path`.
+
+    Raises:
+        GridLoadError: unreadable, not JSON, or not a valid ranking; the message names the file.
+    """
+    try:
+        return GridRanking.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, pydantic.ValidationError) as error:
+        raise GridLoadError(f"{path}: not a valid learned-grid ranking ({_detail(error)})") from None
+
+
+def _detail(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return "; ".join(line.strip() for line in text[1:3]) if len(text) > 1 else (text[0] if text else "")
 
 
 def save_grid(card: GridCard, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(card.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def save_ranking(ranking: GridRanking, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ranking.model_dump_json(indent=1) + "\n", encoding="utf-8")
     return path
 
 
@@ -165,16 +269,26 @@ def train_schedule_command(key: GridKey, model: str) -> str:
 
 
 __all__ = [
+    "ANY_METHOD",
     "ARTIFACT",
     "GRID_FILE_PREFIX",
     "GRID_SELECTION_SEED_BASE",
     "GRID_TRAINING_SEED_BASE",
+    "RANKING_ARTIFACT",
+    "RANKING_FILE",
+    "UNRANKED_METHOD",
     "GridCard",
     "GridKey",
     "GridLoadError",
+    "GridRanking",
+    "RankedGrid",
+    "RankingEntry",
     "grid_key",
     "is_grid_file",
+    "is_ranking_file",
     "read_grid",
+    "read_ranking",
     "save_grid",
+    "save_ranking",
     "train_schedule_command",
 ]
