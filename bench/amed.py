@@ -1235,6 +1235,20 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _held_out_arguments(command: argparse.ArgumentParser, *, guidance: str) -> None:
+    """The options of `_held_out`'s scoring protocol (compare-schedules, score-grids, rank-grids)."""
+    command.add_argument("--guidance", type=float, default=1.0, help=guidance)
+    command.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
+    command.add_argument("--num", type=int, default=64, help="held-out noises")
+    command.add_argument(
+        "--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)"
+    )
+    command.add_argument("--teacher-steps", type=int, default=64)
+    command.add_argument("--teacher-cache", type=Path, default=None)
+    command.add_argument("--device", default="auto")
+    command.add_argument("--threads", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sampler-amed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1344,15 +1358,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solvers", required=True, help='comma-separated solver[:JSON params], e.g. ipndm:{"max_order":2}')
     c.add_argument("--nfe", type=lambda text: [int(v) for v in text.split(",")], required=True)
     c.add_argument("--afs", action=argparse.BooleanOptionalAction, default=False)
-    c.add_argument("--guidance", type=float, default=1.0)
-    c.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
-    c.add_argument("--num", type=int, default=64, help="held-out noises (the grids' selection range)")
-    c.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises (0..63)")
-    c.add_argument("--teacher-steps", type=int, default=64)
-    c.add_argument("--teacher-cache", type=Path, default=None)
+    _held_out_arguments(c, guidance="the grids' guidance")
     c.add_argument("--dir", type=Path, action="append", default=[])
-    c.add_argument("--device", default="auto")
-    c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", type=Path, required=True)
     c.set_defaults(handler=compare_schedules)
     sg = commands.add_parser(
@@ -1361,14 +1368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("grids", nargs="+", help="[LABEL=]PATH of a grid card")
     sg.add_argument("--model", default="mnist")
     sg.add_argument("--predictor", type=Path, default=None, help="amed_plugin grids: run with this predictor card")
-    sg.add_argument("--guidance", type=float, default=1.0)
-    sg.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
-    sg.add_argument("--num", type=int, default=64, help="held-out noises")
-    sg.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises")
-    sg.add_argument("--teacher-steps", type=int, default=64)
-    sg.add_argument("--teacher-cache", type=Path, default=None)
-    sg.add_argument("--device", default="auto")
-    sg.add_argument("--threads", type=int, default=None)
+    _held_out_arguments(sg, guidance="the grids' guidance")
     sg.add_argument("--out", type=Path, required=True)
     sg.set_defaults(handler=score_grids)
     rk = commands.add_parser(
@@ -1376,15 +1376,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a key has grids of both methods: which is better on held-out noise (the folder's ranking)",
     )
     rk.add_argument("--model", default="mnist")
-    rk.add_argument("--guidance", type=float, default=1.0, help="rank the grids trained for this guidance")
-    rk.add_argument("--prompt", action="append", default=[], help="text-to-image models: prompts")
-    rk.add_argument("--num", type=int, default=64, help="held-out noises")
-    rk.add_argument("--seed-offset", type=int, default=1000, help="from 2**42: past the grids' selection noises")
-    rk.add_argument("--teacher-steps", type=int, default=64)
-    rk.add_argument("--teacher-cache", type=Path, default=None)
+    _held_out_arguments(rk, guidance="rank the grids trained for this guidance")
     rk.add_argument("--dir", type=Path, action="append", default=[], help="grid folders read before the model's")
-    rk.add_argument("--device", default="auto")
-    rk.add_argument("--threads", type=int, default=None)
     rk.add_argument("--out", type=Path, default=None, help=f"the ranking file (default: the model's {RANKING_FILE})")
     rk.set_defaults(handler=rank_grids)
     gc = commands.add_parser("gits-cost", help="GITS's cost matrix and DP path for one solver: where the cost lies")

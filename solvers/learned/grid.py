@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 
@@ -157,10 +157,7 @@ def read_grid(path: Path) -> GridCard:
     Raises:
         GridLoadError: unreadable, not JSON, or not a valid grid; the message names the file.
     """
-    try:
-        return GridCard.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, pydantic.ValidationError) as error:
-        raise GridLoadError(f"{path}: not a valid learned grid ({_detail(error)})") from None
+    return _read(GridCard, path, "learned grid")
 
 
 class RankedGrid(pydantic.BaseModel):
@@ -235,26 +232,32 @@ def read_ranking(path: Path) -> GridRanking:
     Raises:
         GridLoadError: unreadable, not JSON, or not a valid ranking; the message names the file.
     """
+    return _read(GridRanking, path, "learned-grid ranking")
+
+
+Artifact = TypeVar("Artifact", GridCard, GridRanking)
+
+
+def _read(kind: type[Artifact], path: Path, what: str) -> Artifact:
     try:
-        return GridRanking.model_validate_json(path.read_text(encoding="utf-8"))
+        return kind.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, pydantic.ValidationError) as error:
-        raise GridLoadError(f"{path}: not a valid learned-grid ranking ({_detail(error)})") from None
-
-
-def _detail(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return "; ".join(line.strip() for line in text[1:3]) if len(text) > 1 else (text[0] if text else "")
+        text = str(error).strip().splitlines()
+        detail = "; ".join(line.strip() for line in text[1:3]) if len(text) > 1 else (text[0] if text else "")
+        raise GridLoadError(f"{path}: not a valid {what} ({detail})") from None
 
 
 def save_grid(card: GridCard, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(card.model_dump_json(indent=1) + "\n", encoding="utf-8")
-    return path
+    return _write(card, path)
 
 
 def save_ranking(ranking: GridRanking, path: Path) -> Path:
+    return _write(ranking, path)
+
+
+def _write(artifact: GridCard | GridRanking, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(ranking.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    path.write_text(artifact.model_dump_json(indent=1) + "\n", encoding="utf-8")
     return path
 
 
