@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -845,6 +846,8 @@ def rank_grids(args: argparse.Namespace) -> int:
             sigmas = torch.tensor(card.sigmas, dtype=torch.float64)
             with torch.no_grad():
                 score = rmse(Student(spec, params, card.afs).run(denoiser, noise * sigmas[0].item(), sigmas), target)
+            if not math.isfinite(score):
+                raise BenchError(f"{path}: its samples diverge on the held-out noises (RMSE {score}): retrain it")
             ranked.append(RankedGrid(method=card.method, file=path.name, sigmas=card.sigmas, rmse=score))
         ranked.sort(key=lambda grid: grid.rmse)
         shown = ", ".join(f"{grid.method} {grid.rmse:.4f}" for grid in ranked)
