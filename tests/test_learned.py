@@ -4,10 +4,13 @@ when the key is wrong or the file is corrupt; the CLI, the sweep and the service
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -234,17 +237,15 @@ def test_every_shipped_ranking_is_current_and_agrees_with_compare_schedules():
     for folder in sorted(SHIPPED.glob("*/amed")):
         store = PredictorStore([folder])
         assert not store.problems, store.problems
-        path = folder / RANKING_FILE
-        if not path.exists():  # then no key may have grids of both methods
-            assert not store.rankings
-            assert not {key.any_method() for key in store.grids if key.method == "gits"} & {
-                key.any_method() for key in store.grids if key.method == "ld3"
-            }, f"{folder}: grids of both methods and no ranking (sampler-amed rank-grids)"
-            continue
-        ranked = read_ranking(path)
+        # the keys rank-grids ranks: grids of both methods, a plain solver (a plugin's are not ranked)
         groups = {key.any_method() for key in store.grids if key.method == "gits"}
         groups &= {key.any_method() for key in store.grids if key.method == "ld3"}
         groups = {key for key in groups if not solvers.SOLVERS.get(key.solver).needs_predictor}
+        path = folder / RANKING_FILE
+        if not path.exists():
+            assert not groups, f"{folder}: grids of both methods and no ranking (sampler-amed rank-grids)"
+            continue
+        ranked = read_ranking(path)
         assert groups == set(store.rankings), f"{path}: rerun sampler-amed rank-grids"
         for entry in ranked.entries:
             for grid in entry.grids:
@@ -343,20 +344,13 @@ def test_rank_grids_picks_the_grid_a_request_naming_no_method_gets(tmp_path: Pat
 
 
 def _service_plans_on_the_ranked_grid(folder: Path, method: str, sigmas: list[float]) -> None:
-    from sampler_service.jobs import ServedModel
-    from sampler_service.settings import load_settings
-    from tests.test_service import SERVED, RunningServer, request
+    from tests.test_service import request
 
-    served = SERVED.get(load_settings(None, port=0, device="cpu"))["mnist"]  # the session's loaded model
-    mine = {"mnist": ServedModel("mnist", served.model, served.description, predictors=PredictorStore([folder]))}
-    running = RunningServer(served=mine, warmup=False)
-    try:
+    with _serving_mnist_with(folder) as running:
         plan = running.stub.Plan(request(solver="ipndm", nfe=3, schedule="learned", solver_params={"max_order": 2}))
         assert f"learned grid method={method} solver=ipndm" in plan.predictor.key
         assert plan.predictor.available
         assert list(plan.sigmas) == pytest.approx(sigmas, rel=1e-12)
-    finally:
-        running.stop()
 
 
 def test_ld3_through_a_plugin_predictor_learns_the_grid_that_predictor_needs():
@@ -584,15 +578,26 @@ def test_a_shared_teacher_cache_is_written_whole_and_read_back(tmp_path: Path):
     assert read_grid(second).sigmas == read_grid(first).sigmas
 
 
-def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
+@contextlib.contextmanager
+def _serving_mnist_with(folder: Path) -> Iterator[Any]:
+    """A real server on loopback serving the session's loaded `mnist` with the artifacts in `folder`."""
     from sampler_service.jobs import ServedModel
     from sampler_service.settings import load_settings
-    from tests.test_service import SERVED, RunningServer, request, rpc_error
+    from tests.test_service import SERVED, RunningServer
 
-    served = SERVED.get(load_settings(None, port=0, device="cpu"))["mnist"]  # the session's loaded model
+    served = SERVED.get(load_settings(None, port=0, device="cpu"))["mnist"]
     mine = {"mnist": ServedModel("mnist", served.model, served.description, predictors=PredictorStore([folder]))}
     running = RunningServer(served=mine, warmup=False)
     try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
+    from tests.test_service import request, rpc_error
+
+    with _serving_mnist_with(folder) as running:
         params = {"solver": "ipndm", "nfe": 3, "schedule": "learned"}
         plan = running.stub.Plan(request(**params, solver_params={"max_order": 2}, schedule_params={"method": "gits"}))
         assert list(plan.sigmas) == pytest.approx(card.sigmas, rel=1e-12)
@@ -616,8 +621,6 @@ def _service_resolves_the_grid(folder: Path, card: GridCard) -> None:
         assert "learned grid method=gits solver=ipndm" in unnamed.predictor.key
         assert unnamed.predictor.available
         assert list(unnamed.sigmas) == pytest.approx(card.sigmas, rel=1e-12)
-    finally:
-        running.stop()
 
 
 def test_amed_plugin_trains_and_samples_on_a_learned_grid(tmp_path: Path, capsys):
