@@ -26,7 +26,8 @@ solver with its parameters, NFE, AFS and guidance. Its noises are disjoint from 
 and every benchmark's: training trajectory k uses seed `2**41 + seed * 1000003 + k`, held-out
 selection (which GITS coefficient, which LD3 epoch) `2**42 + seed * 1000003 + k`. It writes
 `grid-<method>-<solver>...json` (the sigmas and a card: command, revision, teacher, seeds,
-losses, cost) beside the predictors. An AMED plugin's grid is learned with the untrained
+losses, cost) beside the predictors; `select-grid` keeps the best of one key's grids trained apart
+(one per `--seed`) on the predictors' held-out noises. An AMED plugin's grid is learned with the untrained
 (neutral, r = 1/2) predictor; train its predictor on the grid afterwards with
 `train --schedule learned --schedule-params '{"method": "gits"}'`. Where one key has grids of both
 methods, `rank-grids` scores them on held-out noise and writes the folder's ranking, which picks
@@ -82,6 +83,7 @@ from solvers.amed import (
 from solvers.errors import MissingGridError
 from solvers.learned import (
     ANY_METHOD,
+    GRID_FILE_PREFIX,
     GRID_SELECTION_SEED_BASE,
     GRID_TRAINING_SEED_BASE,
     RANKING_FILE,
@@ -288,7 +290,7 @@ def train(args: argparse.Namespace) -> int:
             model,
             conditioned,
             [Student(spec, params, args.afs, predictor) for predictor, _, _ in runs],
-            sigmas,
+            [sigmas] * len(runs),
             args.seeds,
             [summary.wall_seconds for _, _, summary in runs],
         )
@@ -377,14 +379,15 @@ def _select(
     model: models.Model,
     conditioned: Callable[[Sequence[int]], solvers.Denoiser],
     students: Sequence[Student],
-    sigmas: torch.Tensor,
+    sigmas: Sequence[torch.Tensor],
     seeds: Sequence[int],
     wall_seconds: Sequence[float],
     labels: Sequence[str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Which of several trained predictors (one per training seed) has the lowest RMSE against a
-    Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and the record of it for the card.
-    `labels` name the candidates in the printed line (default: their seeds)."""
+    """Which of several candidates trained apart (one per training seed: a predictor, or a grid)
+    has the lowest RMSE against a Heun teacher on held-out noises `SELECTION_SEED_BASE + k`, and
+    the record of it for the card. Candidate i runs `students[i]` on `sigmas[i]`; `labels` name the
+    candidates in the printed line (default: their seeds)."""
     noises = list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + args.selection))
     judge = Teacher(steps=args.selection_teacher_steps)
     denoiser = conditioned(noises)
@@ -399,9 +402,9 @@ def _select(
         lambda: [judge.final(denoiser, noise * model.sigma_max)],
     )[0]
     scores = []
-    for student in students:
+    for student, grid in zip(students, sigmas, strict=True):
         with torch.no_grad():
-            scores.append(rmse(student.run(denoiser, noise * sigmas[0].item(), sigmas), target))
+            scores.append(rmse(student.run(denoiser, noise * grid[0].item(), grid), target))
     chosen = min(range(len(students)), key=scores.__getitem__)
     names = list(labels) if labels is not None else [f"seed {seed}" for seed in seeds]
     listed = ", ".join(f"{name}: {v:.4f}" for name, v in zip(names, scores, strict=True))
@@ -482,7 +485,7 @@ def select(args: argparse.Namespace) -> int:
     walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
     conditioned = _conditioning(model, [], first.guidance)
     labels = [f"{folder} (seed {seed})" for folder, seed in zip(args.candidates, seeds, strict=True)]
-    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls, labels)
+    chosen, selection = _select(args, model, conditioned, students, [sigmas] * len(students), seeds, walls, labels)
     # candidates may differ in more than the seed (an earlier budget, another init): say how each was trained
     selection["selection"]["candidates"] = [
         {
@@ -501,6 +504,82 @@ def select(args: argparse.Namespace) -> int:
     shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
     stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
     print(f"kept {labels[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+def _grid_candidate(given: Path) -> Path:
+    """A grid card named directly, or the only one in a folder (one folder per seed)."""
+    if given.is_dir():
+        cards = sorted(given.glob(f"{GRID_FILE_PREFIX}*.json"))
+        if len(cards) != 1:
+            raise BenchError(f"{given}: expected one grid card ({GRID_FILE_PREFIX}*.json), found {len(cards)}")
+        return cards[0]
+    return given
+
+
+def select_grid(args: argparse.Namespace) -> int:
+    """The best of grids trained apart (one per seed) for one key, chosen on the noises and judge
+    that choose among predictors' seeds (`2**43 + k`, Heun-64): no grid was trained or selected on
+    them (grids use `2**41 + ...` and `2**42 + ...`), and neither was any benchmark row."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = models.load(args.model, device=args.device)
+    except models.ModelError as error:
+        raise BenchError(str(error)) from None
+    found: list[tuple[Path, GridCard]] = []
+    for given in args.candidates:
+        path = _grid_candidate(given)
+        try:
+            found.append((path, read_grid(path)))
+        except GridLoadError as error:
+            raise BenchError(str(error)) from None
+    if len(found) < 2:
+        raise BenchError("select-grid: give two or more candidate grids")
+    if len({path.resolve() for path, _ in found}) != len(found):
+        raise BenchError("select-grid: a candidate grid is given twice")
+    first = found[0][1]
+    for path, card in found[1:]:
+        if card.key() != first.key():
+            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
+    if first.model_fingerprint != model.fingerprint:
+        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
+    student = Student.of(first.solver, first.solver_params, first.afs)
+    if student.spec.needs_predictor:
+        raise BenchError(
+            f"select-grid: {first.solver}'s grids are scored through the predictor trained on each; "
+            "train one per grid and choose with `select --grid-dir`"
+        )
+    seeds = [int(card.training.get("seed", 0)) for _, card in found]
+    labels = [f"{path} (seed {seed})" for (path, _), seed in zip(found, seeds, strict=True)]
+    judged = argparse.Namespace(**vars(args), guidance=first.guidance)
+    chosen, selection = _select(
+        judged,
+        model,
+        _conditioning(model, [], first.guidance),
+        [student] * len(found),
+        [torch.tensor(card.sigmas, dtype=torch.float64) for _, card in found],
+        seeds,
+        [float(card.training.get("wall_seconds", 0.0)) for _, card in found],
+        labels,
+    )
+    selection["selection"]["candidates"] = [
+        {
+            "seed": seed,
+            "file": path.name,
+            "init": card.training.get("init"),
+            "trajectories": card.training.get("trajectories"),
+            "epochs": card.training.get("epochs"),
+            "own_selection_rmse": card.training.get("loss"),
+            "held_out_rmse": score,
+            "sigmas": card.sigmas,
+        }
+        for seed, (path, card), score in zip(seeds, found, selection["selection"]["held_out_rmse"], strict=True)
+    ]
+    path, card = found[chosen]
+    best = card.model_copy(update={"training": {**card.training, **selection}})
+    written = save_grid(best, args.out / path.name)
+    print(f"kept {labels[chosen]}: wrote {written}", file=sys.stderr)
     return 0
 
 
@@ -1408,6 +1487,18 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--threads", type=int, default=None)
     sel.add_argument("--out", type=Path, required=True)
     sel.set_defaults(handler=select)
+    sgr = commands.add_parser(
+        "select-grid", help="keep the best of grids trained apart for one key (one per seed) on held-out noise"
+    )
+    sgr.add_argument("candidates", nargs="+", type=Path, help="grid cards, or folders holding one each")
+    sgr.add_argument("--model", default="mnist")
+    sgr.add_argument("--selection", type=int, default=128, help="held-out noises")
+    sgr.add_argument("--selection-teacher-steps", type=int, default=64)
+    sgr.add_argument("--teacher-cache", type=Path, default=None)
+    sgr.add_argument("--device", default="auto")
+    sgr.add_argument("--threads", type=int, default=None)
+    sgr.add_argument("--out", type=Path, required=True)
+    sgr.set_defaults(handler=select_grid)
     o = commands.add_parser(
         "oracle-grid",
         help="the bound of grid learning: a grid fitted to a sweep's own noises and reference by LD3's Adam or a "

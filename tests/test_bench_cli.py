@@ -209,7 +209,9 @@ def test_t2i_speed_writes_its_rows(tmp_path, capsys, tiny_pipelines):
     assert "expected a text-to-image pipeline" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "train-schedule", "compare-schedules", "score-grids", "select", "list"])
+@pytest.mark.parametrize(
+    "command", ["train", "train-schedule", "compare-schedules", "score-grids", "select", "select-grid", "list"]
+)
 def test_sampler_amed_help_renders(command, capsys):
     """argparse formats help with %: a stray % in a help string makes --help a traceback."""
     from bench.amed import main as amed_main

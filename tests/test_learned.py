@@ -554,6 +554,61 @@ def test_train_schedule_command_lists_and_the_sweep_and_service_use_the_grid(tmp
     _service_resolves_the_grid(out, card)
 
 
+def test_select_grid_keeps_the_seed_that_scores_best_on_held_out_noise(tmp_path: Path, capsys):
+    """Grids of one key trained apart (one seed each, tiny LD3) are scored on the predictors'
+    held-out noises (2**43 + k) against a Heun judge; the lowest is written with every candidate's
+    score. score-grids on the same noises and judge (its offset moved to 2**43) gives the same
+    scores, so the choice is the benchmark's, not an artefact of the command."""
+    from bench.amed import main as amed_main
+
+    args = ["train-schedule", "--method", "ld3", "--model", "mnist", "--solver", "unipc", "--nfe", "3", "--afs"]
+    args += ["--init", "polynomial", "--trajectories", "8", "--batch-size", "4", "--epochs", "1"]
+    args += ["--selection", "4", "--teacher-steps", "8", "--threads", "1", "--quiet"]
+    for seed in (0, 1):
+        assert amed_main([*args, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    (first,), (second,) = (list((tmp_path / f"s{seed}").glob("grid-*.json")) for seed in (0, 1))
+    cards = [read_grid(first), read_grid(second)]
+    assert cards[0].sigmas != cards[1].sigmas
+
+    judge = ["--selection", "4", "--selection-teacher-steps", "4", "--threads", "1"]
+    capsys.readouterr()
+    assert amed_main(["select-grid", str(tmp_path / "s0"), str(second), *judge, "--out", str(tmp_path / "kept")]) == 0
+    picked = read_grid(tmp_path / "kept" / first.name)
+    record = picked.training["selection"]
+    scores = record["held_out_rmse"]
+    assert (record["seeds"], record["first_noise_seed"], record["noises"]) == ([0, 1], 2**43, 4)
+    assert scores[0] != scores[1]
+    best = scores.index(min(scores))
+    assert record["chosen_seed"] == best
+    assert picked.sigmas == cards[best].sigmas
+    assert picked.training["seed"] == best
+    assert [c["sigmas"] for c in record["candidates"]] == [card.sigmas for card in cards]
+    assert f"keeping {[first, second][best]} (seed {best})" in capsys.readouterr().err
+    assert PredictorStore([tmp_path / "kept"]).grid_keys(picked.model_fingerprint) == [picked.key()]
+
+    score = ["score-grids", f"s0={first}", f"s1={second}", "--num", "4", "--teacher-steps", "4"]
+    assert amed_main([*score, "--seed-offset", str(2**42), "--out", str(tmp_path / "score")]) == 0
+    rows = json.loads((tmp_path / "score" / "results.json").read_text())["rows"]
+    assert [row["rmse_teacher"] for row in rows] == pytest.approx(scores, rel=1e-6)
+
+    out = ["--out", str(tmp_path / "x")]
+    nfe4 = [*args[: args.index("--nfe") + 1], "4", *args[args.index("--nfe") + 2 :]]
+    assert amed_main([*nfe4, "--out", str(tmp_path / "s4")]) == 0
+    capsys.readouterr()
+    assert amed_main(["select-grid", str(first), str(tmp_path / "s4"), *judge, *out]) == 2
+    err = capsys.readouterr().err
+    assert "nfe=4 afs=True guidance=1, not model" in err
+    assert "nfe=3 afs=True" in err
+    assert amed_main(["select-grid", str(first), str(tmp_path / "s0"), *judge, *out]) == 2
+    assert "a candidate grid is given twice" in capsys.readouterr().err
+    assert amed_main(["select-grid", str(tmp_path), str(first), *judge, *out]) == 2
+    assert f"{tmp_path}: expected one grid card" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert amed_main(["select-grid", str(first), str(tmp_path / "broken.json"), *judge, *out]) == 2
+    assert "broken.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_shared_teacher_cache_is_written_whole_and_read_back(tmp_path: Path):
     """Two trainings with one `--teacher-cache`: the first writes its teacher solves (staged and
     renamed into place, so a process sharing the cache never reads half a file), the second reads

@@ -12,6 +12,7 @@ The `learned` schedule (schedules.py) steps along a grid the caller looked up in
 
 from .grid import (
     ANY_METHOD,
+    GRID_FILE_PREFIX,
     GRID_SELECTION_SEED_BASE,
     GRID_TRAINING_SEED_BASE,
     RANKING_FILE,
@@ -32,6 +33,7 @@ from .grid import (
 
 __all__ = [
     "ANY_METHOD",
+    "GRID_FILE_PREFIX",
     "GRID_SELECTION_SEED_BASE",
     "GRID_TRAINING_SEED_BASE",
     "RANKING_FILE",
