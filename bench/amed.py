@@ -563,7 +563,8 @@ def select_grid(args: argparse.Namespace) -> int:
         [float(card.training.get("wall_seconds", 0.0)) for _, card in found],
         labels,
     )
-    selection["selection"]["candidates"] = [
+    record = selection["selection"]
+    record["candidates"] = [
         {
             "seed": seed,
             "file": path.name,
@@ -574,10 +575,11 @@ def select_grid(args: argparse.Namespace) -> int:
             "held_out_rmse": score,
             "sigmas": card.sigmas,
         }
-        for seed, (path, card), score in zip(seeds, found, selection["selection"]["held_out_rmse"], strict=True)
+        for seed, (path, card), score in zip(seeds, found, record["held_out_rmse"], strict=True)
     ]
     path, card = found[chosen]
-    best = card.model_copy(update={"training": {**card.training, **selection}})
+    # beside, not over, the training's own `selection` (how many noises chose its epoch)
+    best = card.model_copy(update={"training": {**card.training, "seed_selection": record}})
     written = save_grid(best, args.out / path.name)
     print(f"kept {labels[chosen]}: wrote {written}", file=sys.stderr)
     return 0

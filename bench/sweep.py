@@ -560,6 +560,10 @@ def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nf
         "trajectories": training.get("selection", 0),
     }
     _check_held_out(selection, config, wanted.describe())
+    picked = training.get("seed_selection")  # the held-out noises that chose among seeds (select-grid)
+    if picked:
+        chose = {"first_noise_seed": picked["first_noise_seed"], "trajectories": picked["noises"]}
+        _check_held_out(chose, config, wanted.describe())
     return provenance.shown_path(path), grid, wanted.method
 
 

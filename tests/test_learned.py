@@ -574,7 +574,8 @@ def test_select_grid_keeps_the_seed_that_scores_best_on_held_out_noise(tmp_path:
     capsys.readouterr()
     assert amed_main(["select-grid", str(tmp_path / "s0"), str(second), *judge, "--out", str(tmp_path / "kept")]) == 0
     picked = read_grid(tmp_path / "kept" / first.name)
-    record = picked.training["selection"]
+    record = picked.training["seed_selection"]
+    assert picked.training["selection"] == 4  # the noises that chose its epoch, kept
     scores = record["held_out_rmse"]
     assert (record["seeds"], record["first_noise_seed"], record["noises"]) == ([0, 1], 2**43, 4)
     assert scores[0] != scores[1]
@@ -585,6 +586,20 @@ def test_select_grid_keeps_the_seed_that_scores_best_on_held_out_noise(tmp_path:
     assert [c["sigmas"] for c in record["candidates"]] == [card.sigmas for card in cards]
     assert f"keeping {[first, second][best]} (seed {best})" in capsys.readouterr().err
     assert PredictorStore([tmp_path / "kept"]).grid_keys(picked.model_fingerprint) == [picked.key()]
+
+    # a sweep on the kept grid scores it, and refuses noises that chose it among the seeds
+    from bench.__main__ import main as bench_main
+
+    sweep = ["fd-vs-nfe", "--solvers", "unipc", "--nfe", "3", "--afs", "--schedule", "learned", "--num-samples", "8"]
+    sweep += ["--batch-size", "8", "--reference-steps", "4", "--reference-check", "4", "--bootstrap", "0"]
+    sweep += ["--device", "cpu", "--grid", "0", "--predictor-dir", str(tmp_path / "kept")]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        assert bench_main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert json.loads(row["grid_sigmas"]) == picked.sigmas
+    capsys.readouterr()
+    assert bench_main([*sweep, "--seed-base", str(2**43 + 3), "--out", str(tmp_path / "sweep2")]) == 2
+    assert f"trained on noise seeds {2**43}..{2**43 + 3}, which overlap" in capsys.readouterr().err
 
     score = ["score-grids", f"s0={first}", f"s1={second}", "--num", "4", "--teacher-steps", "4"]
     assert amed_main([*score, "--seed-offset", str(2**42), "--out", str(tmp_path / "score")]) == 0
