@@ -423,32 +423,42 @@ def _select(
     }
 
 
-def select(args: argparse.Namespace) -> int:
-    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
-    chosen and recorded exactly as `train --seeds` does, written to --out."""
+def _candidates_model(
+    args: argparse.Namespace, command: str, noun: str, found: Sequence[tuple[Path, PredictorCard | GridCard]]
+) -> models.Model:
+    """`select` and `select-grid`: the model the candidates were trained for, once they are checked
+    to be two or more, distinct, and of one key for that model (else BenchError naming the file)."""
+    if len(found) < 2:
+        raise BenchError(f"{command}: give two or more candidates")
+    if len({path.resolve() for path, _ in found}) != len(found):
+        raise BenchError(f"{command}: a candidate {noun} is given twice")
+    first = found[0][1]
+    for path, card in found[1:]:
+        if card.key() != first.key():
+            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = models.load(args.model, device=args.device)
     except models.ModelError as error:
         raise BenchError(str(error)) from None
+    if first.model_fingerprint != model.fingerprint:
+        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
+    return model
+
+
+def select(args: argparse.Namespace) -> int:
+    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
+    chosen and recorded exactly as `train --seeds` does, written to --out."""
     found: list[tuple[Path, PredictorCard]] = []
     for folder in args.candidates:
         cards = sorted(Path(folder).glob("*.json"))
         if len(cards) != 1:
             raise BenchError(f"{folder}: expected one predictor card, found {len(cards)}")
         found.append((cards[0], read_card(cards[0])))
-    if len(found) < 2:
-        raise BenchError("select: give two or more candidate folders")
+    model = _candidates_model(args, "select", "folder", found)
     first = found[0][1]
-    for path, card in found[1:]:
-        if card.key() != first.key():
-            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
-    if len({path.resolve() for path, _ in found}) != len(found):
-        raise BenchError("select: a candidate folder is given twice")
     seeds = [int(card.training.get("seed", 0)) for _, card in found]
-    if first.model_fingerprint != model.fingerprint:
-        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
     spec = solvers.SOLVERS.get(first.solver)
     # The card keeps the plugin's order limit; a grid is keyed by the parameters it was trained with,
     # which leave max_order out when it is the base's default: both spellings are tried, in turn.
@@ -521,12 +531,6 @@ def select_grid(args: argparse.Namespace) -> int:
     """The best of grids trained apart (one per seed) for one key, chosen on the noises and judge
     that choose among predictors' seeds (`2**43 + k`, Heun-64): no grid was trained or selected on
     them (grids use `2**41 + ...` and `2**42 + ...`), and neither was any benchmark row."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model = models.load(args.model, device=args.device)
-    except models.ModelError as error:
-        raise BenchError(str(error)) from None
     found: list[tuple[Path, GridCard]] = []
     for given in args.candidates:
         path = _grid_candidate(given)
@@ -534,16 +538,8 @@ def select_grid(args: argparse.Namespace) -> int:
             found.append((path, read_grid(path)))
         except GridLoadError as error:
             raise BenchError(str(error)) from None
-    if len(found) < 2:
-        raise BenchError("select-grid: give two or more candidate grids")
-    if len({path.resolve() for path, _ in found}) != len(found):
-        raise BenchError("select-grid: a candidate grid is given twice")
+    model = _candidates_model(args, "select-grid", "grid", found)
     first = found[0][1]
-    for path, card in found[1:]:
-        if card.key() != first.key():
-            raise BenchError(f"{path}: trained for {card.key().describe()}, not {first.key().describe()}")
-    if first.model_fingerprint != model.fingerprint:
-        raise BenchError(f"--model {args.model}: fingerprint differs from the candidates' {first.model}")
     student = Student.of(first.solver, first.solver_params, first.afs)
     if student.spec.needs_predictor:
         raise BenchError(
