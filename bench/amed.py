@@ -70,6 +70,7 @@ from solvers.amed import (
     PredictorCard,
     PredictorConfig,
     PredictorStore,
+    TrainedGrid,
     TrainingSettings,
     TrainingSummary,
     load_predictor,
@@ -212,7 +213,7 @@ def train(args: argparse.Namespace) -> int:
 
     # The student's run as sampling will run it: its grid and the predictor's key come from this plan
     # (a learned coarse grid: the teacher subdivides each interval geometrically).
-    plan, learned_grid = _student_plan(
+    plan, found = _student_plan(
         model,
         args.model,
         args.grid_dir,
@@ -226,7 +227,7 @@ def train(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     sigmas = plan.sigmas
-    teacher_sigmas = subdivide(sigmas, substeps + 1) if learned_grid is not None else grid((substeps + 1) * steps)
+    teacher_sigmas = subdivide(sigmas, substeps + 1) if found is not None else grid((substeps + 1) * steps)
     conditioned = _conditioning(model, args.prompt, args.guidance)
 
     feature_shape = None
@@ -301,6 +302,7 @@ def train(args: argparse.Namespace) -> int:
         model_fingerprint=model.fingerprint,
         guidance=args.guidance,
         config=config,
+        grid=_trained_on(found),
         training={
             **settings.as_dict(),
             **summary.as_dict(),
@@ -339,11 +341,14 @@ def _student_plan(
     nfe: int,
     afs: bool,
     guidance: float,
-) -> tuple[solvers.SamplingPlan, torch.Tensor | None]:
+    grid_file: Path | None = None,
+) -> tuple[solvers.SamplingPlan, tuple[Path, GridCard] | None]:
     """The plan a predictor is trained and selected on, and its learned grid (None on a designed
-    schedule): the grid is found by its key in `grid_dirs`, then the model's own folder (with no
-    method named, the one sampling would pick: the plan's key then names it)."""
+    schedule): the card at `grid_file` when given, else the grid found by its key in `grid_dirs`,
+    then the model's own folder (with no method named, the one sampling would pick: the plan's key
+    then names it)."""
     learned_grid = None
+    found: tuple[Path, GridCard] | None = None
     if solvers.SCHEDULES.get(schedule).needs_grid:
         store = PredictorStore([*grid_dirs, predictor_folder(model, source)])
         wanted = store.resolve_grid(
@@ -357,7 +362,18 @@ def _student_plan(
                 guidance=guidance,
             )
         )
-        learned_grid = store.find_grid(wanted, source)
+        if grid_file is not None:  # a candidate's own grid (select): of the same key
+            try:
+                card = read_grid(grid_file)
+            except GridLoadError as error:
+                raise BenchError(str(error)) from None
+            if card.key() != wanted:
+                raise BenchError(f"{grid_file}: a grid for {card.key().describe()}, not {wanted.describe()}")
+            found = (grid_file, card)
+        else:
+            store.find_grid(wanted, source)  # MissingGridError, with the command that trains it
+            found = store.grids[wanted]
+        learned_grid = torch.tensor(found[1].sigmas, dtype=torch.float64)
         schedule_params = schedule_params.model_copy(update={"method": wanted.method})
     plan = solvers.plan(
         solver,
@@ -371,7 +387,15 @@ def _student_plan(
         sigma_levels=model.sigma_levels,
         grid=learned_grid,
     )
-    return plan, learned_grid
+    return plan, found
+
+
+def _trained_on(found: tuple[Path, GridCard] | None) -> TrainedGrid | None:
+    """What a predictor card records of the learned grid it was trained (or chosen) on."""
+    if found is None:
+        return None
+    path, card = found
+    return TrainedGrid(file=path.name, method=card.method, solver_params=card.solver_params, sigmas=card.sigmas)
 
 
 def _select(
@@ -447,74 +471,146 @@ def _candidates_model(
     return model
 
 
-def select(args: argparse.Namespace) -> int:
-    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
-    chosen and recorded exactly as `train --seeds` does, written to --out."""
-    found: list[tuple[Path, PredictorCard]] = []
-    for folder in args.candidates:
-        cards = sorted(Path(folder).glob("*.json"))
-        if len(cards) != 1:
-            raise BenchError(f"{folder}: expected one predictor card, found {len(cards)}")
-        found.append((cards[0], read_card(cards[0])))
-    model = _candidates_model(args, "select", "folder", found)
-    first = found[0][1]
-    seeds = [int(card.training.get("seed", 0)) for _, card in found]
-    spec = solvers.SOLVERS.get(first.solver)
+def _candidate_plan(
+    args: argparse.Namespace, model: models.Model, card: PredictorCard, grid_file: Path | None
+) -> tuple[solvers.SamplingPlan, tuple[Path, GridCard] | None]:
+    """The plan a predictor candidate of `select` runs on: its own grid (`grid_file`), else the
+    grid `train` would find by its key (`--grid-dir`, then the model's folder); refused where that
+    grid is not the one its card says it was trained on, or its key is not the card's."""
+    spec = solvers.SOLVERS.get(card.solver)
     # The card keeps the plugin's order limit; a grid is keyed by the parameters it was trained with,
     # which leave max_order out when it is the base's default: both spellings are tried, in turn.
-    forms = [{"base": first.base, "max_order": first.base_max_order}] if first.base else [{}]
-    if first.base and spec.parse_params({"base": first.base}).order_limit() == first.base_max_order:
-        forms.append({"base": first.base})
+    forms = [{"base": card.base, "max_order": card.base_max_order}] if card.base else [{}]
+    if card.base and spec.parse_params({"base": card.base}).order_limit() == card.base_max_order:
+        forms.append({"base": card.base})
     for index, form in enumerate(forms):
-        params = spec.parse_params(form)
-        try:  # the grid sampling would use (a learned one found by its key, as `train` finds it)
-            plan, _ = _student_plan(
+        try:
+            plan, found = _student_plan(
                 model,
                 args.model,
                 args.grid_dir,
-                solver=first.solver,
-                params=params,
-                steps=first.steps,
-                schedule=first.schedule,
-                schedule_params=solvers.SCHEDULES.get(first.schedule).parse_params(first.schedule_params),
-                nfe=first.nfe,
-                afs=first.afs,
-                guidance=first.guidance,
+                solver=card.solver,
+                params=spec.parse_params(form),
+                steps=card.steps,
+                schedule=card.schedule,
+                schedule_params=solvers.SCHEDULES.get(card.schedule).parse_params(card.schedule_params),
+                nfe=card.nfe,
+                afs=card.afs,
+                guidance=card.guidance,
+                grid_file=grid_file,
             )
             break
-        except MissingGridError:
+        except (MissingGridError, BenchError):
             if index == len(forms) - 1:
                 raise
-    expected = predictor_key(plan, model_fingerprint=model.fingerprint, guidance=first.guidance)
-    if first.key() != expected:  # a learned grid whose end points are not the ones it was trained on
+    expected = predictor_key(plan, model_fingerprint=model.fingerprint, guidance=card.guidance)
+    if card.key() != expected:  # a learned grid whose end points are not the ones it was trained on
         raise BenchError(
-            f"select: the candidates are for {first.key().describe()}, the grid found gives {expected.describe()}"
+            f"select: the candidates are for {card.key().describe()}, the grid found gives {expected.describe()}"
         )
-    sigmas = plan.sigmas
-    students = [Student(spec, params, first.afs, load_predictor(path, model.device)[0]) for path, _ in found]
+    if card.grid is not None and found is not None and card.grid.sigmas != found[1].sigmas:
+        raise BenchError(
+            f"select: the predictor for {card.key().describe()} was trained on the grid {card.grid.file}, "
+            f"not on {found[0]} (other sigmas)"
+        )
+    return plan, found
+
+
+def select(args: argparse.Namespace) -> int:
+    """The best of predictors trained apart (one per seed, e.g. in parallel processes) for one key,
+    chosen and recorded exactly as `train --seeds` does, written to --out. On a learned schedule a
+    candidate folder may also hold the grid its predictor was trained on (one grid per grid seed,
+    a predictor trained on each): every candidate runs on its own grid, and where any has one, the
+    kept candidate's grid is written too, with the record of the choice (as `select-grid` keeps)."""
+    found: list[tuple[Path, PredictorCard]] = []
+    grid_files: list[Path | None] = []
+    for folder in args.candidates:
+        jsons = sorted(Path(folder).glob("*.json"))
+        cards = [path for path in jsons if not path.name.startswith(GRID_FILE_PREFIX)]
+        grids = [path for path in jsons if path.name.startswith(GRID_FILE_PREFIX)]
+        if len(cards) != 1:
+            raise BenchError(f"{folder}: expected one predictor card, found {len(cards)}")
+        if len(grids) > 1:
+            raise BenchError(f"{folder}: expected at most one grid card ({GRID_FILE_PREFIX}*.json), found {len(grids)}")
+        found.append((cards[0], read_card(cards[0])))
+        grid_files.append(grids[0] if grids else None)
+    model = _candidates_model(args, "select", "folder", found)
+    first = found[0][1]
+    if any(grid_files) and not solvers.SCHEDULES.get(first.schedule).needs_grid:
+        raise BenchError(f"select: a candidate holds a grid, but the predictors are for schedule {first.schedule}")
+    planned = [_candidate_plan(args, model, card, grid) for (_, card), grid in zip(found, grid_files, strict=True)]
+    seeds = [int(card.training.get("seed", 0)) for _, card in found]
+    spec = solvers.SOLVERS.get(first.solver)
+    students = [
+        Student(spec, plan.params, first.afs, load_predictor(path, model.device)[0])
+        for (path, _), (plan, _) in zip(found, planned, strict=True)
+    ]
     walls = [float(card.training.get("wall_seconds", 0.0)) for _, card in found]
     conditioned = _conditioning(model, [], first.guidance)
     labels = [f"{folder} (seed {seed})" for folder, seed in zip(args.candidates, seeds, strict=True)]
-    chosen, selection = _select(args, model, conditioned, students, [sigmas] * len(students), seeds, walls, labels)
-    # candidates may differ in more than the seed (an earlier budget, another init): say how each was trained
-    selection["selection"]["candidates"] = [
+    sigmas = [plan.sigmas for plan, _ in planned]
+    chosen, selection = _select(args, model, conditioned, students, sigmas, seeds, walls, labels)
+    record = selection["selection"]
+    # candidates may differ in more than the seed (an earlier budget, another init, their grid): say how
+    record["candidates"] = [
         {
             "seed": seed,
             "trajectories": card.training.get("trajectories"),
             "batch_size": card.training.get("batch_size"),
             "init": card.training.get("init", "neutral"),
             "held_out_rmse": score,
+            **({"grid": {"file": str(grid[0]), "seed": grid[1].training.get("seed", 0)}} if grid else {}),
         }
-        for seed, (_, card), score in zip(seeds, found, selection["selection"]["held_out_rmse"], strict=True)
+        for seed, (_, card), (_, grid), score in zip(seeds, found, planned, record["held_out_rmse"], strict=True)
     ]
     path, card = found[chosen]
-    best = card.model_copy(update={"training": {**card.training, **selection}})
+    kept_grid = planned[chosen][1]
+    best = card.model_copy(update={"grid": _trained_on(kept_grid), "training": {**card.training, **selection}})
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / path.stem
     shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
     stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
     print(f"kept {labels[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
+    if any(grid_files):  # the grids were chosen among too: the kept one goes with its predictor
+        assert kept_grid is not None
+        written = save_grid(_grid_chosen(kept_grid[1], record, planned, path.name), args.out / kept_grid[0].name)
+        print(f"kept its grid {kept_grid[0]}: wrote {written}", file=sys.stderr)
     return 0
+
+
+def _grid_chosen(
+    card: GridCard,
+    record: dict[str, Any],
+    planned: Sequence[tuple[solvers.SamplingPlan, tuple[Path, GridCard] | None]],
+    predictor: str,
+) -> GridCard:
+    """`card` (the kept candidate's grid) with the `seed_selection` record of a choice among
+    (grid, predictor) pairs: each candidate's grid seed, file, sigmas and the pair's held-out score."""
+    grids = [grid for _, grid in planned]
+    assert all(grid is not None for grid in grids)
+    seed_selection = {
+        **record,
+        "seeds": [grid[1].training.get("seed", 0) for grid in grids if grid],
+        "chosen_seed": card.training.get("seed", 0),
+        "predictor": predictor,
+        "candidates": [
+            {
+                "seed": grid[1].training.get("seed", 0),
+                "file": grid[0].name,
+                "init": grid[1].training.get("init"),
+                "trajectories": grid[1].training.get("trajectories"),
+                "epochs": grid[1].training.get("epochs"),
+                "own_selection_rmse": grid[1].training.get("loss"),
+                "held_out_rmse": candidate["held_out_rmse"],
+                "sigmas": grid[1].sigmas,
+                "predictor_seed": candidate["seed"],
+                "predictor_trajectories": candidate["trajectories"],
+            }
+            for grid, candidate in zip(grids, record["candidates"], strict=True)
+            if grid
+        ],
+    }
+    return card.model_copy(update={"training": {**card.training, "seed_selection": seed_selection}})
 
 
 def _grid_candidate(given: Path) -> Path:

@@ -25,6 +25,7 @@ from solvers.amed import PredictorStore, read_card
 from solvers.errors import MissingGridError
 from solvers.learned import (
     ANY_METHOD,
+    GRID_FILE_PREFIX,
     RANKING_FILE,
     GridCard,
     GridLoadError,
@@ -644,6 +645,90 @@ def test_select_grid_keeps_the_seed_that_scores_best_on_held_out_noise(tmp_path:
     (tmp_path / "broken.json").write_text("{not json")
     assert amed_main(["select-grid", str(first), str(tmp_path / "broken.json"), *judge, *out]) == 2
     assert "broken.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_select_keeps_the_best_grid_and_predictor_pair(tmp_path: Path, capsys):
+    """AMED-Plugin grids of one key trained apart (one seed each, tiny LD3), a predictor trained on
+    each (its card records the grid): `select` runs every predictor on its own grid, keeps the
+    pair that scores lowest on the held-out noises and writes both, the grid with the record of the
+    choice. score-grids with each predictor on its grid, on the same noises and judge, gives the
+    same scores. A predictor beside a grid other than its own is refused by `select`, and dropped
+    by the store (a sweep then gets the missing-predictor error)."""
+    from bench.__main__ import main as bench_main
+    from bench.amed import main as amed_main
+
+    plugin = ["--model", "mnist", "--solver", "amed_plugin", "--nfe", "3", "--afs", "--threads", "1", "--quiet"]
+    grid_args = ["train-schedule", "--method", "ld3", *plugin, "--solver-params", '{"base": "ipndm", "max_order": 2}']
+    grid_args += ["--init", "polynomial", "--trajectories", "8", "--batch-size", "4", "--epochs", "1"]
+    grid_args += ["--selection", "4", "--teacher-steps", "8"]
+    train = ["train", *plugin, "--base", "ipndm", "--base-max-order", "2", "--schedule", "learned"]
+    train += ["--schedule-params", '{"method": "ld3"}', "--trajectories", "4", "--batch-size", "4"]
+    folders = [tmp_path / f"s{seed}" for seed in (0, 1)]
+    for seed, folder in enumerate(folders):
+        assert amed_main([*grid_args, "--seed", str(seed), "--out", str(folder)]) == 0
+        assert amed_main([*train, "--seed", str(seed), "--grid-dir", str(folder), "--out", str(folder)]) == 0
+    grids = [next(folder.glob("grid-*.json")) for folder in folders]
+    preds = [next(p for p in folder.glob("amed_plugin-*.json")) for folder in folders]
+    cards = [read_grid(path) for path in grids]
+    assert cards[0].sigmas != cards[1].sigmas
+    for pred, grid, card in zip(preds, grids, cards, strict=True):
+        trained_on = read_card(pred).grid
+        assert trained_on is not None
+        assert (trained_on.file, trained_on.method, trained_on.sigmas) == (grid.name, "ld3", card.sigmas)
+
+    judge = ["--selection", "4", "--selection-teacher-steps", "4", "--threads", "1"]
+    kept = tmp_path / "kept"
+    capsys.readouterr()
+    assert amed_main(["select", *map(str, folders), *judge, "--out", str(kept)]) == 0
+    assert "kept its grid" in capsys.readouterr().err
+    (kept_pred,) = kept.glob("amed_plugin-*.json")
+    (kept_grid,) = kept.glob("grid-*.json")
+    predictor, grid = read_card(kept_pred), read_grid(kept_grid)
+    scores = predictor.training["selection"]["held_out_rmse"]
+    assert scores[0] != scores[1]
+    best = scores.index(min(scores))
+    assert predictor.training["seed"] == grid.training["seed"] == best
+    assert predictor.grid is not None
+    assert predictor.grid.sigmas == grid.sigmas == cards[best].sigmas
+    assert (kept_pred.with_suffix(".safetensors")).read_bytes() == preds[best].with_suffix(".safetensors").read_bytes()
+    record = grid.training["seed_selection"]
+    assert (record["chosen_seed"], record["held_out_rmse"], record["first_noise_seed"]) == (best, scores, 2**43)
+    assert [c["sigmas"] for c in record["candidates"]] == [card.sigmas for card in cards]
+    assert [c["grid"]["seed"] for c in predictor.training["selection"]["candidates"]] == [0, 1]
+    for seed in (0, 1):  # the same score from score-grids, each predictor on its own grid
+        score = ["score-grids", f"s{seed}={grids[seed]}", "--predictor", str(preds[seed]), "--num", "4"]
+        out = tmp_path / f"score{seed}"
+        assert amed_main([*score, "--teacher-steps", "4", "--seed-offset", str(2**42), "--out", str(out)]) == 0
+        (row,) = json.loads((out / "results.json").read_text())["rows"]
+        assert row["rmse_teacher"] == pytest.approx(scores[seed], rel=1e-6)
+    store = PredictorStore([kept])
+    assert store.keys() == [predictor.key()]
+    assert store.problems == []
+
+    # a predictor beside a grid it was not trained on: refused by select, dropped by the store
+    other = 1 - best
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in (kept_pred, kept_pred.with_suffix(".safetensors"), grids[other]):
+        (mixed / path.name).write_bytes(path.read_bytes())
+    assert amed_main(["select", str(mixed), str(folders[other]), *judge, "--out", str(tmp_path / "x")]) == 2
+    assert f"was trained on the grid {grids[best].name}, not on {mixed / grids[other].name}" in capsys.readouterr().err
+    store = PredictorStore([mixed])
+    assert store.keys() == []
+    (problem,) = store.problems
+    assert f"{mixed / kept_pred.name}: predictor for" in problem
+    assert f"in {grids[other].name} has other sigmas" in problem
+    sweep = ["fd-vs-nfe", "--solvers", "amed_plugin", "--solver-params", '{"amed_plugin": {"max_order": 2}}']
+    sweep += ["--nfe", "3", "--afs", "--schedule", "learned", "--schedule-params", '{"method": "ld3"}']
+    sweep += ["--num-samples", "8", "--batch-size", "8", "--reference-steps", "4", "--reference-check", "4"]
+    sweep += ["--bootstrap", "0", "--device", "cpu", "--grid", "0", "--predictor-dir", str(mixed)]
+    assert bench_main([*sweep, "--out", str(tmp_path / "sweep")]) == 2
+    assert "sampler-amed train --model mnist --solver amed_plugin" in capsys.readouterr().err
+
+    (folders[0] / f"{GRID_FILE_PREFIX}extra.json").write_text(grids[1].read_text())
+    assert amed_main(["select", *map(str, folders), *judge, "--out", str(tmp_path / "x")]) == 2
+    assert f"{folders[0]}: expected at most one grid card" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -43,6 +43,7 @@ from ..learned.grid import (
     GridKey,
     GridLoadError,
     RankingEntry,
+    grid_key,
     is_grid_file,
     is_ranking_file,
     read_grid,
@@ -147,6 +148,19 @@ class AMEDPredictor(nn.Module):
         return Prediction(r, c, a)
 
 
+class TrainedGrid(pydantic.BaseModel):
+    """The learned grid a predictor was trained on (schedule `learned`): the predictor learned its
+    intermediate points for these sigmas, so the store serves it only while the grid stored under
+    this key has them."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    file: str
+    method: str
+    solver_params: dict[str, Any]
+    sigmas: list[float] = pydantic.Field(min_length=2)
+
+
 class PredictorCard(pydantic.BaseModel):
     """The JSON sidecar: what a predictor was trained for, and how."""
 
@@ -167,7 +181,23 @@ class PredictorCard(pydantic.BaseModel):
     afs: bool
     guidance: float
     config: PredictorConfig
+    grid: TrainedGrid | None = None
+    """Schedule `learned`: the grid trained on (None on cards from before it was recorded)."""
     training: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+    def grid_key(self) -> GridKey | None:
+        """The key of the grid recorded in `grid` (None where none is)."""
+        if self.grid is None:
+            return None
+        return grid_key(
+            model_fingerprint=self.model_fingerprint,
+            solver=self.solver,
+            solver_params=self.grid.solver_params,
+            method=self.grid.method,
+            nfe=self.nfe,
+            afs=self.afs,
+            guidance=self.guidance,
+        )
 
     def key(self) -> PredictorKey:
         return PredictorKey(
@@ -245,8 +275,10 @@ def new_card(
     guidance: float,
     config: PredictorConfig,
     training: dict[str, Any],
+    grid: TrainedGrid | None = None,
 ) -> PredictorCard:
-    """The sidecar of a predictor trained for `plan`: its key's fields (see predictor_key) and how it was made."""
+    """The sidecar of a predictor trained for `plan` (on `grid`, for a learned schedule): its key's
+    fields (see predictor_key) and how it was made."""
     key = predictor_key(plan, model_fingerprint=model_fingerprint, guidance=guidance)
     return PredictorCard(
         model=model,
@@ -263,6 +295,7 @@ def new_card(
         afs=key.afs,
         guidance=key.guidance,
         config=config,
+        grid=grid,
         training=training,
     )
 
@@ -329,6 +362,7 @@ class PredictorStore:
         self.rankings: dict[GridKey, tuple[Path, RankingEntry]] = {}
         """Ranking entries by their key naming no method (`GridKey.any_method`)."""
         self.problems: list[str] = []
+        trained_on: dict[PredictorKey, tuple[Path, PredictorCard]] = {}
         for folder in folders:
             for card_path in sorted(Path(folder).glob("*.json")):
                 try:
@@ -345,8 +379,12 @@ class PredictorStore:
                 except (PredictorLoadError, GridLoadError) as error:
                     self.problems.append(str(error))
                     continue
-                self.cards.setdefault(card.key(), card_path)
+                if card.key() not in self.cards:
+                    self.cards[card.key()] = card_path
+                    if card.grid is not None:
+                        trained_on[card.key()] = (card_path, card)
         self._drop_stale_rankings()
+        self._drop_stale_predictors(trained_on)
         self._loaded: dict[tuple[PredictorKey, str], AMEDPredictor] = {}
 
     def _drop_stale_rankings(self) -> None:
@@ -363,6 +401,24 @@ class PredictorStore:
                         "(rerun sampler-amed rank-grids)"
                     )
                     break
+
+    def _drop_stale_predictors(self, trained_on: dict[PredictorKey, tuple[Path, PredictorCard]]) -> None:
+        """Forget a predictor trained on a learned grid unless that grid is the one stored under its
+        key now (same sigmas): with another grid its intermediate points are for the wrong intervals,
+        so a request gets the missing-predictor error and the command that retrains it."""
+        for key, (path, card) in trained_on.items():
+            wanted = card.grid_key()
+            assert card.grid is not None
+            assert wanted is not None
+            stored = self.grids.get(wanted)
+            if stored is not None and stored[1].sigmas == card.grid.sigmas:
+                continue
+            del self.cards[key]
+            change = "is not stored" if stored is None else f"in {stored[0].name} has other sigmas"
+            self.problems.append(
+                f"{path}: predictor for {key.describe()} ignored: it was trained on the {card.grid.method} grid "
+                f"{card.grid.file}, and the grid stored under that key {change} (retrain the predictor on it)"
+            )
 
     def preload(self, device: torch.device | str = "cpu") -> None:
         """Load every predictor now; one that fails is dropped and its problem recorded."""
@@ -464,6 +520,7 @@ __all__ = [
     "PredictorKey",
     "PredictorLoadError",
     "PredictorStore",
+    "TrainedGrid",
     "load_predictor",
     "log_interpolate",
     "new_card",
