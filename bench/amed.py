@@ -565,7 +565,8 @@ def select(args: argparse.Namespace) -> int:
     ]
     path, card = found[chosen]
     kept_grid = planned[chosen][1]
-    best = card.model_copy(update={"grid": _trained_on(kept_grid), "training": {**card.training, **selection}})
+    training = _recorded(card.training, "selection", record)
+    best = card.model_copy(update={"grid": _trained_on(kept_grid), "training": training})
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / path.stem
     shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
@@ -576,6 +577,15 @@ def select(args: argparse.Namespace) -> int:
         written = save_grid(_grid_chosen(kept_grid[1], record, planned, path.name), args.out / kept_grid[0].name)
         print(f"kept its grid {kept_grid[0]}: wrote {written}", file=sys.stderr)
     return 0
+
+
+def _recorded(training: dict[str, Any], name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """`training` with `record` under `name`; a record of an earlier choice that kept this same
+    artifact (a shipped one given again as a candidate) moves to `earlier_<name>`, newest first."""
+    out = {**training, name: record}
+    if name in training:
+        out[f"earlier_{name}"] = [training[name], *training.get(f"earlier_{name}", [])]
+    return out
 
 
 def _grid_chosen(
@@ -610,7 +620,7 @@ def _grid_chosen(
             if grid
         ],
     }
-    return card.model_copy(update={"training": {**card.training, "seed_selection": seed_selection}})
+    return card.model_copy(update={"training": _recorded(card.training, "seed_selection", seed_selection)})
 
 
 def _grid_candidate(given: Path) -> Path:
@@ -671,7 +681,7 @@ def select_grid(args: argparse.Namespace) -> int:
     ]
     path, card = found[chosen]
     # beside, not over, the training's own `selection` (how many noises chose its epoch)
-    best = card.model_copy(update={"training": {**card.training, "seed_selection": record}})
+    best = card.model_copy(update={"training": _recorded(card.training, "seed_selection", record)})
     written = save_grid(best, args.out / path.name)
     print(f"kept {labels[chosen]}: wrote {written}", file=sys.stderr)
     return 0

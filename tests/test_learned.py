@@ -705,6 +705,11 @@ def test_select_keeps_the_best_grid_and_predictor_pair(tmp_path: Path, capsys):
     store = PredictorStore([kept])
     assert store.keys() == [predictor.key()]
     assert store.problems == []
+    again = tmp_path / "again"  # the kept pair given again: the record of the first choice is kept too
+    assert amed_main(["select", str(kept), str(folders[1 - best]), *judge, "--out", str(again)]) == 0
+    (again_pred,), (again_grid,) = again.glob("amed_plugin-*.json"), again.glob("grid-*.json")
+    assert read_card(again_pred).training["earlier_selection"] == [predictor.training["selection"]]
+    assert read_grid(again_grid).training["earlier_seed_selection"] == [record]
 
     # a predictor beside a grid it was not trained on: refused by select, dropped by the store
     other = 1 - best
