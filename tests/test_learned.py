@@ -139,15 +139,15 @@ def test_every_shipped_ld3_grid_beat_its_starting_grid_under_the_current_default
 def test_every_shipped_seed_selection_names_the_grid_it_kept():
     """Where a shipped grid was chosen among seeds (select-grid), its sigmas and seed are the chosen
     candidate's and that candidate scored lowest on the held-out noises (a wrong file copied into
-    the folder fails here). On mnist every LD3 grid of a training-free solver was chosen so, among
-    two or more seeds."""
+    the folder fails here). On mnist every LD3 grid was chosen so, among two or more seeds (an AMED
+    plugin's as a pair with the predictor trained on it, by `select`)."""
     chosen = 0
     for path in sorted(SHIPPED.glob("*/amed/grid-*.json")):
         card = read_grid(path)
         record = card.training.get("seed_selection")
         name = card.key().describe()
         if record is None:
-            assert card.model != "mnist" or card.method != "ld3" or card.solver == "amed_plugin", name
+            assert card.model != "mnist" or card.method != "ld3", name
             continue
         candidates = record["candidates"]
         assert len(candidates) >= 2, name
@@ -156,7 +156,25 @@ def test_every_shipped_seed_selection_names_the_grid_it_kept():
         assert (kept["seed"], kept["sigmas"]) == (card.training["seed"], card.sigmas), name
         assert record["chosen_seed"] == card.training["seed"], name
         chosen += 1
-    assert chosen >= 23
+    assert chosen >= 28
+
+
+def test_every_shipped_predictor_on_a_learned_grid_records_that_grid():
+    """A predictor trained on a learned grid is served only with that grid: every shipped one
+    records it, and the store serves it (it drops one whose grid stored under the key has other
+    sigmas), so a grid retrained or re-chosen without its predictor fails here."""
+    checked = 0
+    for folder in sorted(SHIPPED.glob("*/amed")):
+        store = PredictorStore([folder])
+        on_grids = [path for path in folder.glob("*.json") if "-learned-" in path.name]
+        for path in on_grids:
+            card = read_card(path)
+            assert card.grid is not None, path.name
+            assert store.cards.get(card.key()) == path, store.problems
+            grid_path, grid = store.grids[card.grid_key()]
+            assert (grid_path.name, grid.sigmas) == (card.grid.file, card.grid.sigmas), path.name
+            checked += 1
+    assert checked >= 4
 
 
 def _committed_rows(card: GridCard, schedule: str, grid_file: Path | None = None) -> list[dict[str, str]]:
