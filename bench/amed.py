@@ -371,8 +371,7 @@ def _student_plan(
                 raise BenchError(f"{grid_file}: a grid for {card.key().describe()}, not {wanted.describe()}")
             found = (grid_file, card)
         else:
-            store.find_grid(wanted, source)  # MissingGridError, with the command that trains it
-            found = store.grids[wanted]
+            found = store.grid_card(wanted, source)
         learned_grid = torch.tensor(found[1].sigmas, dtype=torch.float64)
         schedule_params = schedule_params.model_copy(update={"method": wanted.method})
     plan = solvers.plan(
@@ -572,9 +571,11 @@ def select(args: argparse.Namespace) -> int:
     shutil.copyfile(path.with_suffix(".safetensors"), stem.with_suffix(".safetensors"))
     stem.with_suffix(".json").write_text(best.model_dump_json(indent=1) + "\n", encoding="utf-8")
     print(f"kept {labels[chosen]}: wrote {stem.with_suffix('.json')}", file=sys.stderr)
-    if any(grid_files):  # the grids were chosen among too: the kept one goes with its predictor
-        assert kept_grid is not None
-        written = save_grid(_grid_chosen(kept_grid[1], record, planned, path.name), args.out / kept_grid[0].name)
+    # Grids were chosen among too: the kept one goes with its predictor. (A learned schedule, so every
+    # candidate ran on a grid.)
+    if any(grid_files) and kept_grid is not None:
+        ran_on = [grid for _, grid in planned if grid is not None]
+        written = save_grid(_grid_chosen(kept_grid[1], record, ran_on, path.name), args.out / kept_grid[0].name)
         print(f"kept its grid {kept_grid[0]}: wrote {written}", file=sys.stderr)
     return 0
 
@@ -591,16 +592,15 @@ def _recorded(training: dict[str, Any], name: str, record: dict[str, Any]) -> di
 def _grid_chosen(
     card: GridCard,
     record: dict[str, Any],
-    planned: Sequence[tuple[solvers.SamplingPlan, tuple[Path, GridCard] | None]],
+    grids: Sequence[tuple[Path, GridCard]],
     predictor: str,
 ) -> GridCard:
     """`card` (the kept candidate's grid) with the `seed_selection` record of a choice among
-    (grid, predictor) pairs: each candidate's grid seed, file, sigmas and the pair's held-out score."""
-    grids = [grid for _, grid in planned]
-    assert all(grid is not None for grid in grids)
+    (grid, predictor) pairs, `grids` being each candidate's: its grid seed, file, sigmas and the
+    pair's held-out score."""
     seed_selection = {
         **record,
-        "seeds": [grid[1].training.get("seed", 0) for grid in grids if grid],
+        "seeds": [grid[1].training.get("seed", 0) for grid in grids],
         "chosen_seed": card.training.get("seed", 0),
         "predictor": predictor,
         "candidates": [
@@ -617,7 +617,6 @@ def _grid_chosen(
                 "predictor_trajectories": candidate["trajectories"],
             }
             for grid, candidate in zip(grids, record["candidates"], strict=True)
-            if grid
         ],
     }
     return card.model_copy(update={"training": _recorded(card.training, "seed_selection", seed_selection)})

@@ -551,8 +551,8 @@ def _grid_of(context: SweepContext, spec: Any, solver_params: dict[str, Any], nf
             guidance=config.guidance,
         )
     )
-    grid = context.predictors.find_grid(wanted, config.model)
-    path, card = context.predictors.grids[wanted]
+    path, card = context.predictors.grid_card(wanted, config.model)
+    grid = torch.tensor(card.sigmas, dtype=torch.float64)
     training = card.training
     _check_held_out(training, config, wanted.describe())
     selection = {

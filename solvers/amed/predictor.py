@@ -362,7 +362,7 @@ class PredictorStore:
         self.rankings: dict[GridKey, tuple[Path, RankingEntry]] = {}
         """Ranking entries by their key naming no method (`GridKey.any_method`)."""
         self.problems: list[str] = []
-        trained_on: dict[PredictorKey, tuple[Path, PredictorCard]] = {}
+        trained_on: dict[PredictorKey, tuple[Path, TrainedGrid, GridKey]] = {}
         for folder in folders:
             for card_path in sorted(Path(folder).glob("*.json")):
                 try:
@@ -381,8 +381,8 @@ class PredictorStore:
                     continue
                 if card.key() not in self.cards:
                     self.cards[card.key()] = card_path
-                    if card.grid is not None:
-                        trained_on[card.key()] = (card_path, card)
+                    if card.grid is not None and (wanted := card.grid_key()) is not None:
+                        trained_on[card.key()] = (card_path, card.grid, wanted)
         self._drop_stale_rankings()
         self._drop_stale_predictors(trained_on)
         self._loaded: dict[tuple[PredictorKey, str], AMEDPredictor] = {}
@@ -402,22 +402,19 @@ class PredictorStore:
                     )
                     break
 
-    def _drop_stale_predictors(self, trained_on: dict[PredictorKey, tuple[Path, PredictorCard]]) -> None:
+    def _drop_stale_predictors(self, trained_on: dict[PredictorKey, tuple[Path, TrainedGrid, GridKey]]) -> None:
         """Forget a predictor trained on a learned grid unless that grid is the one stored under its
         key now (same sigmas): with another grid its intermediate points are for the wrong intervals,
         so a request gets the missing-predictor error and the command that retrains it."""
-        for key, (path, card) in trained_on.items():
-            wanted = card.grid_key()
-            assert card.grid is not None
-            assert wanted is not None
+        for key, (path, grid, wanted) in trained_on.items():
             stored = self.grids.get(wanted)
-            if stored is not None and stored[1].sigmas == card.grid.sigmas:
+            if stored is not None and stored[1].sigmas == grid.sigmas:
                 continue
             del self.cards[key]
             change = "is not stored" if stored is None else f"in {stored[0].name} has other sigmas"
             self.problems.append(
-                f"{path}: predictor for {key.describe()} ignored: it was trained on the {card.grid.method} grid "
-                f"{card.grid.file}, and the grid stored under that key {change} (retrain the predictor on it)"
+                f"{path}: predictor for {key.describe()} ignored: it was trained on the {grid.method} grid "
+                f"{grid.file}, and the grid stored under that key {change} (retrain the predictor on it)"
             )
 
     def preload(self, device: torch.device | str = "cpu") -> None:
@@ -475,13 +472,21 @@ class PredictorStore:
         """The sigmas of the learned grid for `key`, float64 (steps + 1,).
 
         Raises:
+            MissingGridError: as `grid_card`.
+        """
+        return torch.tensor(self.grid_card(key, model)[1].sigmas, dtype=torch.float64)
+
+    def grid_card(self, key: GridKey, model: str) -> tuple[Path, GridCard]:
+        """The learned grid for `key`: its file and card.
+
+        Raises:
             MissingGridError: none matches; lists the grids this model has and the command that
                 trains the missing one.
         """
         if key not in self.grids:
             available = [k.describe() for k in self.grid_keys(key.model_fingerprint)]
             raise MissingGridError(key.describe(), available, train_schedule_command(key, model))
-        return torch.tensor(self.grids[key][1].sigmas, dtype=torch.float64)
+        return self.grids[key]
 
 
 def _claims_grid(path: Path) -> bool:
